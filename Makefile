@@ -1,0 +1,34 @@
+# sail-jax: `make demo` and `make test` work on a fresh clone (they create .venv first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export XLA_PYTHON_CLIENT_PREALLOCATE := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(PY) -m pytest tests
+
+demo: venv
+	$(VENV)/bin/sail-jax demo
+
+bench: venv
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: venv
+	$(VENV)/bin/ruff check sail_jax converters pallas_kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,133 @@
+"""The ONE name-mapping table between upstream (HF / PyTorch) keys and sail-jax params.
+
+Each `Rule` names an HF key pattern, our param path pattern and a per-tensor transform. `expand_rules` turns
+the patterns into concrete `Entry`s for a config and layout (scanned or not): an entry says which HF tensor
+fills which slice (`index` over stacked leading axes) of which of our arrays. Import and export both walk the
+same entries and use the two directions of the same transform, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from sail_jax.config import LLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """`to_ours(hf_array, our_slice_shape)` and `to_hf(our_slice, hf_shape)`; `hf_shape(our_slice_shape)`."""
+
+    to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+
+
+def _linear(n_in: int) -> Transform:
+    """torch Linear weight [out, in] <-> our kernel [*in_dims, *out_dims] (first `n_in` dims are inputs)."""
+
+    def split(shape):
+        return math.prod(shape[:n_in]), math.prod(shape[n_in:])
+
+    return Transform(
+        to_ours=lambda x, shape: np.ascontiguousarray(x.T).reshape(shape),
+        to_hf=lambda y: np.ascontiguousarray(y.reshape(split(y.shape)).T),
+        hf_shape=lambda shape: split(shape)[::-1],
+    )
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "copy": Transform(lambda x, shape: x.reshape(shape), lambda y: y, lambda shape: tuple(shape)),
+    "linear": _linear(1),
+    "linear_in2": _linear(2),
+    # Conv2d [out, in, kh, kw] <-> flax Conv [kh, kw, in, out]
+    "conv": Transform(
+        to_ours=lambda x, shape: np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
+        to_hf=lambda y: np.ascontiguousarray(y.transpose(3, 2, 0, 1)),
+        hf_shape=lambda s: (s[3], s[2], s[0], s[1]),
+    ),
+    # [1, N, D] <-> [N, D]
+    "squeeze0": Transform(lambda x, shape: x.reshape(shape), lambda y: y[None], lambda s: (1, *s)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # may contain {i} (layer) and {e} (expert)
+    ours: str  # '/'-separated path; {i} only where the layout is unscanned
+    transform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_key: str
+    path: tuple[str, ...]  # our param path
+    index: tuple[int, ...]  # slice of the leading (stacked) axes of our array; () = whole array
+    transform: str
+
+
+def qwen3_rules(cfg: LLMConfig, hf_prefix: str = "", ours_prefix: str = "") -> list[tuple[Rule, str]]:
+    """Rules for the Qwen3 / Qwen3-MoE language model. Returns (rule, scope) with scope in
+    {"global", "layer", "dense_layer", "moe_layer", "expert"}."""
+    h, o = hf_prefix, ours_prefix
+    rules: list[tuple[Rule, str]] = [
+        (Rule(f"{h}model.embed_tokens.weight", f"{o}embed_tokens/embedding", "copy"), "global"),
+        (Rule(f"{h}model.norm.weight", f"{o}norm/scale", "copy"), "global"),
+    ]
+    if not cfg.tie_word_embeddings:
+        rules.append((Rule(f"{h}lm_head.weight", f"{o}lm_head/kernel", "linear"), "global"))
+    lp, lo = f"{h}model.layers.{{i}}.", f"{o}{{layer}}/"
+    for name, kind in (("q_proj", "linear"), ("k_proj", "linear"), ("v_proj", "linear"),
+                       ("o_proj", "linear_in2")):
+        rules.append((Rule(f"{lp}self_attn.{name}.weight", f"{lo}self_attn/{name}/kernel", kind), "layer"))
+    for name in ("q_norm", "k_norm"):
+        rules.append((Rule(f"{lp}self_attn.{name}.weight", f"{lo}self_attn/{name}/scale", "copy"), "layer"))
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        rules.append((Rule(f"{lp}{name}.weight", f"{lo}{name}/scale", "copy"), "layer"))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        rules.append((Rule(f"{lp}mlp.{name}.weight", f"{lo}mlp/{name}/kernel", "linear"), "dense_layer"))
+    if cfg.moe is not None:
+        rules.append((Rule(f"{lp}mlp.gate.weight", f"{lo}mlp/gate/kernel", "linear"), "moe_layer"))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            rules.append(
+                (Rule(f"{lp}mlp.experts.{{e}}.{name}.weight", f"{lo}mlp/experts/{name}", "linear"), "expert")
+            )
+    return rules
+
+
+def _expand(
+    rules: Iterable[tuple[Rule, str]], num_layers: int, is_moe: Callable[[int], bool], num_experts: int,
+    scanned: bool,
+) -> list[Entry]:
+    out: list[Entry] = []
+    for rule, scope in rules:
+        if scope == "global":
+            out.append(Entry(rule.hf, tuple(rule.ours.split("/")), (), rule.transform))
+            continue
+        for i in range(num_layers):
+            if scope == "dense_layer" and is_moe(i) or scope in ("moe_layer", "expert") and not is_moe(i):
+                continue
+            layer = "layers" if scanned else f"layers_{i}"
+            path = tuple(rule.ours.format(layer=layer).split("/"))
+            lead = (i,) if scanned else ()
+            if scope == "expert":
+                for e in range(num_experts):
+                    out.append(Entry(rule.hf.format(i=i, e=e), path, lead + (e,), rule.transform))
+            else:
+                out.append(Entry(rule.hf.format(i=i), path, lead, rule.transform))
+    return out
+
+
+def llm_entries(cfg: LLMConfig, scanned: bool, hf_prefix: str = "", ours_prefix: str = "") -> list[Entry]:
+    """Entries for a language model alone (transformers `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` keys)."""
+    n_exp = cfg.moe.num_experts if cfg.moe is not None else 0
+    return _expand(qwen3_rules(cfg, hf_prefix, ours_prefix), cfg.num_layers, cfg.is_moe_layer, n_exp, scanned)
+
+
+def get_path(tree: dict, path: Sequence[str]):
+    for p in path:
+        tree = tree[p]
+    return tree

@@ -1,0 +1,1 @@
+"""Building blocks shared by the models (MaxText-style split: layers/ here, assemblies in models/)."""

@@ -1,0 +1,135 @@
+"""Attention behind one dispatch (`attention_impl`: "xla" | "pallas").
+
+Packed sequences are expressed with segment ids (0 = padding): a query sees a key only if both belong to the
+same non-zero segment and, when causal, the key's index is not after the query's. Indices default to the
+array position; the KV-cache path passes cache slot indices instead. Rows with no visible key return zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite: keeps fully-masked rows NaN-free
+
+
+def attention_mask(
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_indices: jax.Array | None,
+    kv_indices: jax.Array | None,
+    causal: bool,
+) -> jax.Array:
+    """Boolean [B, Tq, Tk]: same non-zero segment (and key index <= query index when causal)."""
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+    if causal:
+        mask &= q_indices[:, :, None] >= kv_indices[:, None, :]
+    return mask
+
+
+def _xla_block(q, k, v, q_seg, kv_seg, q_idx, kv_idx, causal, scale):
+    """q [B,t,Hkv,G,D] against all keys; returns out [B,t,Hkv,G,D] (q dtype) and lse [B,t,Hkv,G] (f32)."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(q_seg, kv_seg, q_idx, kv_idx, causal)[:, None, None]  # [B,1,1,t,S]
+    s = jnp.where(mask, s, _NEG)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / denom
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    visible = jnp.any(mask, axis=-1)  # [B,1,1,t]
+    o = jnp.where(jnp.moveaxis(visible, -1, 1)[..., None], o, 0.0)
+    lse = jnp.where(visible, (m + jnp.log(denom))[..., 0], -jnp.inf)  # [B,Hkv,G,t]
+    return o.astype(q.dtype), jnp.moveaxis(lse, -1, 1)
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_indices: jax.Array | None = None,
+    kv_indices: jax.Array | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    q_chunk: int = 2048,
+) -> tuple[jax.Array, jax.Array]:
+    """Plain-XLA reference attention with GQA (k/v never repeated).
+
+    q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] -> (out [B,Tq,Hq,D], lse [B,Tq,Hq] float32). Long query sequences are
+    processed `q_chunk` rows at a time so the [Tq, Tk] score matrix never exists whole.
+    """
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    if q_indices is None:
+        q_indices = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    if kv_indices is None:
+        kv_indices = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+    qg = q.reshape(b, tq, hkv, g, d)
+
+    if tq <= q_chunk:
+        o, lse = _xla_block(qg, k, v, q_segment_ids, kv_segment_ids, q_indices, kv_indices, causal, scale)
+        return o.reshape(b, tq, hq, d), lse.reshape(b, tq, hq)
+
+    n = -(-tq // q_chunk)
+    pad = n * q_chunk - tq
+    padq = lambda x, val=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=val)
+    chunks = lambda x: jnp.moveaxis(x.reshape(b, n, q_chunk, *x.shape[2:]), 1, 0)
+    qs, segs, idxs = chunks(padq(qg)), chunks(padq(q_segment_ids)), chunks(padq(q_indices))
+
+    def body(args):
+        qc, sc, ic = args
+        return _xla_block(qc, k, v, sc, kv_segment_ids, ic, kv_indices, causal, scale)
+
+    o, lse = jax.lax.map(body, (qs, segs, idxs))
+    o = jnp.moveaxis(o, 0, 1).reshape(b, n * q_chunk, hq, d)[:, :tq]
+    lse = jnp.moveaxis(lse, 0, 1).reshape(b, n * q_chunk, hq)[:, :tq]
+    return o, lse
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    kv_segment_ids: jax.Array | None = None,
+    q_indices: jax.Array | None = None,
+    kv_indices: jax.Array | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    impl: str = "xla",
+    q_chunk: int = 2048,
+) -> jax.Array:
+    """The single attention entry point used by every model.
+
+    Self-attention over packed rows passes only `segment_ids`; cached decoding passes `kv_segment_ids` and
+    slot indices too (always the XLA path: the fused kernel is for full-sequence training / prefill).
+    """
+    self_attention = kv_segment_ids is None and q_indices is None and kv_indices is None
+    if impl == "pallas" and self_attention:
+        from pallas_kernels.attention import packed_attention
+
+        out, _ = packed_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale)
+        return out
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"attention_impl={impl!r}; expected 'xla' or 'pallas'")
+    out, _ = xla_attention(
+        q,
+        k,
+        v,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids if kv_segment_ids is None else kv_segment_ids,
+        q_indices=q_indices,
+        kv_indices=kv_indices,
+        causal=causal,
+        scale=scale,
+        q_chunk=q_chunk,
+    )
+    return out

@@ -1,0 +1,81 @@
+"""Token cross-entropy that never materialises [tokens, vocab] logits for the whole batch.
+
+With a 151,936-row lm_head, the logits dominate a small model's step. We gather only the positions whose
+loss weight is non-zero (up to a static `budget`, so shapes stay fixed under jit) and run lm_head + softmax
+over them in chunks, rematerialising each chunk's logits in the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def select_targets(
+    hidden: jax.Array, targets: jax.Array, weights: jax.Array, budget: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Gather the rows with weight != 0: hidden [N',D], targets [N'], weights [N'] and the dropped count.
+
+    `budget` (static) bounds N'; positions beyond it are dropped and counted so callers can fail loudly.
+    """
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    t = targets.reshape(-1)
+    w = weights.reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    budget = n if budget is None else min(int(budget), n)
+    active = w != 0
+    (idx,) = jnp.nonzero(active, size=budget, fill_value=0)
+    keep = jnp.arange(budget) < jnp.sum(active)
+    dropped = jnp.maximum(jnp.sum(active) - budget, 0)
+    return h[idx], t[idx], jnp.where(keep, w[idx], 0.0), dropped
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of weighted NLL and sum of weights over rows of `hidden` [N,D] (already selected).
+
+    `logits_fn` maps [c, D] -> [c, V]. Each chunk's logits are recomputed in the backward pass.
+    """
+    n, d = hidden.shape
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    m = hidden.shape[0] // chunk
+
+    @jax.checkpoint
+    def nll(h, t):
+        logits = logits_fn(h).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+
+    def body(total, xs):
+        h, t, w = xs
+        return total + jnp.sum(nll(h, t) * w), None
+
+    xs = (hidden.reshape(m, chunk, d), targets.reshape(m, chunk), weights.reshape(m, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(weights)
+
+
+def next_token_targets(
+    input_ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """targets[t] = ids[t+1], weight = loss_mask[t+1], zero where t+1 starts another packed segment."""
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    w = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    if segment_ids is not None:
+        same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
+                                jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
+        w = w * same * (segment_ids != 0)
+    return targets, w
