@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from sail_jax.config import LLMConfig
+from sail_jax.config import LLMConfig, ModelConfig, VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,8 @@ TRANSFORMS: dict[str, Transform] = {
         to_hf=lambda y: np.ascontiguousarray(y.transpose(3, 2, 0, 1)),
         hf_shape=lambda s: (s[3], s[2], s[0], s[1]),
     ),
+    # flat [prod(shape)] <-> our shape (e.g. a fused qkv bias [3C] <-> [3, H, hd])
+    "flat": Transform(lambda x, shape: x.reshape(shape), lambda y: y.reshape(-1), lambda s: (math.prod(s),)),
     # [1, N, D] <-> [N, D]
     "squeeze0": Transform(lambda x, shape: x.reshape(shape), lambda y: y[None], lambda s: (1, *s)),
 }
@@ -70,8 +72,8 @@ class Entry:
 
 
 def qwen3_rules(cfg: LLMConfig, hf_prefix: str = "", ours_prefix: str = "") -> list[tuple[Rule, str]]:
-    """Rules for the Qwen3 / Qwen3-MoE language model. Returns (rule, scope) with scope in
-    {"global", "layer", "dense_layer", "moe_layer", "expert"}."""
+    """Rules for the Qwen3 / Qwen3-MoE language model as (rule, scope); scope is one of
+    "global", "layer", "dense_layer", "moe_layer", "expert"."""
     h, o = hf_prefix, ours_prefix
     rules: list[tuple[Rule, str]] = [
         (Rule(f"{h}model.embed_tokens.weight", f"{o}embed_tokens/embedding", "copy"), "global"),
@@ -79,7 +81,7 @@ def qwen3_rules(cfg: LLMConfig, hf_prefix: str = "", ours_prefix: str = "") -> l
     ]
     if not cfg.tie_word_embeddings:
         rules.append((Rule(f"{h}lm_head.weight", f"{o}lm_head/kernel", "linear"), "global"))
-    lp, lo = f"{h}model.layers.{{i}}.", f"{o}{{layer}}/"
+    lp, lo = f"{h}model.layers.{{i}}.", f"{o}{{layer}}/"  # {layer} = layers_{i} or the scanned "layers"
     for name, kind in (("q_proj", "linear"), ("k_proj", "linear"), ("v_proj", "linear"),
                        ("o_proj", "linear_in2")):
         rules.append((Rule(f"{lp}self_attn.{name}.weight", f"{lo}self_attn/{name}/kernel", kind), "layer"))
@@ -98,9 +100,51 @@ def qwen3_rules(cfg: LLMConfig, hf_prefix: str = "", ours_prefix: str = "") -> l
     return rules
 
 
+def vision_rules(cfg: VisionConfig) -> list[tuple[Rule, str]]:
+    """SAIL-ViT (`vision_model.*`) rules; blocks are the per-layer scope."""
+    h, o = "vision_model.", "vision_model/"
+    rules: list[tuple[Rule, str]] = [
+        (Rule(f"{h}preprocessor.patchifier.proj.weight", f"{o}patch_proj/kernel", "conv"), "global"),
+        (Rule(f"{h}preprocessor.patchifier.proj.bias", f"{o}patch_proj/bias", "copy"), "global"),
+        (Rule(f"{h}preprocessor.patchifier.norm.weight", f"{o}patch_norm/scale", "copy"), "global"),
+        (Rule(f"{h}preprocessor.pos_embed", f"{o}pos_embed", "squeeze0"), "global"),
+        (Rule(f"{h}trunk.post_trunk_norm.weight", f"{o}post_trunk_norm/scale", "copy"), "global"),
+    ]
+    bp, bo = f"{h}trunk.blocks.{{i}}.", f"{o}{{layer}}/"
+    for name in ("norm_1", "norm_2"):
+        rules.append((Rule(f"{bp}{name}.weight", f"{bo}{name}/scale", "copy"), "layer"))
+    rules.append((Rule(f"{bp}attn.qkv.weight", f"{bo}attn/qkv/kernel", "linear"), "layer"))
+    rules.append((Rule(f"{bp}attn.proj.weight", f"{bo}attn/proj/kernel", "linear_in2"), "layer"))
+    if cfg.qkv_bias:
+        rules.append((Rule(f"{bp}attn.qkv.bias", f"{bo}attn/qkv/bias", "flat"), "layer"))
+    if cfg.use_bias:
+        rules.append((Rule(f"{bp}attn.proj.bias", f"{bo}attn/proj/bias", "copy"), "layer"))
+    for name in ("fc1", "fc2", "fc3"):
+        rules.append((Rule(f"{bp}mlp.{name}.weight", f"{bo}mlp/{name}/kernel", "linear"), "layer"))
+        if cfg.use_bias:
+            rules.append((Rule(f"{bp}mlp.{name}.bias", f"{bo}mlp/{name}/bias", "copy"), "layer"))
+    return rules
+
+
+def adapter_rules() -> list[tuple[Rule, str]]:
+    """`mlp1.{0,1,3}` (LayerNorm, Linear, Linear; index 2 is the GELU)."""
+    return [
+        (Rule("mlp1.0.weight", "mlp1/layer_norm/scale", "copy"), "global"),
+        (Rule("mlp1.0.bias", "mlp1/layer_norm/bias", "copy"), "global"),
+        (Rule("mlp1.1.weight", "mlp1/linear_1/kernel", "linear"), "global"),
+        (Rule("mlp1.1.bias", "mlp1/linear_1/bias", "copy"), "global"),
+        (Rule("mlp1.3.weight", "mlp1/linear_2/kernel", "linear"), "global"),
+        (Rule("mlp1.3.bias", "mlp1/linear_2/bias", "copy"), "global"),
+    ]
+
+
 def _expand(
-    rules: Iterable[tuple[Rule, str]], num_layers: int, is_moe: Callable[[int], bool], num_experts: int,
+    rules: Iterable[tuple[Rule, str]],
+    num_layers: int,
     scanned: bool,
+    layer_base: str,
+    is_moe: Callable[[int], bool] = lambda i: False,
+    num_experts: int = 0,
 ) -> list[Entry]:
     out: list[Entry] = []
     for rule, scope in rules:
@@ -110,7 +154,7 @@ def _expand(
         for i in range(num_layers):
             if scope == "dense_layer" and is_moe(i) or scope in ("moe_layer", "expert") and not is_moe(i):
                 continue
-            layer = "layers" if scanned else f"layers_{i}"
+            layer = layer_base if scanned else f"{layer_base}_{i}"
             path = tuple(rule.ours.format(layer=layer).split("/"))
             lead = (i,) if scanned else ()
             if scope == "expert":
@@ -124,10 +168,15 @@ def _expand(
 def llm_entries(cfg: LLMConfig, scanned: bool, hf_prefix: str = "", ours_prefix: str = "") -> list[Entry]:
     """Entries for a language model alone (transformers `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` keys)."""
     n_exp = cfg.moe.num_experts if cfg.moe is not None else 0
-    return _expand(qwen3_rules(cfg, hf_prefix, ours_prefix), cfg.num_layers, cfg.is_moe_layer, n_exp, scanned)
+    return _expand(qwen3_rules(cfg, hf_prefix, ours_prefix), cfg.num_layers, scanned, "layers",
+                   cfg.is_moe_layer, n_exp)
 
 
-def get_path(tree: dict, path: Sequence[str]):
-    for p in path:
-        tree = tree[p]
-    return tree
+def model_entries(cfg: ModelConfig, scanned: bool | None = None) -> list[Entry]:
+    """Entries for a whole upstream SAIL-VL2 checkpoint: vision_model.*, mlp1.*, language_model.*."""
+    scanned = cfg.runtime.scan_layers if scanned is None else scanned
+    return (
+        _expand(vision_rules(cfg.vision), cfg.vision.num_layers, scanned, "blocks")
+        + _expand(adapter_rules(), 0, scanned, "")
+        + llm_entries(cfg.llm, scanned, "language_model.", "language_model/")
+    )

@@ -86,3 +86,13 @@ def dense(
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Logical sharding constraint on an activation (no-op outside a mesh)."""
     return nn.with_logical_constraint(x, axes)
+
+
+def remat_module(cls: type[nn.Module], policy: str) -> type[nn.Module]:
+    """Wrap a layer class for rematerialisation: "none", "full" (save nothing) or "dots_saveable"."""
+    if policy == "none":
+        return cls
+    if policy not in ("full", "dots_saveable"):
+        raise ValueError(f"remat_policy={policy!r}; expected 'none', 'full' or 'dots_saveable'")
+    pol = None if policy == "full" else jax.checkpoint_policies.dots_saveable
+    return nn.remat(cls, policy=pol, prevent_cse=True)

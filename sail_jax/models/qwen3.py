@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.layers.attention import dot_product_attention
-from sail_jax.layers.common import as_dtype, constrain, dense
+from sail_jax.layers.common import as_dtype, constrain, dense, remat_module
 from sail_jax.layers.mlp import SwiGLU
 from sail_jax.layers.norms import RMSNorm
 from sail_jax.layers.rope import apply_rope, rope_cos_sin
@@ -109,13 +109,6 @@ class Qwen3DecoderLayer(nn.Module):
         return x, (aux, new_kv)
 
 
-def _remat(cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
-    if policy == "none":
-        return cls
-    pol = None if policy == "full" else jax.checkpoint_policies.dots_saveable
-    return nn.remat(cls, policy=pol, prevent_cse=True, static_argnums=static_argnums)
-
-
 def _check_scannable(cfg: LLMConfig) -> None:
     kinds = {cfg.is_moe_layer(i) for i in range(cfg.num_layers)}
     if len(kinds) > 1:
@@ -140,7 +133,7 @@ class Qwen3ForCausalLM(nn.Module):
             param_dtype=as_dtype(rt.param_dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        layer_cls = _remat(Qwen3DecoderLayer, rt.remat_policy)
+        layer_cls = remat_module(Qwen3DecoderLayer, rt.remat_policy)
         if rt.scan_layers:
             _check_scannable(c)
             self.layers = nn.scan(

@@ -1,0 +1,38 @@
+"""Load an upstream SAIL-VL2 checkpoint directory into sail-jax params (scanned or unscanned layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from converters.core import import_params
+from converters.hf_checkpoint import SafetensorsCheckpoint
+from converters.mapping import model_entries
+from sail_jax.config import ModelConfig, RuntimeConfig, from_hf_config
+
+
+def load_sailvl_checkpoint(
+    directory: str | Path, runtime: RuntimeConfig | None = None, dtype: Any = None
+) -> tuple[ModelConfig, dict]:
+    """(config, {"params": ...}) from an upstream directory; arrays are host numpy in the param dtype.
+
+    lm_head is always read as its own tensor (upstream never ties it, ref §8.3).
+    """
+    from sail_jax.params import abstract_model_params
+
+    cfg = from_hf_config(directory, runtime)
+    abstract = abstract_model_params(cfg)["params"]
+    with SafetensorsCheckpoint(directory) as ckpt:
+        params = import_params(
+            model_entries(cfg), ckpt.__getitem__, abstract, available_keys=ckpt.keys(), dtype=dtype,
+            source=str(directory),
+        )
+    return cfg, {"params": params}
+
+
+def to_device(params: dict) -> dict:
+    import jax
+
+    return jax.tree.map(jnp.asarray, params)

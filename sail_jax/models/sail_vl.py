@@ -1,0 +1,101 @@
+"""SailVL: SAIL-ViT + PixelShuffleAdapter + Qwen3 LLM, with image features scattered into `<IMG_CONTEXT>` slots.
+
+Shapes stay static under jit: `pixel_values` holds a fixed number of tile slots ([T, 3, H, W] or
+[B, T_row, 3, H, W]) and `tile_mask` says which slots hold real tiles. The k-th `<IMG_CONTEXT>` token of the
+batch (row-major over (row, position)) receives the k-th feature vector of the real tiles in slot order, as
+upstream does after dropping tiles with `image_flags == 0`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sail_jax.config import ModelConfig
+from sail_jax.models.adapter import PixelShuffleAdapter
+from sail_jax.models.qwen3 import LMOutput, Qwen3ForCausalLM
+from sail_jax.models.sail_vit import SailViT, ViTOutput
+
+
+def scatter_image_features(
+    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, feature_mask: jax.Array, context_id: int
+) -> jax.Array:
+    """Write `features` [F, D] (rows with `feature_mask` [F] in order) into the `context_id` slots of `embeds`.
+
+    Extra context slots beyond the available features keep their text embedding (the data pipeline and the
+    processor guarantee equal counts; `count_image_slots` lets callers check).
+    """
+    b, t, d = embeds.shape
+    flat = embeds.reshape(b * t, d)
+    is_ctx = input_ids.reshape(-1) == context_id
+    ordinal = jnp.cumsum(is_ctx) - 1
+    n_feat = features.shape[0]
+    (valid_rows,) = jnp.nonzero(feature_mask, size=n_feat, fill_value=0)
+    n_valid = jnp.sum(feature_mask)
+    take = is_ctx & (ordinal < n_valid)
+    rows = valid_rows[jnp.clip(ordinal, 0, n_feat - 1)]
+    out = jnp.where(take[:, None], features[rows].astype(flat.dtype), flat)
+    return out.reshape(b, t, d)
+
+
+def count_image_slots(input_ids, context_id: int) -> int:
+    return int(jnp.sum(jnp.asarray(input_ids) == context_id))
+
+
+class SailVL(nn.Module):
+    """The whole SAIL-VL2 model. Sub-module names match the upstream prefixes."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg, rt = self.cfg, self.cfg.runtime
+        self.vision_model = SailViT(cfg.vision, rt, cfg.select_layer)
+        self.mlp1 = PixelShuffleAdapter(cfg.adapter, cfg.llm.hidden_size, rt)
+        self.language_model = Qwen3ForCausalLM(cfg.llm, rt)
+
+    def vision(self, pixel_values: jax.Array, return_hidden_states: bool = False) -> ViTOutput:
+        return self.vision_model(pixel_values, return_hidden_states=return_hidden_states)
+
+    def extract_feature(self, pixel_values: jax.Array) -> jax.Array:
+        """[T, 3, H, W] tiles -> [T, tokens_per_tile, D] LLM-space features (upstream `extract_feature`)."""
+        g = self.cfg.vision.grid_size
+        return self.mlp1(self.vision(pixel_values).selected, (g, g))
+
+    def embed(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None = None, tile_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Token embeddings with image features in the `<IMG_CONTEXT>` positions."""
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return embeds
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        if tile_mask is None:
+            tile_mask = jnp.ones(tiles.shape[0], bool)
+        tile_mask = tile_mask.reshape(-1)
+        feats = self.extract_feature(tiles)  # [T, n, D]
+        n = feats.shape[1]
+        feature_mask = jnp.repeat(tile_mask, n)
+        return scatter_image_features(
+            embeds, input_ids, feats.reshape(-1, feats.shape[-1]), feature_mask, self.cfg.img_context_token_id
+        )
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.logits(hidden)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        tile_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        return_hidden: bool = False,
+    ) -> LMOutput:
+        embeds = self.embed(input_ids, pixel_values, tile_mask)
+        return self.language_model(
+            inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
+            return_hidden=return_hidden,
+        )
