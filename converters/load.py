@@ -32,7 +32,15 @@ def load_sailvl_checkpoint(
     return cfg, {"params": params}
 
 
-def to_device(params: dict) -> dict:
+def load_checkpoint(directory: str | Path, runtime: RuntimeConfig | None = None) -> tuple[ModelConfig, dict]:
+    """Any checkpoint directory we can run -> (config, device params in the runtime's param dtype)."""
     import jax
 
-    return jax.tree.map(jnp.asarray, params)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    if not (directory / "config.json").exists():
+        raise ValueError(f"{directory}: no config.json (expected an upstream SAIL-VL2 checkpoint directory)")
+    runtime = runtime or RuntimeConfig()
+    cfg, params = load_sailvl_checkpoint(directory, runtime)
+    return cfg, jax.tree.map(jnp.asarray, params)

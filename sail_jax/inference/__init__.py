@@ -1,0 +1,1 @@
+"""Inference: numerics entry points, generation and evaluation."""
