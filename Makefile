@@ -22,7 +22,7 @@ test: venv
 	$(PY) -m pytest tests
 
 demo: venv
-	$(VENV)/bin/sail-jax demo
+	$(VENV)/bin/sail-jax demo-llm
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
