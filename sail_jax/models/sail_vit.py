@@ -152,10 +152,10 @@ class SailViT(nn.Module):
             hidden = tuple(stacked[i] for i in range(n)) if return_hidden_states else None
             selected_raw = stacked[layer]
         else:
-            # Unscanned: stop after the last block anything needs.
-            stop = n if (self.select_layer == -1 or return_hidden_states) else layer + 1
+            # Every block runs (as upstream): stopping at `select_layer` would leave the later blocks
+            # uninitialised (no params to load a checkpoint into) and make last_hidden_state wrong.
             outs = []
-            for blk in self.blocks[:stop]:
+            for blk in self.blocks:
                 x, _ = blk(x, segment_ids, rope)
                 outs.append(x)
             hidden = tuple(outs) if return_hidden_states else None
