@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 
 from sail_jax.config import AdapterConfig, RuntimeConfig
-from sail_jax.layers.common import dense
+from sail_jax.layers.common import Dense
 from sail_jax.layers.norms import LayerNorm
 
 
@@ -37,13 +37,18 @@ class PixelShuffleAdapter(nn.Module):
             raise ValueError(f"downsample_ratio={self.cfg.downsample_ratio} is not 1/integer")
         return s
 
-    @nn.compact
-    def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
-        """x [T, h*w, C] ViT features on an (h, w) patch grid -> [T, h*w/s^2, out_features]."""
+    def setup(self):
         rt = self.rt
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype)
-        y = pixel_shuffle(x, grid[0], grid[1], self.scale)
-        y = LayerNorm(self.cfg.layer_norm_eps, name="layer_norm", **kw)(y)
-        y = dense(self.out_features, ("mlp", "embed"), name="linear_1", use_bias=True, **kw)(y)
-        y = nn.gelu(y, approximate=False)
-        return dense(self.out_features, ("mlp", "embed"), name="linear_2", use_bias=True, **kw)(y)
+        self.layer_norm = LayerNorm(self.cfg.layer_norm_eps, **kw)
+        self.linear_1 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, **kw)
+        self.linear_2 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, **kw)
+
+    def project(self, y: jax.Array) -> jax.Array:
+        """Already pixel-shuffled tokens [..., s^2*C] -> [..., out_features] (AnyRes shuffles by gather)."""
+        y = self.linear_1(self.layer_norm(y))
+        return self.linear_2(nn.gelu(y, approximate=False))
+
+    def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """x [T, h*w, C] ViT features on an (h, w) patch grid -> [T, h*w/s^2, out_features]."""
+        return self.project(pixel_shuffle(x, grid[0], grid[1], self.scale))

@@ -6,7 +6,8 @@ blocks_{i}/{norm_1, attn/{qkv [C,3,H,hd], proj [H,hd,C]}, norm_2, mlp/{fc1, fc3,
 (stacked under blocks/ when scanned), post_trunk_norm [trunk.post_trunk_norm].
 
 The patch conv (kernel = stride = patch) is computed as a matmul on flattened patches ordered (kh, kw, c), so
-fixed-resolution tiles and AnyRes packed patch sequences share one code path.
+fixed-resolution tiles and AnyRes packed patch sequences (`SailViT.anyres`, see models/anyres.py) share one
+code path. With `use_2d_rope` both paths add axial 2D RoPE (positions on the 32x32 table grid).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from sail_jax.layers.attention import dot_product_attention
 from sail_jax.layers.common import as_dtype, constrain, dense, remat_module
 from sail_jax.layers.mlp import SwiGLU
 from sail_jax.layers.norms import RMSNorm
+from sail_jax.layers.rope import apply_rope
+from sail_jax.models.anyres import PackedImages, axial_rope, grid_rope_positions, interpolate_positions
 
 ACT = ("activation_tiles", "activation_length", "activation_embed")
 
@@ -77,8 +80,6 @@ class ViTAttention(nn.Module):
                     use_bias=c.qkv_bias, **kw)(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if rope is not None:
-            from sail_jax.layers.rope import apply_rope
-
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = dot_product_attention(q, k, v, segment_ids=segment_ids, causal=False, impl=rt.attention_impl,
                                   q_chunk=rt.attention_q_chunk)
@@ -152,10 +153,10 @@ class SailViT(nn.Module):
             hidden = tuple(stacked[i] for i in range(n)) if return_hidden_states else None
             selected_raw = stacked[layer]
         else:
-            # Unscanned: stop after the last block anything needs.
-            stop = n if (self.select_layer == -1 or return_hidden_states) else layer + 1
+            # Every block runs (as upstream): stopping at `select_layer` would leave the later blocks
+            # uninitialised (no params to load a checkpoint into) and make last_hidden_state wrong.
             outs = []
-            for blk in self.blocks[:stop]:
+            for blk in self.blocks:
                 x, _ = blk(x, segment_ids, rope)
                 outs.append(x)
             hidden = tuple(outs) if return_hidden_states else None
@@ -173,4 +174,25 @@ class SailViT(nn.Module):
                 f"interpolated); got {pixel_values.shape[-2]}x{pixel_values.shape[-1]}. Use the AnyRes path."
             )
         x = self.embed(patchify(pixel_values, self.cfg.patch_size))
-        return self.trunk(x, return_hidden_states=return_hidden_states)
+        rope = None
+        if self.cfg.use_2d_rope:
+            g = self.cfg.grid_size
+            rope = self.rope(jnp.asarray(grid_rope_positions(g, g, g))[None])
+        return self.trunk(x, rope=rope, return_hidden_states=return_hidden_states)
+
+    def rope(self, rope_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(cos, sin) [B, N, head_dim] of axial 2D RoPE at `rope_pos` [B, N, 2] (row, col on the table grid)."""
+        return axial_rope(rope_pos, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def anyres(self, images: PackedImages, return_hidden_states: bool = False) -> ViTOutput:
+        """Packed native-resolution images (`anyres.pack_images`) -> per-patch features [B, L, C].
+
+        Positions are the table bicubically resized to each image's grid; attention stays within each image.
+        """
+        want = self.cfg.patch_size**2 * self.cfg.num_channels
+        if images.patches.shape[-1] != want:
+            raise ValueError(f"packed patches have {images.patches.shape[-1]} values; this ViT needs {want}")
+        pos = interpolate_positions(self.pos_embed, images.pos_index, images.pos_weight)
+        x = self.embed(images.patches, pos)
+        rope = self.rope(images.rope_pos) if self.cfg.use_2d_rope else None
+        return self.trunk(x, images.segment_ids, rope, return_hidden_states)

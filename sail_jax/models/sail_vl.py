@@ -4,6 +4,10 @@ Shapes stay static under jit: `pixel_values` holds a fixed number of tile slots 
 [B, T_row, 3, H, W]) and `tile_mask` says which slots hold real tiles. The k-th `<IMG_CONTEXT>` token of the
 batch (row-major over (row, position)) receives the k-th feature vector of the real tiles in slot order, as
 upstream does after dropping tiles with `image_flags == 0`.
+
+AnyRes (`images`, a `PackedImages` from `anyres.pack_images`) replaces the tiles: the packed ViT row is
+pixel-shuffled per image by a precomputed gather, and the k-th `<IMG_CONTEXT>` token receives the k-th real
+LLM token of the packed images (image order, row-major within each image; h*w/4 tokens per image).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 
 from sail_jax.config import ModelConfig
 from sail_jax.models.adapter import PixelShuffleAdapter
+from sail_jax.models.anyres import PackedImages, gather_pixel_shuffle
 from sail_jax.models.qwen3 import LMOutput, Qwen3ForCausalLM
 from sail_jax.models.sail_vit import SailViT, ViTOutput
 
@@ -62,11 +67,32 @@ class SailVL(nn.Module):
         g = self.cfg.vision.grid_size
         return self.mlp1(self.vision(pixel_values).selected, (g, g))
 
+    def extract_feature_packed(self, images: PackedImages) -> tuple[jax.Array, jax.Array]:
+        """Packed AnyRes images -> (features [B*L/s^2, D], validity mask [B*L/s^2]) in image order."""
+        s2 = self.mlp1.scale**2
+        if images.shuffle_index.shape[-1] != s2:
+            raise ValueError(
+                f"packed images were shuffled for {images.shuffle_index.shape[-1]} patches per token; "
+                f"this model's downsample_ratio needs {s2} (pack_images scale={self.mlp1.scale})"
+            )
+        x = self.vision_model.anyres(images).selected
+        feats = self.mlp1.project(gather_pixel_shuffle(x, images.shuffle_index))
+        return feats.reshape(-1, feats.shape[-1]), images.token_mask.reshape(-1)
+
     def embed(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None = None, tile_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        tile_mask: jax.Array | None = None,
+        images: PackedImages | None = None,
     ) -> jax.Array:
-        """Token embeddings with image features in the `<IMG_CONTEXT>` positions."""
+        """Token embeddings with image features (fixed tiles or packed AnyRes images) in `<IMG_CONTEXT>` slots."""
         embeds = self.language_model.embed(input_ids)
+        if images is not None:
+            if pixel_values is not None:
+                raise ValueError("pass either pixel_values (fixed tiles) or images (AnyRes), not both")
+            feats, mask = self.extract_feature_packed(images)
+            return scatter_image_features(embeds, input_ids, feats, mask, self.cfg.img_context_token_id)
         if pixel_values is None:
             return embeds
         tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
@@ -93,8 +119,9 @@ class SailVL(nn.Module):
         segment_ids: jax.Array | None = None,
         cache: dict[str, jax.Array] | None = None,
         return_hidden: bool = False,
+        images: PackedImages | None = None,
     ) -> LMOutput:
-        embeds = self.embed(input_ids, pixel_values, tile_mask)
+        embeds = self.embed(input_ids, pixel_values, tile_mask, images)
         return self.language_model(
             inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
             return_hidden=return_hidden,
