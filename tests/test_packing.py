@@ -144,6 +144,7 @@ def _marked(i: int, reason: str | None, dataset: int = 0) -> dict:
 def test_skip_filter_counts_logs_and_keeps_counts_in_state(caplog):
     elements = [_marked(0, None), _marked(1, "malformed"), _marked(2, None), _marked(3, "missing_image", 1),
                 _marked(4, None, 1), _marked(5, "too_long")]
+    elements[2]["info"]["truncated"] = True
     ds = SkipBadSamplesIterDataset(stream(elements), ["data0.jsonl", "data1.jsonl"], max_skip_fraction=1.0)
     it = iter(ds)
     with caplog.at_level(logging.WARNING, logger="sail_jax.data"):
@@ -151,7 +152,7 @@ def test_skip_filter_counts_logs_and_keeps_counts_in_state(caplog):
     assert kept == ["f:1", "f:3", "f:5"]
     counts = skip_counts({"outer": {"parent": it.get_state()}})
     assert counts["seen"] == [4, 2] and counts["malformed"] == [1, 0] and counts["missing_image"] == [0, 1]
-    assert counts["too_long"] == [1, 0]
+    assert counts["too_long"] == [1, 0] and counts["truncated"] == [1, 0]
     assert "data0.jsonl:2 (malformed)" in caplog.text and "data1.jsonl:4 (missing_image)" in caplog.text
     restored = iter(ds)
     restored.set_state(it.get_state())

@@ -6,8 +6,8 @@ accuracy scoring. Everything is drawn from one seeded generator, so the same see
 
 Small on purpose, so a tiny model learns it on a CPU: 5 colours, 3 shapes, 1–4 shapes per image, image sizes that
 tile into 1, 3 or 4 tiles, answers from a closed vocabulary (colours, shapes, "0"–"4", left/right/top/bottom,
-yes/no, first/second). Sample kinds: single-image QA (some two-turn), captions, two-image questions, CoT answers
-(`<think>…</think>\\boxed{…}` after the CoT instruction) and a few text-only questions.
+yes/no, first/second). Sample kinds (`KIND_CYCLE`): single-image QA (some two-turn), captions, two-image questions,
+CoT answers (`<think>…</think>\\boxed{…}` after the CoT instruction) and a few text-only questions.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom
 CELLS = tuple((x, y) for y in (1 / 6, 0.5, 5 / 6) for x in (1 / 6, 0.5, 5 / 6) if (x, y) != (0.5, 0.5))
 SUFFIX = "\nAnswer the question using a single word or phrase."
 NUMBERS = ("zero", "one", "two", "three", "four")
+# Each block of 20 samples has this mix of kinds in a random order (60% QA, 10% captions, 10% two-image, 15% CoT,
+# 5% text-only), so even a small set has every kind.
+KIND_CYCLE = ("qa",) * 12 + ("caption",) * 2 + ("multi",) * 2 + ("cot",) * 3 + ("text",)
 TEXT_ONLY = (("Which shape has three corners?", "triangle"), ("Which shape has four equal sides?", "square"),
              ("Which shape has no corners?", "circle"))
 
@@ -114,10 +117,9 @@ def _turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
 
 
-def make_sample(w: _Writer, sample_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One LLaVA record and its eval items (direct single-answer questions only)."""
+def make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One LLaVA record of the given kind and its eval items (direct single-answer questions only)."""
     rng = w.rng
-    kind = rng.choice(["qa", "caption", "multi", "cot", "text"], p=[0.6, 0.1, 0.12, 0.15, 0.03])
     if kind == "text":
         q, a = TEXT_ONLY[rng.integers(len(TEXT_ONLY))]
         return {"id": sample_id, "conversations": _turns((q + SUFFIX, a))}, [
@@ -173,8 +175,10 @@ def make_demo_data(out: str | Path, n: int, seed: int = 0, n_heldout: int | None
     for split, count, offset in (("train", n, 0), ("heldout", n_heldout, 1)):
         w = _Writer(out, split, np.random.default_rng([seed, offset]))
         records, evals = [], []
+        blocks = -(-count // len(KIND_CYCLE))
+        kinds = [k for _ in range(blocks) for k in w.rng.permutation(KIND_CYCLE)]
         for i in range(count):
-            record, items = make_sample(w, f"{split}-{i:05d}")
+            record, items = make_sample(w, f"{split}-{i:05d}", str(kinds[i]))
             records.append(record)
             evals += items
         _write_jsonl(out / f"{split}.jsonl", records)

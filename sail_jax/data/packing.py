@@ -1,8 +1,9 @@
 """Main-process stages of the pipeline: bad-sample accounting, stream packing, visual packing into batches.
 
-* `SkipBadSamplesIterDataset` drops the transform's skip markers, counts them per dataset and reason (the counts
-  live in the iterator state, so they survive checkpoints and are exact with worker processes), logs each with its
-  file and line, and fails with a clear error naming the data file when a dataset's skip fraction passes a limit.
+* `SkipBadSamplesIterDataset` drops the transform's skip markers and counts them per dataset and reason, with the
+  truncated samples (the counts live in the iterator state, so they survive checkpoints and are exact with worker
+  processes), logs each with its file and line, and fails with a clear error naming the data file when a dataset's
+  skip fraction passes a limit.
 * `pack_rows` is Grain's best-fit (or first-fit) multi-bin packer with the tiles as a second packed feature: a
   row holds at most `seq_len` tokens AND `max_tiles` tiles, both placed in sample order, so the k-th
   `<IMG_CONTEXT>` run of a row matches its k-th tiles. Grain places every sample the moment it is read (a new set
@@ -36,6 +37,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._files, self._max_fraction, self._min_samples = list(files), max_skip_fraction, min_samples
         self._seen = [0] * len(files)
+        self._truncated = [0] * len(files)
         self._skipped = {reason: [0] * len(files) for reason in SKIP_REASONS}
 
     def __next__(self) -> dict[str, Any]:
@@ -45,6 +47,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
             d = element["info"]["dataset"] if reason is None else element["dataset"]
             self._seen[d] += 1
             if reason is None:
+                self._truncated[d] += bool(element["info"].get("truncated"))
                 return element
             self._skipped[reason][d] += 1
             log.warning("skipping %s (%s): %s", element["where"], reason, element["error"])
@@ -61,13 +64,14 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
             )
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "skip_counts": {"seen": list(self._seen),
-                                                                   **{r: list(c) for r, c in self._skipped.items()}}}
+        counts = {"seen": list(self._seen), "truncated": list(self._truncated),
+                  **{r: list(c) for r, c in self._skipped.items()}}
+        return {"parent": self._parent.get_state(), "skip_counts": counts}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         counts = state["skip_counts"]
-        self._seen = list(counts["seen"])
+        self._seen, self._truncated = list(counts["seen"]), list(counts["truncated"])
         self._skipped = {r: list(counts[r]) for r in SKIP_REASONS}
 
 
@@ -86,7 +90,9 @@ class SkipBadSamplesIterDataset(grain.IterDataset):
 
 
 def skip_counts(state: Mapping[str, Any]) -> dict[str, list[int]] | None:
-    """The skip counters inside a (nested) pipeline state: {"seen": [per dataset], reason: [per dataset], ...}."""
+    """The sample counters inside a (nested) pipeline state, per dataset: "seen" (records read), "truncated" (kept
+    after truncation) and one list per skip reason. A packed pipeline's state holds them as of its restart point
+    (the packer replays its current bins on restore), i.e. up to one set of packing bins behind the live counts."""
     if "skip_counts" in state:
         return {k: list(v) for k, v in state["skip_counts"].items()}
     for value in state.values():

@@ -126,6 +126,10 @@ def sample_dataset(cfg: DataConfig, process_index: int | None = None,
     else:
         ds = grain.IterDataset.mix(parts, {d.key: d.weight for d in cfg.datasets})
     if cfg.num_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; our CLI does not parse them
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     return ds
