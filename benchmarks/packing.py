@@ -7,7 +7,7 @@
 2. Loader: samples/s of the full pipeline (PNG decode, 448-px tiling, tokenization, packing, batching) on the demo
    images (1–4 tiles) with 0 and 2 worker processes.
 
-    python benchmarks/packing.py [--samples 4000] [--seq-len 16384] [--max-tiles 64]
+    python benchmarks/packing.py [--samples 4000] [--seq-len 16384] [--max-tiles 64] [--no-loader]
 """
 
 from __future__ import annotations
@@ -94,11 +94,13 @@ def main() -> None:
     p.add_argument("--bins", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--loader-samples", type=int, default=200)
-    p.add_argument("--loader-batches", type=int, default=10)
+    p.add_argument("--loader-samples", type=int, default=300)
+    p.add_argument("--loader-batches", type=int, default=12)
+    p.add_argument("--no-loader", action="store_true", help="packing figures only")
     args = p.parse_args()
     packing_figures(args)
-    loader_figures(args)
+    if not args.no_loader:
+        loader_figures(args)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_packed_rows_hold_each_sample_once_in_order():
 
 def test_batches_have_static_shapes_and_padding_rows():
     samples = [sample(i, 30, 2) for i in range(7)]
-    batches = list(VisualBatchIterDataset(pack_rows(stream(samples), 32, 4, 2, 0, pad_id=7), 4, 2, pad_id=7))
+    batches = list(VisualBatchIterDataset(pack_rows(stream(samples), 32, 4, 2, 0), 4, 2, pad_id=7))
     assert len(batches) == 2
     for b in batches:
         assert tuple(b) == BATCH_KEYS

@@ -5,9 +5,10 @@ line with a single canonical answer word ({"id", "image": [paths], "question", "
 accuracy scoring. Everything is drawn from one seeded generator, so the same seed gives byte-identical files.
 
 Small on purpose, so a tiny model learns it on a CPU: 5 colours, 3 shapes, 1–4 shapes per image, image sizes that
-tile into 1, 3 or 4 tiles, answers from a closed vocabulary (colours, shapes, "0"–"4", left/right/top/bottom,
-yes/no, first/second). Sample kinds (`KIND_CYCLE`): single-image QA (some two-turn), captions, two-image questions,
-CoT answers (`<think>…</think>\\boxed{…}` after the CoT instruction) and a few text-only questions.
+tile into 1, 3 or 4 tiles of 448 px (smaller tiles give more tiles per image: lower max_num with them), answers
+from a closed vocabulary (colours, shapes, "0"–"4", left/right/top/bottom, yes/no, first/second). Sample kinds
+(`KIND_CYCLE`): single-image QA (some two-turn), captions, two-image questions, CoT answers
+(`<think>…</think>\\boxed{…}` after the CoT instruction) and a few text-only questions.
 """
 
 from __future__ import annotations

@@ -102,12 +102,13 @@ def skip_counts(state: Mapping[str, Any]) -> dict[str, list[int]] | None:
 
 
 def pack_rows(parent: grain.IterDataset, seq_len: int, max_tiles: int, num_bins: int, seed: int,
-              packer: str = "best_fit", pad_id: int = 0) -> grain.IterDataset:
+              packer: str = "best_fit") -> grain.IterDataset:
     """Grain multi-bin packing of samples into rows of `seq_len` tokens and `max_tiles` tile slots.
 
     Emits input_ids, loss_mask [T], pixel_values [max_tiles,3,S,S], Grain's input_ids_segment_ids (1, 2, … per
     sample, 0 = padding) and input_ids_positions (restarting at 0 per sample), pixel_values_segment_ids (0 = empty
-    slot) and `info`: the per-sample info dicts of the row, in row order."""
+    slot) and `info`: the per-sample info dicts of the row, in row order. Padding is zeros: Grain allocates its
+    bins with np.zeros, so untouched tile slots cost no memory (a padding value would fill them)."""
     if packer not in PACKERS:
         raise ValueError(f"packer={packer!r}; expected one of {sorted(PACKERS)}")
     return PACKERS[packer](
@@ -117,7 +118,6 @@ def pack_rows(parent: grain.IterDataset, seq_len: int, max_tiles: int, num_bins:
         seed=seed,
         shuffle_bins=True,
         meta_features=("loss_mask", "info"),
-        padding_struct={"input_ids": pad_id, "loss_mask": 0, "pixel_values": 0.0},
     )
 
 
@@ -176,19 +176,19 @@ class _VisualBatchIterator(grain.DatasetIterator):
         order = balance_rows([int((r["pixel_values_segment_ids"] > 0).sum()) for r in rows], self._n_devices)
         rows = [rows[i] for i in order]
         stack = lambda key, dtype: np.stack([r[key] for r in rows]).astype(dtype, copy=False)
+        segment_ids = stack("input_ids_segment_ids", np.int32)
         return {
-            "input_ids": stack("input_ids", np.int32),
-            "segment_ids": stack("input_ids_segment_ids", np.int32),
+            "input_ids": np.where(segment_ids > 0, stack("input_ids", np.int32), np.int32(self._pad_id)),
+            "segment_ids": segment_ids,
             "positions": stack("input_ids_positions", np.int32),
             "loss_mask": stack("loss_mask", np.int32),
             "pixel_values": stack("pixel_values", np.float32),
             "tile_mask": stack("pixel_values_segment_ids", np.int32) > 0,
         }
 
-    def _empty_row(self, like: Mapping[str, Any]) -> dict[str, Any]:
-        row = {k: np.zeros_like(v) for k, v in like.items() if isinstance(v, np.ndarray)}
-        row["input_ids"] = np.full_like(like["input_ids"], self._pad_id)
-        return row
+    @staticmethod
+    def _empty_row(like: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: np.zeros_like(v) for k, v in like.items() if isinstance(v, np.ndarray)}
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()

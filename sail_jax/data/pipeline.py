@@ -8,6 +8,7 @@
     SkipBadSamplesIterDataset                     counts/logs/filters skip markers in the main process
     Grain BestFitPackIterDataset                  rows of seq_len tokens and max_tiles tiles (packing.pack_rows)
     VisualBatchIterDataset                        batch_size rows, tile-balanced over the local devices
+    ThreadPrefetchIterDataset                     a few batches ahead, in a thread
 
 Each step yields the process-local part of the global batch: input_ids, segment_ids, positions, loss_mask [B,T]
 int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask [B,max_tiles] bool. The iterator is a Grain
@@ -54,7 +55,18 @@ class DatasetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Everything the pipeline needs; `batch_size` is the process-local number of rows per step."""
+    """Everything the pipeline needs.
+
+    Rows: `seq_len` tokens and `max_tiles` tile slots each; `batch_size` rows per step in this process, tile-
+    balanced over `num_devices` (the devices this process feeds). Samples: images tiled with up to `max_num` tiles
+    (+ thumbnail) at `image_size` pixels (None: the tokenizer dir's preprocessor_config.json, 448), `over_long`
+    "drop" | "truncate", `conditional_loss` for Think-Fusion SFT, `system_prompt` (None: the SAIL-VL2 default,
+    "": none). Packing: `packer` "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch
+    with `seed`; `num_epochs` None repeats forever, else the mixture stops when its first dataset runs out.
+    Throughput: `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` /
+    `read_buffer_size` per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped
+    fraction exceeds `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
+    """
 
     datasets: tuple[DatasetSpec, ...]
     tokenizer_dir: str
@@ -76,6 +88,7 @@ class DataConfig:
     worker_buffer_size: int = 2
     read_threads: int = 2
     read_buffer_size: int = 16
+    prefetch_batches: int = 2
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 100
 
@@ -150,8 +163,11 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
     ds = sample_dataset(cfg, process_index, process_count)
     ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
                                    cfg.min_samples_for_skip_check)
-    ds = pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer, PAD_TOKEN_ID)
-    return VisualBatchIterDataset(ds, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+    ds = pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
+    ds = VisualBatchIterDataset(ds, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+    if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
+    return ds
 
 
 def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:

@@ -46,13 +46,17 @@ class JsonlSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"data file not found: {self.path}")
-        raw = self.path.read_bytes()
-        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(raw, np.uint8) == ord("\n")) + 1])
-        ends = np.append(starts[1:], len(raw))
-        keep = np.array([bool(raw[s:e].strip()) for s, e in zip(starts, ends)], bool) if len(raw) else np.zeros(0, bool)
-        self._starts = starts[: len(keep)][keep].astype(np.int64)
-        self._ends = ends[: len(keep)][keep].astype(np.int64)
-        self._lines = (np.flatnonzero(keep) + 1).astype(np.int64)
+        starts, ends, lines = [], [], []
+        with open(self.path, "rb") as f:  # one streaming pass: offsets only, never the whole file in memory
+            pos = 0
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    starts.append(pos)
+                    ends.append(pos + len(line))
+                    lines.append(number)
+                pos += len(line)
+        self._starts, self._ends = np.array(starts, np.int64), np.array(ends, np.int64)
+        self._lines = np.array(lines, np.int64)
         self._fd: int | None = None
         self._lock = threading.Lock()
 
