@@ -1,0 +1,190 @@
+"""Synthetic demo data: PNG images of coloured shapes with captions and templated VQA conversations.
+
+Written as LLaVA JSONL (`train.jsonl`, held-out `heldout.jsonl`) plus `heldout_eval.jsonl`, one direct question per
+line with a single canonical answer word ({"id", "image": [paths], "question", "answer", "type"}) for answer-
+accuracy scoring. Everything is drawn from one seeded generator, so the same seed gives byte-identical files.
+
+Small on purpose, so a tiny model learns it on a CPU: 5 colours, 3 shapes, 1–4 shapes per image, image sizes that
+tile into 1, 3 or 4 tiles of 448 px (smaller tiles give more tiles per image: lower max_num with them), answers
+from a closed vocabulary (colours, shapes, "0"–"4", left/right/top/bottom, yes/no, first/second). Sample kinds
+(`KIND_CYCLE`): single-image QA (some two-turn), captions, two-image questions, CoT answers
+(`<think>…</think>\\boxed{…}` after the CoT instruction) and a few text-only questions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sail_jax.data.chat import with_thinking
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+          "purple": (140, 60, 180)}
+SHAPES = ("circle", "square", "triangle")
+# (width, height) -> tiles at max_num >= 3: 1 (square), 3 (2:1 + thumbnail), 4 (3:1 + thumbnail).
+SIZES = ((448, 448), (336, 336), (896, 448), (448, 896), (672, 224), (224, 672))
+POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8)}
+# Cells (x, y) of multi-shape scenes, as fractions of the image: a 3x3 grid without its centre.
+CELLS = tuple((x, y) for y in (1 / 6, 0.5, 5 / 6) for x in (1 / 6, 0.5, 5 / 6) if (x, y) != (0.5, 0.5))
+SUFFIX = "\nAnswer the question using a single word or phrase."
+NUMBERS = ("zero", "one", "two", "three", "four")
+# Each block of 20 samples has this mix of kinds in a random order (60% QA, 10% captions, 10% two-image, 15% CoT,
+# 5% text-only), so even a small set has every kind.
+KIND_CYCLE = ("qa",) * 12 + ("caption",) * 2 + ("multi",) * 2 + ("cot",) * 3 + ("text",)
+TEXT_ONLY = (("Which shape has three corners?", "triangle"), ("Which shape has four equal sides?", "square"),
+             ("Which shape has no corners?", "circle"))
+
+
+def _scene(rng: np.random.Generator, n_shapes: int, single_position: bool) -> dict[str, Any]:
+    w, h = SIZES[rng.integers(len(SIZES))]
+    if single_position:
+        position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        spots = [POSITIONS[position]]
+    else:
+        position = None
+        spots = [CELLS[i] for i in rng.choice(len(CELLS), n_shapes, replace=False)]
+    cell = min(w, h) / (3 if not single_position else 2.5)
+    shapes = []
+    for fx, fy in spots:
+        shapes.append({"shape": SHAPES[rng.integers(len(SHAPES))], "color": list(COLORS)[rng.integers(len(COLORS))],
+                       "cx": fx * w, "cy": fy * h, "r": float(cell * rng.uniform(0.3, 0.45))})
+    bg = tuple(int(v) for v in rng.integers(225, 256, 3))
+    return {"size": (int(w), int(h)), "bg": bg, "shapes": shapes, "position": position}
+
+
+def draw_scene(scene: dict[str, Any]) -> Image.Image:
+    image = Image.new("RGB", scene["size"], scene["bg"])
+    draw = ImageDraw.Draw(image)
+    for s in scene["shapes"]:
+        cx, cy, r, fill = s["cx"], s["cy"], s["r"], COLORS[s["color"]]
+        if s["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif s["shape"] == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon(((cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)), fill=fill)
+    return image
+
+
+def _phrase(shapes: list[dict[str, Any]]) -> str:
+    parts = [f"a {s['color']} {s['shape']}" for s in shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _questions(scene: dict[str, Any], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Every (question, answer, type) the scene answers unambiguously."""
+    shapes = scene["shapes"]
+    kinds = [s["shape"] for s in shapes]
+    colors = [s["color"] for s in shapes]
+    out = [("How many shapes are there?", str(len(shapes)), "count")]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    out.append((f"How many {color} shapes are there?", str(colors.count(color)), "count"))
+    out += [(f"What color is the {k}?", s["color"], "color") for k, s in zip(kinds, shapes) if kinds.count(k) == 1]
+    out += [(f"What shape is the {c} object?", s["shape"], "shape") for c, s in zip(colors, shapes)
+            if colors.count(c) == 1]
+    if scene["position"]:
+        s = shapes[0]
+        out.append((f"Where is the {s['color']} {s['shape']}?", scene["position"], "position"))
+    ask_shape, ask_color = SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]
+    present = any(s["shape"] == ask_shape and s["color"] == ask_color for s in shapes)
+    out.append((f"Is there a {ask_color} {ask_shape}?", "yes" if present else "no", "yesno"))
+    return out
+
+
+class _Writer:
+    """Draws scenes into `images/` and numbers them; image paths in records are relative to the output dir."""
+
+    def __init__(self, out: Path, split: str, rng: np.random.Generator):
+        self.out, self.split, self.rng, self.count = out, split, rng, 0
+        (out / "images").mkdir(parents=True, exist_ok=True)
+
+    def image(self, scene: dict[str, Any]) -> str:
+        rel = f"images/{self.split}_{self.count:05d}.png"
+        self.count += 1
+        draw_scene(scene).save(self.out / rel, format="PNG")
+        return rel
+
+    def scene(self, single: bool | None = None) -> dict[str, Any]:
+        single = bool(self.rng.random() < 0.35) if single is None else single
+        n = 1 if single else int(self.rng.integers(2, 5))
+        return _scene(self.rng, n, single)
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+
+
+def make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One LLaVA record of the given kind and its eval items (direct single-answer questions only)."""
+    rng = w.rng
+    if kind == "text":
+        q, a = TEXT_ONLY[rng.integers(len(TEXT_ONLY))]
+        return {"id": sample_id, "conversations": _turns((q + SUFFIX, a))}, [
+            {"id": sample_id, "image": [], "question": q + SUFFIX, "answer": a, "type": "text"}]
+    if kind == "multi":
+        a, b = w.scene(single=True), w.scene(single=True)
+        while b["shapes"][0]["shape"] == a["shapes"][0]["shape"]:
+            b["shapes"][0]["shape"] = SHAPES[rng.integers(len(SHAPES))]
+        paths = [w.image(a), w.image(b)]
+        which = int(rng.integers(2))
+        questions = [(f"Which image shows a {(a, b)[which]['shapes'][0]['shape']}? Answer first or second.",
+                      ("first", "second")[which], "multi"),
+                     (f"What color is the shape in the {('first', 'second')[which]} image?",
+                      (a, b)[which]["shapes"][0]["color"], "multi")]
+        q, ans, qtype = questions[rng.integers(2)]
+        question = "Image-1: <image>\nImage-2: <image>\n" + q + SUFFIX
+        return {"id": sample_id, "image": paths, "conversations": _turns((question, ans))}, [
+            {"id": sample_id, "image": paths, "question": question, "answer": ans, "type": qtype}]
+    scene = w.scene()
+    path = w.image(scene)
+    if kind == "caption":
+        n = len(scene["shapes"])
+        where = {"left": " on the left", "right": " on the right", "top": " at the top", "bottom": " at the bottom",
+                 None: ""}[scene["position"]]
+        text = f"The image shows {NUMBERS[n]} shape{'s' if n > 1 else ''}: {_phrase(scene['shapes'])}{where}."
+        return {"id": sample_id, "image": path, "conversations": _turns(("<image>\nDescribe the image.", text))}, []
+    options = _questions(scene, rng)
+    if kind == "cot":
+        n = len(scene["shapes"])
+        thought = f"I look at every shape in the image: {_phrase(scene['shapes'])}. Counting them gives {n}."
+        question = with_thinking("<image>\nHow many shapes are there?")
+        answer = f"<think>\n{thought}\n</think>\n\\boxed{{{n}}}"
+        return {"id": sample_id, "image": path, "conversations": _turns((question, answer))}, []
+    picks = rng.choice(len(options), min(len(options), 1 + int(rng.random() < 0.3)), replace=False)
+    pairs = [(options[i][0] + SUFFIX, options[i][1]) for i in picks]
+    pairs[0] = ("<image>\n" + pairs[0][0], pairs[0][1])
+    evals = [{"id": sample_id, "image": [path], "question": "<image>\n" + options[picks[0]][0] + SUFFIX,
+              "answer": options[picks[0]][1], "type": options[picks[0]][2]}]
+    return {"id": sample_id, "image": path, "conversations": _turns(*pairs)}, evals
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_demo_data(out: str | Path, n: int, seed: int = 0, n_heldout: int | None = None) -> dict[str, int]:
+    """Write the demo set into `out`; returns the record counts per file."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    n_heldout = max(1, n // 10) if n_heldout is None else n_heldout
+    out = Path(out)
+    counts = {}
+    for split, count, offset in (("train", n, 0), ("heldout", n_heldout, 1)):
+        w = _Writer(out, split, np.random.default_rng([seed, offset]))
+        records, evals = [], []
+        blocks = -(-count // len(KIND_CYCLE))
+        kinds = [k for _ in range(blocks) for k in w.rng.permutation(KIND_CYCLE)]
+        for i in range(count):
+            record, items = make_sample(w, f"{split}-{i:05d}", str(kinds[i]))
+            records.append(record)
+            evals += items
+        _write_jsonl(out / f"{split}.jsonl", records)
+        counts[f"{split}.jsonl"] = len(records)
+        if split == "heldout":
+            _write_jsonl(out / "heldout_eval.jsonl", evals)
+            counts["heldout_eval.jsonl"] = len(evals)
+    return counts

@@ -1,0 +1,213 @@
+"""Main-process stages of the pipeline: bad-sample accounting, stream packing, visual packing into batches.
+
+* `SkipBadSamplesIterDataset` drops the transform's skip markers and counts them per dataset and reason, with the
+  truncated samples (the counts live in the iterator state, so they survive checkpoints and are exact with worker
+  processes), logs each with its file and line, and fails with a clear error naming the data file when a dataset's
+  skip fraction passes a limit.
+* `pack_rows` is Grain's best-fit (or first-fit) multi-bin packer with the tiles as a second packed feature: a
+  row holds at most `seq_len` tokens AND `max_tiles` tiles, both placed in sample order, so the k-th
+  `<IMG_CONTEXT>` run of a row matches its k-th tiles. Grain places every sample the moment it is read (a new set
+  of bins starts when it fits nowhere), so nothing waits: a sample is emitted at most `num_bins` rows after it is
+  read, however long or tile-heavy (the paper's "forced inclusion" holds by construction).
+* `VisualBatchIterDataset` takes `batch_size` rows per step and orders them so that the contiguous blocks of
+  rows that the batch sharding gives each data-parallel device carry balanced tile counts (visual packing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from sail_jax.data.transforms import SKIP_REASONS
+
+log = logging.getLogger("sail_jax.data")
+
+PACKERS = {"best_fit": grain.experimental.BestFitPackIterDataset,
+           "first_fit": grain.experimental.FirstFitPackIterDataset}
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "pixel_values", "tile_mask")
+
+
+class _SkipBadSamplesIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, files: Sequence[str], max_skip_fraction: float,
+                 min_samples: int):
+        super().__init__(parent)
+        self._files, self._max_fraction, self._min_samples = list(files), max_skip_fraction, min_samples
+        self._seen = [0] * len(files)
+        self._truncated = [0] * len(files)
+        self._skipped = {reason: [0] * len(files) for reason in SKIP_REASONS}
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            element = next(self._parent)
+            reason = element.get("skip")
+            d = element["info"]["dataset"] if reason is None else element["dataset"]
+            self._seen[d] += 1
+            if reason is None:
+                self._truncated[d] += bool(element["info"].get("truncated"))
+                return element
+            self._skipped[reason][d] += 1
+            log.warning("skipping %s (%s): %s", element["where"], reason, element["error"])
+            self._check(d)
+
+    def _check(self, d: int) -> None:
+        skipped = sum(counts[d] for counts in self._skipped.values())
+        if self._seen[d] >= self._min_samples and skipped > self._max_fraction * self._seen[d]:
+            detail = ", ".join(f"{r}: {c[d]}" for r, c in self._skipped.items() if c[d])
+            raise ValueError(
+                f"dataset {self._files[d]}: {skipped} of {self._seen[d]} samples were unusable ({detail}), more "
+                f"than the allowed fraction {self._max_fraction:g}; fix the data (see the warnings above for file "
+                f"and line) or raise max_skip_fraction"
+            )
+
+    def get_state(self) -> dict[str, Any]:
+        counts = {"seen": list(self._seen), "truncated": list(self._truncated),
+                  **{r: list(c) for r, c in self._skipped.items()}}
+        return {"parent": self._parent.get_state(), "skip_counts": counts}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        counts = state["skip_counts"]
+        self._seen, self._truncated = list(counts["seen"]), list(counts["truncated"])
+        self._skipped = {r: list(counts[r]) for r in SKIP_REASONS}
+
+
+class SkipBadSamplesIterDataset(grain.IterDataset):
+    """Filters skip markers with per-dataset, per-reason counts (see module docstring)."""
+
+    def __init__(self, parent: grain.IterDataset, files: Sequence[str], max_skip_fraction: float = 0.05,
+                 min_samples: int = 100):
+        super().__init__(parent)
+        if not 0 <= max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self._files, self._max_fraction, self._min_samples = list(files), max_skip_fraction, min_samples
+
+    def __iter__(self) -> _SkipBadSamplesIterator:
+        return _SkipBadSamplesIterator(self._parent.__iter__(), self._files, self._max_fraction, self._min_samples)
+
+
+def skip_counts(state: Mapping[str, Any]) -> dict[str, list[int]] | None:
+    """The sample counters inside a (nested) pipeline state, per dataset: "seen" (records read), "truncated" (kept
+    after truncation) and one list per skip reason. A packed pipeline's state holds them as of its restart point
+    (the packer replays its current bins on restore), i.e. up to one set of packing bins behind the live counts."""
+    if "skip_counts" in state:
+        return {k: list(v) for k, v in state["skip_counts"].items()}
+    for value in state.values():
+        if isinstance(value, Mapping) and (found := skip_counts(value)) is not None:
+            return found
+    return None
+
+
+def pack_rows(parent: grain.IterDataset, seq_len: int, max_tiles: int, num_bins: int, seed: int,
+              packer: str = "best_fit") -> grain.IterDataset:
+    """Grain multi-bin packing of samples into rows of `seq_len` tokens and `max_tiles` tile slots.
+
+    Emits input_ids, loss_mask [T], pixel_values [max_tiles,3,S,S], Grain's input_ids_segment_ids (1, 2, … per
+    sample, 0 = padding) and input_ids_positions (restarting at 0 per sample), pixel_values_segment_ids (0 = empty
+    slot) and `info`: the per-sample info dicts of the row, in row order. Padding is zeros: Grain allocates its
+    bins with np.zeros, so untouched tile slots cost no memory (a padding value would fill them)."""
+    if packer not in PACKERS:
+        raise ValueError(f"packer={packer!r}; expected one of {sorted(PACKERS)}")
+    return PACKERS[packer](
+        parent,
+        length_struct={"input_ids": seq_len, "loss_mask": seq_len, "pixel_values": max_tiles},
+        num_packing_bins=num_bins,
+        seed=seed,
+        shuffle_bins=True,
+        meta_features=("loss_mask", "info"),
+    )
+
+
+def balance_rows(tiles_per_row: Sequence[int], n_devices: int) -> np.ndarray:
+    """Row order that balances tiles over devices that take contiguous blocks of rows_per_device = B/n rows.
+
+    Longest-processing-time greedy with equal cardinality: rows by decreasing tiles, each to the device with the
+    fewest tiles among those with a free row slot. Returns the permutation (device 0's rows first)."""
+    tiles = np.asarray(tiles_per_row)
+    if n_devices < 1 or len(tiles) % n_devices:
+        raise ValueError(f"{len(tiles)} rows cannot be split evenly over {n_devices} device(s)")
+    per_device = len(tiles) // n_devices
+    load, rows = np.zeros(n_devices, np.int64), [[] for _ in range(n_devices)]
+    for r in np.argsort(-tiles, kind="stable"):
+        open_devices = [d for d in range(n_devices) if len(rows[d]) < per_device]
+        d = min(open_devices, key=lambda k: (load[k], k))
+        rows[d].append(int(r))
+        load[d] += tiles[r]
+    return np.array([r for device_rows in rows for r in sorted(device_rows)], np.int64)
+
+
+def batch_stats(batch: Mapping[str, np.ndarray], n_devices: int = 1) -> dict[str, float]:
+    """Packing and visual-packing metrics of one batch (for logging): real-token fraction, samples, target tokens,
+    tiles, and tiles per device (max, mean, max/mean) for devices taking contiguous row blocks."""
+    seg = np.asarray(batch["segment_ids"])
+    tile_mask = np.asarray(batch["tile_mask"])
+    per_device = tile_mask.reshape(n_devices, -1).sum(axis=1)
+    mean = float(per_device.mean())
+    return {
+        "real_token_fraction": float((seg > 0).mean()),
+        "samples": float(seg.max(axis=1).sum()),
+        "target_tokens": float(np.asarray(batch["loss_mask"]).sum()),
+        "tiles": float(tile_mask.sum()),
+        "tiles_per_device_max": float(per_device.max()),
+        "tiles_per_device_mean": mean,
+        "tile_balance": float(per_device.max()) / mean if mean else 1.0,
+    }
+
+
+class _VisualBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, n_devices: int, pad_id: int):
+        super().__init__(parent)
+        self._batch_size, self._n_devices, self._pad_id = batch_size, n_devices, pad_id
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        for _ in range(self._batch_size):
+            try:
+                rows.append(next(self._parent))
+            except StopIteration:
+                if not rows:
+                    raise
+                break
+        if len(rows) < self._batch_size:  # end of a finite stream: empty rows keep the shapes static
+            rows += [self._empty_row(rows[0])] * (self._batch_size - len(rows))
+        order = balance_rows([int((r["pixel_values_segment_ids"] > 0).sum()) for r in rows], self._n_devices)
+        rows = [rows[i] for i in order]
+        stack = lambda key, dtype: np.stack([r[key] for r in rows]).astype(dtype, copy=False)
+        segment_ids = stack("input_ids_segment_ids", np.int32)
+        return {
+            "input_ids": np.where(segment_ids > 0, stack("input_ids", np.int32), np.int32(self._pad_id)),
+            "segment_ids": segment_ids,
+            "positions": stack("input_ids_positions", np.int32),
+            "loss_mask": stack("loss_mask", np.int32),
+            "pixel_values": stack("pixel_values", np.float32),
+            "tile_mask": stack("pixel_values_segment_ids", np.int32) > 0,
+        }
+
+    @staticmethod
+    def _empty_row(like: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: np.zeros_like(v) for k, v in like.items() if isinstance(v, np.ndarray)}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+class VisualBatchIterDataset(grain.IterDataset):
+    """Packed rows -> batches of exactly `batch_size` rows, tile-balanced over `n_devices` (module docstring).
+
+    Each batch is built from the next `batch_size` rows only, so the iterator state is just the parent's."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, n_devices: int = 1, pad_id: int = 0):
+        super().__init__(parent)
+        if batch_size < 1 or n_devices < 1 or batch_size % n_devices:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of devices "
+                             f"({n_devices}) that share it")
+        self._batch_size, self._n_devices, self._pad_id = batch_size, n_devices, pad_id
+
+    def __iter__(self) -> _VisualBatchIterator:
+        return _VisualBatchIterator(self._parent.__iter__(), self._batch_size, self._n_devices, self._pad_id)

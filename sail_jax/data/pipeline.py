@@ -1,0 +1,191 @@
+"""The training input pipeline on Grain: sources -> per-sample transform -> mixture -> workers -> skip accounting
+-> stream packing -> visual packing -> batches.
+
+    per dataset: MapDataset.source(JSONL | ArrayRecord).shuffle(seed).repeat(epochs)[process::processes]
+                 .map(SampleTransform).to_iter_dataset()
+    IterDataset.mix(datasets, weights)            dataset-level resampling by weight, deterministic
+    .mp_prefetch(num_workers)                     image decoding, tiling, tokenization in worker processes
+    SkipBadSamplesIterDataset                     counts/logs/filters skip markers in the main process
+    Grain BestFitPackIterDataset                  rows of seq_len tokens and max_tiles tiles (packing.pack_rows)
+    VisualBatchIterDataset                        batch_size rows, tile-balanced over the local devices
+    ThreadPrefetchIterDataset                     a few batches ahead, in a thread
+
+Each step yields the process-local part of the global batch: input_ids, segment_ids, positions, loss_mask [B,T]
+int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask [B,max_tiles] bool. The iterator is a Grain
+`DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
+apply to records as read, i.e. before bad samples are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from sail_jax.config import PAD_TOKEN_ID
+from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
+from sail_jax.data.sources import open_source
+from sail_jax.data.transforms import SampleTransform
+
+
+def default_num_workers() -> int:
+    """2 worker processes on hosts with spare cores; none where the trainer would have to share one or two cores
+    (spawning workers there costs more than it gives; measured in benchmarks/packing.py)."""
+    return 2 if (os.cpu_count() or 1) >= 4 else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One component of the mixture. `image_root` defaults to the data file's directory."""
+
+    path: str
+    weight: float = 1.0
+    image_root: str | None = None
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Everything the pipeline needs.
+
+    Rows: `seq_len` tokens and `max_tiles` tile slots each; `batch_size` rows per step in this process, tile-
+    balanced over `num_devices` (the devices this process feeds). Samples: images tiled with up to `max_num` tiles
+    (+ thumbnail) at `image_size` pixels (None: the tokenizer dir's preprocessor_config.json, 448), `over_long`
+    "drop" | "truncate", `conditional_loss` for Think-Fusion SFT, `system_prompt` (None: the SAIL-VL2 default,
+    "": none). Packing: `packer` "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch
+    with `seed`; `num_epochs` None repeats forever, else the mixture stops when its first dataset runs out.
+    Throughput: `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` /
+    `read_buffer_size` per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped
+    fraction exceeds `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
+    """
+
+    datasets: tuple[DatasetSpec, ...]
+    tokenizer_dir: str
+    seq_len: int = 4096
+    batch_size: int = 8
+    max_tiles: int = 16
+    max_num: int = 12
+    image_size: int | None = None
+    over_long: str = "drop"
+    conditional_loss: bool = False
+    system_prompt: str | None = None
+    packer: str = "best_fit"
+    num_packing_bins: int = 32
+    num_devices: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    num_workers: int = dataclasses.field(default_factory=default_num_workers)
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    read_buffer_size: int = 16
+    prefetch_batches: int = 2
+    max_skip_fraction: float = 0.05
+    min_samples_for_skip_check: int = 100
+
+    def __post_init__(self):
+        object.__setattr__(self, "datasets", tuple(
+            d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.datasets))
+        if not self.datasets:
+            raise ValueError("DataConfig.datasets is empty")
+        keys = [d.key for d in self.datasets]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"dataset names must be unique, got {keys}; set DatasetSpec.name")
+        for d in self.datasets:
+            if not d.weight > 0:
+                raise ValueError(f"dataset {d.path}: weight must be > 0, got {d.weight}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+def _component(cfg: DataConfig, index: int, process_index: int, process_count: int) -> grain.IterDataset:
+    spec = cfg.datasets[index]
+    source = open_source(spec.path)
+    if len(source) == 0:
+        raise ValueError(f"dataset {spec.path} has no records")
+    ds = grain.MapDataset.source(source)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0]))
+    ds = ds.repeat(cfg.num_epochs)[process_index::process_count]
+    transform = SampleTransform(
+        tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or Path(spec.path).parent),
+        dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
+        image_size=cfg.image_size, over_long=cfg.over_long, conditional_loss=cfg.conditional_loss,
+        system_prompt=cfg.system_prompt,
+    )
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
+    return ds.map(transform).to_iter_dataset(read)
+
+
+def sample_dataset(cfg: DataConfig, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.IterDataset:
+    """The mixed, worker-prefetched stream of transformed samples (incl. skip markers) of this process."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    parts = {d.key: _component(cfg, i, process_index, process_count) for i, d in enumerate(cfg.datasets)}
+    if len(parts) == 1:
+        ds = next(iter(parts.values()))
+    else:
+        ds = grain.IterDataset.mix(parts, {d.key: d.weight for d in cfg.datasets})
+    if cfg.num_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; our CLI does not parse them
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+    return ds
+
+
+def build_dataset(cfg: DataConfig, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+    """The batch dataset of this process (module docstring); `iter()` it for a checkpointable iterator.
+
+    `process_index`/`process_count` default to jax's; `cfg.num_devices` (the devices this process feeds) to
+    `jax.local_device_count()` when it divides the batch, else 1 (no tile balancing)."""
+    n_devices = cfg.num_devices
+    if n_devices is None:
+        import jax
+
+        local = jax.local_device_count()
+        n_devices = local if cfg.batch_size % local == 0 else 1
+    ds = sample_dataset(cfg, process_index, process_count)
+    ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
+                                   cfg.min_samples_for_skip_check)
+    ds = pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
+    ds = VisualBatchIterDataset(ds, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+    if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
+    return ds
+
+
+def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+    """Assemble the global batch from every process's local part: `jax.make_array_from_process_local_data`.
+
+    `sharding` is a `jax.sharding.Sharding` for every array, or a Mesh, for which each array's leading (batch)
+    axis goes over the data-parallel axes by the model's `activation_batch` rule (`sharding.batch_sharding`)."""
+    import jax
+
+    from sail_jax.sharding import batch_sharding
+
+    out = {}
+    for key, local in batch.items():
+        if isinstance(sharding, jax.sharding.Mesh):
+            global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+            s = batch_sharding(sharding, global_shape)
+        else:
+            s = sharding
+        out[key] = jax.make_array_from_process_local_data(s, local)
+    return out
+

@@ -1,0 +1,181 @@
+"""Random-access record sources for LLaVA-style conversation data (JSONL or ArrayRecord) and the record parser.
+
+A record is one JSON object: `{"id", "image": path | [paths] (optional), "conversations": [{"from": "human" |
+"gpt" | "system", "value": str}, ...]}`; image paths are relative to an image root (by default the data file's
+directory). Sources return the raw bytes plus a `where` string ("file:line" or "file:record N"), and parsing happens
+in the per-sample transform, so a malformed line becomes a counted, located skip instead of a crash at start-up.
+
+Both sources implement Grain's random-access protocol (`__len__`, `__getitem__`) and pickle cheaply into worker
+processes: the JSONL source keeps only its line-offset index and opens the file lazily in each process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadSample(ValueError):
+    """A record that cannot become a training sample; `reason` is the counter it is skipped under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One undecoded record and where it came from."""
+
+    data: bytes
+    where: str
+
+
+class JsonlSource:
+    """Lines of a JSONL file by index (blank lines are not records). Line numbers (1-based) are kept for messages."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        starts, ends, lines = [], [], []
+        with open(self.path, "rb") as f:  # one streaming pass: offsets only, never the whole file in memory
+            pos = 0
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    starts.append(pos)
+                    ends.append(pos + len(line))
+                    lines.append(number)
+                pos += len(line)
+        self._starts, self._ends = np.array(starts, np.int64), np.array(ends, np.int64)
+        self._lines = np.array(lines, np.int64)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> RawRecord:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        start, end = int(self._starts[index]), int(self._ends[index])
+        # pread is positional, so the read threads of one process can share the descriptor.
+        return RawRecord(os.pread(self._fd, end - start, start), f"{self.path}:{int(self._lines[index])}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fd"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({str(self.path)!r}, {len(self)} records)"
+
+
+class ArrayRecordSource:
+    """Records of an ArrayRecord file (one JSON object each, as written by `jsonl_to_arrayrecord`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import grain
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        self._source = grain.sources.ArrayRecordDataSource([str(self.path)])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> RawRecord:
+        return RawRecord(self._source[index], f"{self.path}:record {index + 1}")
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({str(self.path)!r}, {len(self)} records)"
+
+
+def open_source(path: str | os.PathLike) -> JsonlSource | ArrayRecordSource:
+    """The source for a data file, by extension: `.jsonl` (or `.json`) or `.arrayrecord`/`.array_record`."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return JsonlSource(path)
+    if suffix in (".arrayrecord", ".array_record"):
+        return ArrayRecordSource(path)
+    raise ValueError(f"unknown data file type {suffix!r} for {path}: expected .jsonl or .arrayrecord")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A parsed record: messages in the processor's form (roles system/user/assistant) and absolute image paths."""
+
+    messages: list[dict[str, str]]
+    images: list[Path]
+    id: str | None = None
+
+
+def parse_record(data: bytes, image_root: str | os.PathLike) -> Conversation:
+    """Decode and validate one LLaVA-style record; every problem is a `BadSample("malformed", ...)`."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadSample("malformed", f"not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise BadSample("malformed", f"expected a JSON object, got {type(obj).__name__}")
+    turns = obj.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSample("malformed", "missing or empty 'conversations' list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise BadSample("malformed", f"conversations[{i}] must be an object with a string 'value'")
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise BadSample("malformed", f"conversations[{i}] has unknown role {turn.get('from')!r}")
+        if role == "system" and i != 0:
+            raise BadSample("malformed", f"conversations[{i}]: a system message may only come first")
+        messages.append({"role": role, "content": turn["value"]})
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        raise BadSample("malformed", "no assistant ('gpt') response to train on")
+    image = obj.get("image", [])
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise BadSample("malformed", "'image' must be a path or a list of paths")
+    root = Path(image_root)
+    record_id = obj.get("id")
+    return Conversation(messages, [root / p for p in paths], None if record_id is None else str(record_id))
+
+
+def jsonl_to_arrayrecord(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Copy the non-blank lines of a JSONL file into an ArrayRecord file, one record each (byte for byte, so
+    malformed lines still surface, located, when the data is read). Returns the record count."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    source = JsonlSource(src)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    # group_size:1 keeps every record individually addressable: cheap random access for global shuffling.
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    try:
+        for i in range(len(source)):
+            writer.write(source[i].data.rstrip(b"\r\n"))
+    finally:
+        writer.close()
+    os.replace(tmp, dst)
+    return len(source)

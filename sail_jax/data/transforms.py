@@ -1,0 +1,172 @@
+"""Per-sample transform: raw record -> tokenized, tiled, loss-masked sample (or a located skip marker).
+
+Output of a good sample (what the packer consumes):
+  input_ids [N] int32, loss_mask [N] int32 (1 = the token is a prediction target), pixel_values [n_tiles,3,S,S]
+  float32 (the sample's tiles in image order), info {dataset, where, tokens, tiles, truncated, cot}.
+A bad one becomes {"skip": reason, "dataset", "where", "error"}; the main process counts, logs and filters it
+(`packing.SkipBadSamplesIterDataset`), so counts stay exact with worker processes.
+
+Loss masks (reference §9.4):
+  * default: every assistant-response token, incl. `<think>…</think>` and the closing `<|im_end|>`; never system,
+    user or image tokens, nor the `<|im_start|>assistant\\n` header (the processor's mask).
+  * `conditional_loss` (Think-Fusion SFT): an assistant response is CoT when it holds a `<think>…</think>` block
+    with non-blank content; CoT responses keep the whole mask (thought + answer). A direct response keeps only the
+    answer: an empty `<think></think>` scaffold and the whitespace after it are masked out. A sample is CoT when any
+    of its responses is (`info["cot"]`, for statistics).
+
+Images share the row's tile budget: with n images each is tiled with max_num = min(max_num, max_tiles // n - 1)
+(so tiles + thumbnail fit), or 1 tile each when that budget is below 3. Over-long samples (more than `seq_len`
+tokens or `max_tiles` tiles) are dropped, or with `over_long="truncate"` cut to the longest prefix that fits,
+cutting only before an image (its tiles go with it); a truncation that leaves no target token is a drop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from sail_jax.config import IMG_END_TOKEN_ID, IMG_START_TOKEN_ID
+from sail_jax.data import chat
+from sail_jax.data.images import load_image
+from sail_jax.data.processor import SailProcessor
+from sail_jax.data.sources import BadSample, RawRecord, parse_record
+
+OVER_LONG_POLICIES = ("drop", "truncate")
+SKIP_REASONS = ("malformed", "missing_image", "bad_image", "image_mismatch", "too_long")
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(tokenizer_dir: str, max_num: int, image_size: int | None) -> SailProcessor:
+    """One processor per process and setting (the tokenizer takes seconds to build; workers build their own)."""
+    return SailProcessor.from_dir(tokenizer_dir, max_num=max_num, image_size=image_size, msac=False)
+
+
+def per_image_max_num(max_num: int, n_images: int, max_tiles: int) -> int:
+    """Tiles per image (before the thumbnail) so that n images fit the row's tile budget where possible."""
+    budget = max_tiles // max(n_images, 1)
+    return min(max_num, budget - 1) if budget >= 3 else 1
+
+
+def conditional_loss_mask(
+    input_ids: np.ndarray, loss_mask: np.ndarray, think_ids: tuple[int, int], is_blank: Callable[[np.ndarray], bool]
+) -> tuple[np.ndarray, bool]:
+    """Think-Fusion mask (module docstring) from the default mask: returns (mask, whether any response is CoT).
+
+    Responses are the maximal runs of the default mask; `is_blank(ids)` says whether ids decode to whitespace."""
+    mask = loss_mask.copy()
+    start_id, end_id = think_ids
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], loss_mask.astype(np.int8), [0]])))
+    cot = False
+    for lo, hi in zip(edges[::2], edges[1::2]):
+        run = input_ids[lo:hi]
+        opens, closes = np.flatnonzero(run == start_id), np.flatnonzero(run == end_id)
+        if not len(opens) or not len(closes) or closes[0] < opens[0]:
+            continue
+        a, b = int(opens[0]), int(closes[0])
+        if not is_blank(run[a + 1 : b]):
+            cot = True
+            continue
+        b += 1
+        while b < len(run) - 1 and is_blank(run[b : b + 1]):  # never the closing <|im_end|>
+            b += 1
+        mask[lo + a : lo + b] = 0
+    return mask, cot
+
+
+def truncation_point(input_ids: np.ndarray, num_tiles: Sequence[int], seq_len: int, max_tiles: int) -> tuple[int, int]:
+    """(tokens, images) of the longest prefix with <= seq_len tokens and <= max_tiles tiles, cut before an image."""
+    starts = np.flatnonzero(input_ids == IMG_START_TOKEN_ID)
+    ends = np.flatnonzero(input_ids == IMG_END_TOKEN_ID)
+    tiles = 0
+    for k, n in enumerate(num_tiles):
+        tiles += n
+        if ends[k] >= seq_len or tiles > max_tiles:
+            return int(starts[k]), k
+    return min(len(input_ids), seq_len), len(num_tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleTransform(grain.transforms.Map):
+    """Raw record -> sample dict or skip marker. Picklable: the processor is rebuilt lazily in each process."""
+
+    tokenizer_dir: str
+    image_root: str
+    dataset: int
+    seq_len: int
+    max_tiles: int
+    max_num: int = 12
+    image_size: int | None = None
+    over_long: str = "drop"
+    conditional_loss: bool = False
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.over_long not in OVER_LONG_POLICIES:
+            raise ValueError(f"over_long={self.over_long!r}; expected one of {OVER_LONG_POLICIES}")
+        if self.seq_len < 1 or self.max_tiles < 1 or self.max_num < 1:
+            raise ValueError(f"seq_len, max_tiles and max_num must be >= 1, got {self.seq_len}, {self.max_tiles}, "
+                             f"{self.max_num}")
+
+    @property
+    def processor(self) -> SailProcessor:
+        return _processor(self.tokenizer_dir, self.max_num, self.image_size)
+
+    def map(self, record: RawRecord) -> dict[str, Any]:
+        try:
+            return self.encode(record)
+        except BadSample as e:
+            return {"skip": e.reason, "dataset": self.dataset, "where": record.where, "error": str(e)}
+
+    def encode(self, record: RawRecord) -> dict[str, Any]:
+        conv = parse_record(record.data, self.image_root)
+        texts = [m["content"] for m in conv.messages]
+        markers = sum(t.count(chat.IMAGE_PLACEHOLDER) for t in texts)
+        # With no marker at all the processor puts `<image>\n` per image before the first user turn (model.chat).
+        if (markers or not conv.images) and markers != len(conv.images):
+            raise BadSample("image_mismatch", f"{markers} {chat.IMAGE_PLACEHOLDER} marker(s) for "
+                                              f"{len(conv.images)} image(s)")
+        images = [self._load(p) for p in conv.images]
+        proc = self.processor
+        max_num = per_image_max_num(self.max_num, len(images), self.max_tiles)
+        if max_num != proc.max_num:
+            proc = dataclasses.replace(proc, max_num=max_num)
+        try:
+            enc = proc.encode_conversation(conv.messages, images, system=self.system_prompt)
+        except ValueError as e:  # roles and markers are checked above: what is left is tiling a bad image
+            raise BadSample("bad_image", str(e)) from e
+        ids, mask = enc["input_ids"], enc["loss_mask"].astype(np.int32)
+        tok = proc.tokenizer
+        think_ids = (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+        is_blank = lambda t: not tok.decode(t.tolist(), skip_special_tokens=False).strip()
+        cond_mask, cot = conditional_loss_mask(ids, mask, think_ids, is_blank)
+        if self.conditional_loss:
+            mask = cond_mask
+        pixels, num_tiles = enc["pixel_values"], enc["num_patches_list"].tolist()
+        truncated = len(ids) > self.seq_len or len(pixels) > self.max_tiles
+        if truncated:
+            what = f"{len(ids)} tokens, {len(pixels)} tiles (limits {self.seq_len}, {self.max_tiles})"
+            if self.over_long == "drop":
+                raise BadSample("too_long", what)
+            n_tok, n_img = truncation_point(ids, num_tiles, self.seq_len, self.max_tiles)
+            ids, mask, pixels = ids[:n_tok], mask[:n_tok], pixels[: sum(num_tiles[:n_img])]
+            if not mask.any():
+                raise BadSample("too_long", f"{what}; no target token left after truncation")
+        info = {"dataset": self.dataset, "where": record.where, "tokens": len(ids), "tiles": len(pixels),
+                "truncated": truncated, "cot": cot}
+        return {"input_ids": ids, "loss_mask": mask, "pixel_values": pixels, "info": info}
+
+    @staticmethod
+    def _load(path: Path) -> Image.Image:
+        try:
+            return load_image(path)
+        except FileNotFoundError as e:
+            raise BadSample("missing_image", str(e)) from e
+        except ValueError as e:
+            raise BadSample("bad_image", str(e)) from e
