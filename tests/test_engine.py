@@ -18,7 +18,7 @@ from converters.load import load_checkpoint
 from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.data.chat import vlmevalkit_prompt
 from sail_jax.data.processor import SailProcessor
-from sail_jax.inference.engine import Engine, Request, bucket
+from sail_jax.inference.engine import Engine, Request, bucket, shard_params
 from sail_jax.inference.greedy import greedy_full_recompute
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
@@ -240,6 +240,15 @@ def test_tensor_parallel_generation_equals_single_device(text_lm):
     for a, b in zip(got, greedy):
         assert a.token_ids == b.token_ids
         assert np.abs(a.step_logits - b.step_logits).max() <= 1e-4
+
+
+def test_vision_language_params_shard_on_a_mesh(vl):
+    """Every SailVL parameter has a valid logical sharding (the ViT patch kernel once repeated an axis name)."""
+    model, params, _, _ = vl
+    sharded = shard_params(model, params, make_mesh(tensor=2))
+    emb = sharded["params"]["language_model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec[0] == "tensor" and len(emb.sharding.device_set) == 2
+    assert sharded["params"]["vision_model"]["patch_proj"]["kernel"].shape == (14, 14, 3, 64)
 
 
 def test_moe_engine_equals_full_recompute():
