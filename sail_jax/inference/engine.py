@@ -46,7 +46,8 @@ _KV_AXES = (None, "activation_batch", "activation_length", "activation_kv_heads"
 class Request:
     """One prompt: token ids [N] (with `<IMG_CONTEXT>` runs already expanded) and its tiles [T,3,H,W] or None.
 
-    `seed` fixes this row's sampling noise; without it the row uses its index in the `generate` call.
+    Sampling noise: the row's key is `fold_in(key(SamplingParams.seed), seed)`, where `seed` defaults to the row's
+    index in the `generate` call; give it to make a row's samples independent of the batch it runs in.
     """
 
     input_ids: np.ndarray
@@ -264,7 +265,7 @@ class Engine:
             mask[i, plen - lengths[i]:] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         seeds = [r.seed if r.seed is not None else i for i, r in enumerate(requests)] + [0] * (batch - n)
-        static = {"kind": sampling.kernel(), "with_logits": return_logits}
+        static = {"kind": sampling.kind(), "with_logits": return_logits}
         # stop ids are data (only their count is compiled in); -1 pads an empty list and matches no token
         stop_ids = np.asarray(sampling.stop_token_ids or (-1,), np.int32)
         dyn = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), stop_ids)
@@ -292,8 +293,8 @@ class Engine:
 
         with self._mesh_scope():
             feats, feat_mask = self._image_features(requests) if self.is_vl else (None, None)
-            base = jax.random.fold_in(jax.random.key(sampling.seed), 0)
-            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(seeds, jnp.uint32))
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed),
+                                                                    jnp.asarray(seeds, jnp.uint32))
             state, tok, logits = self._p.prefill(
                 self.params, ids, mask, positions, feats, feat_mask, keys, *dyn, cache_len=cache_len, **static)
             collect(np.asarray(tok)[:, None], None if logits is None else np.asarray(logits)[:, None])

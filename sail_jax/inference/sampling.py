@@ -44,7 +44,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def kernel(self) -> SamplerKind:
+    def kind(self) -> SamplerKind:
         """The static part (what gets compiled); temperature and top_p values are passed as data."""
         if self.greedy:
             return SamplerKind(greedy=True, top_k=0, top_p=False)
