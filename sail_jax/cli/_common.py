@@ -1,0 +1,70 @@
+"""Options and loading shared by the `generate`, `chat` and `eval` commands (not a command itself)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from sail_jax.inference.sampling import SamplingParams
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="SAIL-VL2 checkpoint directory (upstream layout or ours)")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory with vocab.json/merges.txt/preprocessor_config.json (default: --checkpoint)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter/compute dtype")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard parameters and the KV cache over N devices (mesh axis 'tensor')")
+    p.add_argument("--decode-steps", type=int, default=8, metavar="K",
+                   help="tokens per device call (streaming granularity)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sampling_from_args(args: argparse.Namespace, max_new_tokens: int | None = None) -> SamplingParams:
+    """Greedy unless a positive --temperature is given; filters without sampling are an error, not a no-op."""
+    if args.greedy and args.temperature:
+        raise ValueError("--greedy and --temperature are exclusive")
+    temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
+    if temperature == 0 and (args.top_k or args.top_p < 1):
+        raise ValueError("--top-k / --top-p only apply when sampling: give --temperature > 0")
+    return SamplingParams(max_new_tokens=max_new_tokens or args.max_new_tokens, temperature=temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def load_engine(args: argparse.Namespace):
+    """(Engine, SailProcessor) for the checkpoint and tokenizer options."""
+    from converters.load import load_checkpoint
+    from sail_jax.config import RuntimeConfig
+    from sail_jax.data.processor import SailProcessor
+    from sail_jax.inference.engine import Engine
+    from sail_jax.models.sail_vl import SailVL
+    from sail_jax.sharding import make_mesh
+
+    processor = SailProcessor.from_dir(args.tokenizer or args.checkpoint)
+    cfg, params = load_checkpoint(args.checkpoint, RuntimeConfig(dtype=args.dtype, param_dtype=args.dtype))
+    mesh = make_mesh(tensor=args.tensor_parallel) if args.tensor_parallel > 1 else None
+    return Engine(SailVL(cfg), params, mesh=mesh, decode_steps=args.decode_steps), processor
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write beside `path` and rename over it: an interrupted run never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,98 @@
+"""`sail-jax generate`: one prompt (text + images) or a JSONL batch through the KV-cache engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args, write_text_atomic
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate answers with the KV-cache engine (one prompt or a JSONL batch)")
+    add_model_args(p)
+    add_sampling_args(p, max_new_tokens=1024)
+    p.add_argument("--image", action="append", default=[], help="image file, repeatable (attached in order)")
+    p.add_argument("--prompt", help="the user text (one-prompt mode)")
+    p.add_argument("--thinking", action="store_true", help="append the thinking-mode instruction to the prompt")
+    p.add_argument("--print-ids", action="store_true", help="also print the new token ids as a JSON list")
+    p.add_argument("--batch", metavar="REQUESTS.jsonl",
+                   help='batch mode: lines {"id", "prompt", "images": [paths relative to the file]}')
+    p.add_argument("--out", metavar="ANSWERS.jsonl", help='batch mode output: lines {"id", "text", "token_ids"}')
+    p.add_argument("--batch-size", type=int, default=8, help="requests generated together in batch mode")
+    p.set_defaults(func=run)
+
+
+def read_requests(path: Path) -> list[dict]:
+    """Validated request lines; errors name the file, line and key."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such requests file")
+    requests = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path} line {n}: expected a JSON object")
+        for key in ("id", "prompt"):
+            if key not in r:
+                raise ValueError(f"{path} line {n}: missing key {key!r}")
+        images = r.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise ValueError(f"{path} line {n}: 'images' must be a list of file paths")
+        requests.append({"id": r["id"], "prompt": str(r["prompt"]), "line": n,
+                         "images": [str(path.parent / i) for i in images]})
+    return requests
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sail_jax.inference.engine import Request
+    from sail_jax.inference.text import decode_response
+
+    if (args.prompt is None) == (args.batch is None):
+        raise ValueError("give exactly one of --prompt and --batch")
+    if args.batch and not args.out:
+        raise ValueError("--batch needs --out")
+    if args.batch and args.image:
+        raise ValueError("--image is for --prompt; batch requests list their own images")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling = sampling_from_args(args)
+    todo = read_requests(Path(args.batch)) if args.batch else None
+    engine, processor = load_engine(args)
+
+    def encode(prompt: str, images: list[str]) -> Request:
+        enc = processor(images=images, prompt=prompt, thinking=args.thinking)
+        return Request(enc["input_ids"][0], enc["pixel_values"] if len(enc["pixel_values"]) else None)
+
+    if todo is None:
+        [out] = engine.generate([encode(args.prompt, args.image)], sampling)
+        print(decode_response(processor.tokenizer, out.token_ids))
+        if args.print_ids:
+            print(json.dumps(out.token_ids))
+        return 0
+
+    lines = []
+    with tqdm(total=len(todo), desc="generate", unit="req", file=sys.stderr) as bar:
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start:start + args.batch_size]
+            requests = []
+            for r in chunk:
+                try:
+                    requests.append(encode(r["prompt"], r["images"]))
+                except (FileNotFoundError, ValueError) as e:
+                    raise ValueError(f"{args.batch} line {r['line']}: {e}") from None
+            for r, out in zip(chunk, engine.generate(requests, sampling)):
+                text = decode_response(processor.tokenizer, out.token_ids)
+                lines.append(json.dumps({"id": r["id"], "text": text, "token_ids": out.token_ids}, ensure_ascii=False))
+            bar.update(len(chunk))
+    write_text_atomic(args.out, "".join(line + "\n" for line in lines))
+    print(f"wrote {len(lines)} answers to {args.out}", file=sys.stderr)
+    return 0

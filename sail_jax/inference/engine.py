@@ -1,0 +1,312 @@
+"""KV-cache generation engine: batched prefill (text + images), then jitted multi-step decode calls.
+
+Layout. A batch of B requests is left-padded to one prompt length P: row i's n_i tokens sit in slots [P-n_i, P),
+pad slots carry segment id 0 (never attended) and RoPE positions are `cumsum(mask) - 1`, so every row's last prompt
+token is at slot P-1 and all rows advance through the cache together. The cache (`models.qwen3.init_cache`:
+k/v [L,B,S,Hkv,hd], segment ids [B,S], a shared write index) has S >= P + decode slots. Image tiles of all rows are
+concatenated in row order; the k-th `<IMG_CONTEXT>` token of the batch (row-major) takes the k-th feature, exactly
+as `SailVL.embed` does.
+
+Static shapes. P and S are rounded up by `bucket` (four sizes per octave, at most 25 % padding for long prompts),
+the batch to a power of two (extra rows are empty), tiles to a multiple of `tile_chunk` (the ViT always runs on one
+chunk shape), and each decode call runs `decode_steps` tokens in a `lax.scan`; sampling settings other than the
+filter kind (temperature, top-p value, stop ids) are data. So a serving process compiles a handful of programs,
+shared by all engines on an equal model. The decode call donates its state (cache included), which XLA then
+updates in place.
+
+Sharding. With a mesh, parameters are placed by the logical rules and the cache is constrained to batch over the
+data axes and kv heads over `tensor` (dimensions a mesh axis does not divide stay replicated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sail_jax.config import PAD_TOKEN_ID
+from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample, step_keys
+from sail_jax.layers.common import as_dtype
+from sail_jax.models.qwen3 import Qwen3ForCausalLM, init_cache
+from sail_jax.models.sail_vl import SailVL, scatter_image_features
+from sail_jax.sharding import logical_to_sharding, tree_shardings, use_mesh
+
+TokenCallback = Callable[[int, list[int]], None]
+_KV_AXES = (None, "activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt: token ids [N] (with `<IMG_CONTEXT>` runs already expanded) and its tiles [T,3,H,W] or None.
+
+    Sampling noise: the row's key is `fold_in(key(SamplingParams.seed), seed)`, where `seed` defaults to the row's
+    index in the `generate` call; give it to make a row's samples independent of the batch it runs in.
+    """
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """New token ids only (a final stop token included, as HF generate), why generation ended ("stop" or
+    "length"), and the float32 logits of each step [steps, V] when asked for."""
+
+    token_ids: list[int]
+    finish_reason: str
+    step_logits: np.ndarray | None = None
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round `n` up to a multiple of max(minimum, 2^(floor(log2 n) - 2)): four sizes per power of two, at most 25 %
+    padding once n >= 8 * minimum (below that, less than `minimum` slots)."""
+    n = max(int(n), minimum)
+    granularity = max(minimum, 1 << max(n.bit_length() - 3, 0))
+    return -(-n // granularity) * granularity
+
+
+def _language_model(module: nn.Module) -> Qwen3ForCausalLM:
+    return module.language_model if isinstance(module, SailVL) else module
+
+
+def _call_lm(module: nn.Module, **kwargs: Any):
+    return _language_model(module)(**kwargs)
+
+
+def _embed(module: nn.Module, ids: jax.Array) -> jax.Array:
+    return _language_model(module).embed(ids)
+
+
+def _logits(module: nn.Module, hidden: jax.Array) -> jax.Array:
+    return _language_model(module).logits(hidden)
+
+
+def shard_params(model: SailVL | Qwen3ForCausalLM, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Place `params` ({"params": ...}, unboxed) on `mesh` by the logical axis rules."""
+    if isinstance(model, SailVL):
+        from sail_jax.params import abstract_model_params
+
+        boxed = abstract_model_params(model.cfg)
+    else:
+        ids = jnp.zeros((1, 8), jnp.int32)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    return jax.device_put(params, tree_shardings(boxed, mesh))
+
+
+class _Programs:
+    """The jitted device programs for one (model, cache dtype, mesh, pad id); shared by every engine on an equal
+    model, so a new `Engine` (a new CLI call in one process, a test) reuses what was compiled."""
+
+    def __init__(self, model: SailVL | Qwen3ForCausalLM, cache_dtype: Any, mesh: jax.sharding.Mesh | None,
+                 pad_token_id: int):
+        self.model, self.cache_dtype, self.mesh, self.pad_token_id = model, cache_dtype, mesh, pad_token_id
+        self.llm_cfg = model.cfg.llm if isinstance(model, SailVL) else model.cfg
+        self.prefill = jax.jit(self.prefill, static_argnames=("cache_len", "kind", "with_logits"))
+        self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits"),
+                              donate_argnames=("state",))
+        self.features = jax.jit(lambda p, x: model.apply(p, x, method=SailVL.extract_feature))
+
+    def _constrain_cache(self, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return cache
+        kv = logical_to_sharding(_KV_AXES, cache["k"].shape, self.mesh)
+        seg = logical_to_sharding(("activation_batch", None), cache["segment_ids"].shape, self.mesh)
+        wsc = jax.lax.with_sharding_constraint
+        return {"k": wsc(cache["k"], kv), "v": wsc(cache["v"], kv), "segment_ids": wsc(cache["segment_ids"], seg),
+                "index": cache["index"]}
+
+    def _forward(self, params, embeds, positions, segment_ids, cache):
+        """Run the LLM on `embeds` against `cache`; returns float32 logits of the last column and the new cache."""
+        out = self.model.apply(params, inputs_embeds=embeds, positions=positions, segment_ids=segment_ids,
+                               cache=cache, return_hidden=True, method=_call_lm)
+        logits = self.model.apply(params, out.hidden[:, -1], method=_logits).astype(jnp.float32)
+        return logits, self._constrain_cache(out.cache)
+
+    def prefill(self, params, ids, segment_ids, positions, features, feature_mask, keys, temperature, top_p, stop_ids,
+                *, cache_len: int, kind: SamplerKind, with_logits: bool):
+        embeds = self.model.apply(params, ids, method=_embed)
+        if features is not None:
+            embeds = scatter_image_features(embeds, ids, features, feature_mask, self.model.cfg.img_context_token_id)
+        cache = self._constrain_cache(init_cache(self.llm_cfg, ids.shape[0], cache_len, self.cache_dtype))
+        logits, cache = self._forward(params, embeds, positions, segment_ids, cache)
+        tok = sample(logits, step_keys(keys, jnp.int32(0)), kind, temperature, top_p)
+        state = {"cache": cache, "tok": tok, "pos": positions[:, -1] + 1, "done": jnp.isin(tok, stop_ids),
+                 "keys": keys, "step": jnp.ones((), jnp.int32)}
+        return state, tok, (logits if with_logits else None)
+
+    def decode(self, params, state, temperature, top_p, stop_ids,
+               *, n_steps: int, kind: SamplerKind, with_logits: bool):
+        ones = jnp.ones((state["tok"].shape[0], 1), jnp.int32)
+
+        def step(st, _):
+            embeds = self.model.apply(params, st["tok"][:, None], method=_embed)
+            logits, cache = self._forward(params, embeds, st["pos"][:, None], ones, st["cache"])
+            tok = sample(logits, step_keys(st["keys"], st["step"]), kind, temperature, top_p)
+            tok = jnp.where(st["done"], self.pad_token_id, tok)
+            new = {"cache": cache, "tok": tok, "pos": st["pos"] + 1,
+                   "done": st["done"] | jnp.isin(tok, stop_ids), "keys": st["keys"],
+                   "step": st["step"] + 1}
+            return new, (tok, logits if with_logits else None)
+
+        state, (toks, logits) = jax.lax.scan(step, state, None, length=n_steps)
+        return state, toks.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(model: SailVL | Qwen3ForCausalLM, cache_dtype: Any, mesh: jax.sharding.Mesh | None,
+              pad_token_id: int) -> _Programs:
+    return _Programs(model, cache_dtype, mesh, pad_token_id)
+
+
+class Engine:
+    """Generation for a `SailVL` (text and images) or a bare `Qwen3ForCausalLM` (text), dense or MoE.
+
+    `decode_steps` tokens are produced per device call (the streaming granularity and the early-stop check);
+    `cache_dtype` defaults to the runtime's compute dtype; `pad_token_id` (filler of pad slots, default
+    `<|endoftext|>`, or 0 for a vocabulary without it) must be a real row of the embedding: a NaN pad embedding
+    would leak through the zero attention weights (0 * NaN).
+    """
+
+    def __init__(
+        self,
+        model: SailVL | Qwen3ForCausalLM,
+        params: Any,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        cache_dtype: str | None = None,
+        decode_steps: int = 8,
+        tile_chunk: int = 4,
+        pad_token_id: int | None = None,
+    ):
+        if decode_steps < 1 or tile_chunk < 1:
+            raise ValueError(f"decode_steps and tile_chunk must be >= 1, got {decode_steps}, {tile_chunk}")
+        self.model = model
+        self.is_vl = isinstance(model, SailVL)
+        runtime = model.cfg.runtime if self.is_vl else model.rt
+        vocab = (model.cfg.llm if self.is_vl else model.cfg).vocab_size
+        if pad_token_id is None:  # pad slots are never attended, but their embedding must exist (no NaN rows)
+            pad_token_id = PAD_TOKEN_ID if PAD_TOKEN_ID < vocab else 0
+        if not 0 <= pad_token_id < vocab:
+            raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary of {vocab} tokens")
+        self.mesh = mesh
+        self.params = shard_params(model, params, mesh) if mesh is not None else params
+        self.decode_steps = decode_steps
+        self.tile_chunk = tile_chunk
+        self.pad_token_id = pad_token_id
+        self._p = _programs(model, as_dtype(cache_dtype or runtime.dtype), mesh, pad_token_id)
+
+    def _mesh_scope(self) -> contextlib.AbstractContextManager:
+        return use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _image_features(self, requests: Sequence[Request]) -> tuple[jax.Array | None, np.ndarray | None]:
+        """Features [F, D] of every real tile (row order), padded to whole chunks, and the mask of real rows."""
+        tiles = [np.asarray(r.pixel_values, np.float32) for r in requests if r.pixel_values is not None
+                 and len(r.pixel_values)]
+        if not tiles:
+            return None, None
+        # Upstream's processor hands the model bfloat16 pixels; round the same way (a no-op on rounded input).
+        pix = np.concatenate(tiles).astype(jnp.bfloat16).astype(np.float32)
+        n = pix.shape[0]
+        padded = -(-n // self.tile_chunk) * self.tile_chunk
+        pix = np.concatenate([pix, np.zeros((padded - n, *pix.shape[1:]), np.float32)])
+        chunks = [self._p.features(self.params, pix[s:s + self.tile_chunk]) for s in range(0, padded, self.tile_chunk)]
+        feats = jnp.concatenate(chunks)
+        per_tile = feats.shape[1]
+        mask = np.repeat(np.arange(padded) < n, per_tile)
+        return feats.reshape(-1, feats.shape[-1]), mask
+
+    def _check(self, requests: Sequence[Request]) -> None:
+        if not requests:
+            raise ValueError("no requests to generate for")
+        for i, r in enumerate(requests):
+            ids = np.asarray(r.input_ids)
+            if ids.ndim != 1 or ids.size == 0:
+                raise ValueError(f"request {i}: input_ids must be a non-empty 1-D array, got shape {list(ids.shape)}")
+            n_tiles = 0 if r.pixel_values is None else len(r.pixel_values)
+            if n_tiles and not self.is_vl:
+                raise ValueError(f"request {i}: has pixel_values but the model is a text-only language model")
+            if self.is_vl:
+                n_ctx = int(np.sum(ids == self.model.cfg.img_context_token_id))
+                want = n_tiles * self.model.cfg.tokens_per_tile
+                if n_ctx != want:
+                    raise ValueError(f"request {i}: {n_ctx} <IMG_CONTEXT> tokens but {want} image features "
+                                     f"({n_tiles} tiles x {self.model.cfg.tokens_per_tile})")
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        sampling: SamplingParams = SamplingParams(),
+        on_tokens: TokenCallback | None = None,
+        return_logits: bool = False,
+    ) -> list[Completion]:
+        """Generate for every request at once. `on_tokens(row, new_ids)` is called as tokens arrive (after the
+        prefill and after each decode call) with the row's tokens that count (nothing after its stop token)."""
+        self._check(requests)
+        n = len(requests)
+        batch = 1 << (n - 1).bit_length()
+        lengths = [len(r.input_ids) for r in requests]
+        plen = bucket(max(lengths))
+        m = sampling.max_new_tokens
+        n_calls = -(-(m - 1) // self.decode_steps)
+        cache_len = bucket(plen + n_calls * self.decode_steps)
+
+        ids = np.full((batch, plen), self.pad_token_id, np.int32)
+        mask = np.zeros((batch, plen), np.int32)
+        for i, r in enumerate(requests):
+            ids[i, plen - lengths[i]:] = np.asarray(r.input_ids, np.int32)
+            mask[i, plen - lengths[i]:] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        seeds = [r.seed if r.seed is not None else i for i, r in enumerate(requests)] + [0] * (batch - n)
+        static = {"kind": sampling.kind(), "with_logits": return_logits}
+        # stop ids are data (only their count is compiled in); -1 pads an empty list and matches no token
+        stop_ids = np.asarray(sampling.stop_token_ids or (-1,), np.int32)
+        dyn = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), stop_ids)
+
+        out: list[list[int]] = [[] for _ in range(n)]
+        finished = [False] * n
+        logits_log: list[list[np.ndarray]] = [[] for _ in range(n)]
+
+        def collect(tokens: np.ndarray, logits: np.ndarray | None) -> None:
+            for i in range(n):
+                if finished[i]:
+                    continue
+                new = []
+                for k, t in enumerate(tokens[i][: m - len(out[i])]):
+                    new.append(int(t))
+                    if logits is not None:
+                        logits_log[i].append(logits[i, k])
+                    if int(t) in sampling.stop_token_ids:
+                        finished[i] = True
+                        break
+                out[i] += new
+                finished[i] |= len(out[i]) >= m
+                if new and on_tokens is not None:
+                    on_tokens(i, new)
+
+        with self._mesh_scope():
+            feats, feat_mask = self._image_features(requests) if self.is_vl else (None, None)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed),
+                                                                    jnp.asarray(seeds, jnp.uint32))
+            state, tok, logits = self._p.prefill(
+                self.params, ids, mask, positions, feats, feat_mask, keys, *dyn, cache_len=cache_len, **static)
+            collect(np.asarray(tok)[:, None], None if logits is None else np.asarray(logits)[:, None])
+            while not all(finished):
+                state, toks, logits = self._p.decode(self.params, state, *dyn, n_steps=self.decode_steps, **static)
+                collect(np.asarray(toks), None if logits is None else np.asarray(logits))
+        return [
+            Completion(
+                token_ids=out[i],
+                finish_reason="stop" if out[i] and out[i][-1] in sampling.stop_token_ids else "length",
+                step_logits=np.stack(logits_log[i]) if return_logits else None,
+            )
+            for i in range(n)
+        ]
+
