@@ -40,14 +40,14 @@ def softmax_step(q, k, v, mask, m_prev, l_prev, acc_prev, scale: float):
 
 
 def normalize(denom, acc, dtype):
-    """acc / denom; rows that saw no key (denom == 0) give 0."""
-    seen = denom > 0
+    """acc / denom; rows that saw no key (denom == 0) give 0. (NaN inputs stay NaN: `!=`, not `>`.)"""
+    seen = denom != 0.0
     return jnp.where(seen, acc / jnp.where(seen, denom, 1.0), 0.0).astype(dtype)
 
 
 def logsumexp(m, denom):
     """m + log(denom); -inf for rows that saw no key."""
-    seen = denom > 0
+    seen = denom != 0.0
     return jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
 
 
