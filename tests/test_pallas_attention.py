@@ -15,6 +15,7 @@ from jax.experimental.pallas.ops.gpu import attention as jax_gpu_attention
 from pallas_kernels.attention import packed_attention
 from pallas_kernels.attention.blocks import Blocks, block_meta, choose_blocks
 from pallas_kernels.attention.reference import dense_reference, reference_attention
+from tests.pallas_testing import assert_close, interpret_jit
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -48,15 +49,8 @@ def out_lse_grads(fn, q, k, v, w, wl):
         value = jnp.sum(o.astype(F32) * w.astype(F32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * wl)
         return value, (o, lse)
 
-    (_, (o, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, (o, lse)), grads = interpret_jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return o, lse, grads
-
-
-def assert_close(name, got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.isfinite(got).all(), f"{name}: non-finite values"
-    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
-    assert err <= tol, f"{name}: scaled max error {err:.3g} > {tol}"
 
 
 def check_against_reference(q, k, v, seg, w, wl, *, causal, tol, **kw):
@@ -128,8 +122,9 @@ def test_masked_blocks_are_never_read(backend, causal):
         seg[:, half:] = 2
     seg = jnp.asarray(seg)
     poisoned = lambda x: x.at[:, half:].set(jnp.nan)
-    o, _ = packed_attention(q, poisoned(k), poisoned(v), segment_ids=seg, causal=causal, backend=backend,
-                            interpret=True, block_q=block, block_k=block)
+    run = interpret_jit(lambda q, k, v: packed_attention(q, k, v, segment_ids=seg, causal=causal, backend=backend,
+                                                         interpret=True, block_q=block, block_k=block)[0])
+    o = run(q, poisoned(k), poisoned(v))
     ref, _ = reference_attention(q, k, v, segment_ids=seg, causal=causal)
     assert_close("unpoisoned half", o[:, :half], ref[:, :half], 1e-5)
     assert np.isnan(np.asarray(o[:, half:])).all()  # the poison is real, and NaN inputs are not hidden
@@ -166,9 +161,10 @@ def test_matches_jax_pallas_gpu_mha():
     seg = seg.at[:, 5:30].set(seg[:, 5:30] + 10)  # segment edges off the block grid
     sizes = jax_gpu_attention.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=16, block_q_dq=16,
                                          block_kv_dq=16)
-    theirs = jax_gpu_attention.mha(q, k, v, seg, sm_scale=64**-0.5, causal=True, block_sizes=sizes, interpret=True)
-    ours, _ = packed_attention(q, k, v, segment_ids=seg, causal=True, backend="triton", interpret=True, block_q=16,
-                               block_k=16)
+    theirs = interpret_jit(lambda q, k, v: jax_gpu_attention.mha(q, k, v, seg, sm_scale=64**-0.5, causal=True,
+                                                                 block_sizes=sizes, interpret=True))(q, k, v)
+    ours = interpret_jit(lambda q, k, v: packed_attention(q, k, v, segment_ids=seg, causal=True, backend="triton",
+                                                          interpret=True, block_q=16, block_k=16)[0])(q, k, v)
     assert_close("out vs jax mha", ours, theirs, 1e-5)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
+from tests.pallas_testing import interpret_jit
 
 CFG = LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=16, rope_theta=1e4, max_position_embeddings=512)
@@ -49,7 +50,7 @@ def _loss_and_grads(impl: str, params, ids, seg, pos):
         logits = lm.apply(p, ids, segment_ids=seg, positions=pos).logits
         return jnp.sum(logits * weights) / jnp.sum(seg > 0), logits
 
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    fn = interpret_jit(jax.value_and_grad(loss, has_aux=True))
     jaxpr = str(jax.make_jaxpr(loss)(params))
     return fn(params), jaxpr
 

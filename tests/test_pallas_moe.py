@@ -16,6 +16,7 @@ import pytest
 from pallas_kernels.moe import gmm, route, tgmm
 from pallas_kernels.moe.reference import reference_gmm, reference_route, reference_tgmm
 from pallas_kernels.moe.schedule import Tiling, choose_tiling, group_bounds, visits
+from tests.pallas_testing import assert_close, interpret_jit
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 T, E, TOP_K = 30, 8, 3
@@ -39,18 +40,12 @@ def _kernels(backend: str):
         out, vjp = jax.vjp(lambda a, b: gmm(a, b, gs, **kw), lhs, rhs)
         return out, tgmm(lhs, dout, gs, **kw), *vjp(dout)
 
-    return jax.jit(run)
+    return interpret_jit(run)
 
 
 def _reference(lhs, rhs, gs, dout):
     out, vjp = jax.vjp(lambda a, b: reference_gmm(a, b, gs), lhs, rhs)
     return out, reference_tgmm(lhs, dout, gs), *vjp(dout)
-
-
-def assert_close(name, got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
-    assert err <= tol, f"{name}: scaled max error {err:.3g} > {tol}"
 
 
 def _operands(dtype, seed=0):
@@ -78,7 +73,8 @@ def test_gmm_tgmm_and_grads_match_ragged_dot(backend, dtype):
 def test_preferred_element_type_and_drop_in_signature():
     lhs, rhs, _ = _operands(BF16, seed=1)
     gs = jnp.asarray(GROUP_SIZES["mixed-with-empty"], jnp.int32)
-    out = gmm(lhs, rhs, gs, preferred_element_type=F32, backend="triton", interpret=True, tiling=(16, 16, 32))
+    out = interpret_jit(lambda a, b: gmm(a, b, gs, preferred_element_type=F32, backend="triton", interpret=True,
+                                         tiling=(16, 16, 32)))(lhs, rhs)
     assert out.dtype == F32
     assert_close("gmm f32 out", out, reference_gmm(lhs, rhs, gs, preferred_element_type=F32), 1e-5)
 
@@ -90,7 +86,7 @@ def test_route_matches_reference(backend, norm):
     logits[3] = 0.25  # all experts tie: lowest indices win
     logits[7, 1:5] = 2.0  # a tie inside the top-k
     logits = jnp.asarray(logits)
-    got = route(logits, TOP_K, norm_topk_prob=norm, backend=backend, interpret=True)
+    got = interpret_jit(lambda x: route(x, TOP_K, norm_topk_prob=norm, backend=backend, interpret=True))(logits)
     want = reference_route(logits, TOP_K, norm_topk_prob=norm)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
     for name, g, w in zip(("expert_ids", "group_sizes", "sort_indices"), got[1:], want[1:]):
@@ -102,7 +98,8 @@ def test_route_matches_reference(backend, norm):
 def test_route_odd_sizes_and_multiple_blocks():
     """E and k not powers of two (padded experts and slots), T spanning several token blocks."""
     logits = jnp.asarray(np.random.default_rng(3).standard_normal((50, 6)), BF16)
-    got = route(logits, 3, norm_topk_prob=True, backend="triton", interpret=True, block_tokens=16)
+    got = interpret_jit(lambda x: route(x, 3, norm_topk_prob=True, backend="triton", interpret=True,
+                                        block_tokens=16))(logits)
     want = reference_route(logits, 3, norm_topk_prob=True)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
     for g, w in zip(got[1:], want[1:]):
@@ -115,7 +112,8 @@ def test_routing_then_gmm_equals_argsort_then_ragged_dot():
     logits = jnp.asarray(rng.standard_normal((T, E)), F32)
     x = jnp.asarray(rng.standard_normal((T, K)), F32)
     lhs, rhs, dout = _operands(F32, seed=5)
-    w, ids, gs, order = route(logits, TOP_K, norm_topk_prob=True, backend="triton", interpret=True)
+    w, ids, gs, order = interpret_jit(lambda x: route(x, TOP_K, norm_topk_prob=True, backend="triton",
+                                                      interpret=True))(logits)
     got = _kernels("triton")(x[order // TOP_K], rhs, gs, dout)[0]
     rw, rids, rgs, rorder = reference_route(logits, TOP_K, norm_topk_prob=True)
     want = jax.lax.ragged_dot(x[rorder // TOP_K], rhs, rgs, precision=jax.lax.Precision.HIGHEST)
