@@ -99,7 +99,8 @@ def block_meta(seg: jax.Array, blocks: Blocks, causal: bool) -> BlockMeta:
     return BlockMeta(q_min, q_max, k_min, k_max, kv_lo, kv_hi, q_lo, q_hi)
 
 
-def block_visible(q_min, q_max, k_min, k_max, i, j, bq: int, bk: int, causal: bool):
+def block_visible(q_min: jax.Array, q_max: jax.Array, k_min: jax.Array, k_max: jax.Array, i: jax.Array,
+                  j: jax.Array, bq: int, bk: int, causal: bool) -> jax.Array:
     """Whether q block i and kv block j can hold a visible (query, key) pair (works on scalars or arrays)."""
     vis = (q_min <= k_max) & (k_min <= q_max)
     if causal:

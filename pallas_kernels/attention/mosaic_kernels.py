@@ -72,7 +72,8 @@ def _to_heads(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 1, 2)
 
 
-def forward(q, k, v, seg, meta: BlockMeta, *, blocks: Blocks, causal: bool, scale: float, target: Target):
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, meta: BlockMeta, *, blocks: Blocks,
+            causal: bool, scale: float, target: Target) -> tuple[jax.Array, jax.Array]:
     """q [B,Tp,Hq,D], k/v [B,Tp,Hkv,D], seg [B,Tp] -> (o [B,Tp,Hq,D], lse [B,Tp,Hq] f32)."""
     b, t, hq, d = q.shape
     g = hq // k.shape[2]
@@ -166,8 +167,9 @@ def _dkv_kernel(q_min, q_max, k_min, k_max, q_lo, q_hi, q_ref, k_ref, v_ref, do_
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, seg, do, lse, di, meta: BlockMeta, *, blocks: Blocks, causal: bool, scale: float,
-             target: Target):
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, do: jax.Array, lse: jax.Array,
+             di: jax.Array, meta: BlockMeta, *, blocks: Blocks, causal: bool, scale: float,
+             target: Target) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients for `forward`; lse (finite) and di are [B,Tp,Hq] f32. Returns dq, dk, dv."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]

@@ -29,8 +29,8 @@ def _pad_head_dim(*xs: jax.Array) -> tuple[int, list[jax.Array]]:
     return d, [jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)]) for x in xs]
 
 
-def _scalar(a: jax.Array) -> pl.BlockSpec:
-    """[B, n] metadata read as one scalar per (batch, block) program."""
+def _scalar() -> pl.BlockSpec:
+    """[B, n] metadata read as one scalar per (batch, head, block) program."""
     return pl.BlockSpec((None, None), lambda b, h, n: (b, n))
 
 
@@ -56,7 +56,8 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     lse_ref[...] = tiles.logsumexp(m, denom).reshape(bq)
 
 
-def forward(q, k, v, seg, meta: BlockMeta, *, blocks: Blocks, causal: bool, scale: float, target: Target):
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, meta: BlockMeta, *, blocks: Blocks,
+            causal: bool, scale: float, target: Target) -> tuple[jax.Array, jax.Array]:
     """q [B,Tp,Hq,D], k/v [B,Tp,Hkv,D], seg [B,Tp] -> (o [B,Tp,Hq,D], lse [B,Tp,Hq] f32)."""
     b, t, hq, _ = q.shape
     g = hq // k.shape[2]
@@ -68,7 +69,7 @@ def forward(q, k, v, seg, meta: BlockMeta, *, blocks: Blocks, causal: bool, scal
         kernel,
         grid=(b, hq, t // bq),
         in_specs=[
-            _scalar(meta.kv_lo), _scalar(meta.kv_hi),
+            _scalar(), _scalar(),
             pl.BlockSpec((None, bq, None, dp), lambda b, h, i: (b, i, h, 0)),
             pl.BlockSpec((None, t, None, dp), lambda b, h, i: (b, 0, jax.lax.div(h, g), 0)),
             pl.BlockSpec((None, t, None, dp), lambda b, h, i: (b, 0, jax.lax.div(h, g), 0)),
@@ -136,8 +137,9 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, seg, do, lse, di, meta: BlockMeta, *, blocks: Blocks, causal: bool, scale: float,
-             target: Target):
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, do: jax.Array, lse: jax.Array,
+             di: jax.Array, meta: BlockMeta, *, blocks: Blocks, causal: bool, scale: float,
+             target: Target) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients for `forward`; lse (finite) and di are [B,Tp,Hq] f32. Returns dq, dk, dv."""
     b, t, hq, _ = q.shape
     hkv = k.shape[2]
@@ -155,7 +157,7 @@ def backward(q, k, v, seg, do, lse, di, meta: BlockMeta, *, blocks: Blocks, caus
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **common),
         grid=(b, hq, t // bq),
-        in_specs=[_scalar(meta.kv_lo), _scalar(meta.kv_hi), q_blk, kv_all, kv_all, q_blk, row_blk, row_blk,
+        in_specs=[_scalar(), _scalar(), q_blk, kv_all, kv_all, q_blk, row_blk, row_blk,
                   pl.BlockSpec((None, bq), lambda b, h, i: (b, i)), pl.BlockSpec((None, t), lambda b, h, i: (b, 0))],
         out_specs=q_blk,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -170,7 +172,7 @@ def backward(q, k, v, seg, do, lse, di, meta: BlockMeta, *, blocks: Blocks, caus
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, group=g, **common),
         grid=(b, hkv, t // bk),
-        in_specs=[_scalar(meta.q_lo), _scalar(meta.q_hi), group_all, kv_blk, kv_blk, group_all, group_rows,
+        in_specs=[_scalar(), _scalar(), group_all, kv_blk, kv_blk, group_all, group_rows,
                   group_rows, pl.BlockSpec((None, t), lambda b, h, j: (b, 0)),
                   pl.BlockSpec((None, bk), lambda b, h, j: (b, j))],
         out_specs=[kv_blk, kv_blk],

@@ -23,7 +23,8 @@ def _pad2(x: jax.Array, rows: int, cols: int) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows - x.shape[-2]), (0, cols - x.shape[-1])])
 
 
-def _gmm_padded(lhs, rhs, group_sizes, *, transpose_rhs: bool, out_dtype, tiling: Tiling, target: Target):
+def _gmm_padded(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool, out_dtype: Any,
+                tiling: Tiling, target: Target) -> jax.Array:
     """Un-padded in, un-padded out; rhs is [G,K,N] or, with transpose_rhs, [G,N,K]."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -45,7 +46,8 @@ def _gmm_padded(lhs, rhs, group_sizes, *, transpose_rhs: bool, out_dtype, tiling
     return out[:m, :n]
 
 
-def _tgmm_padded(lhs, dout, group_sizes, *, num_groups: int, out_dtype, tiling: Tiling, target: Target):
+def _tgmm_padded(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups: int, out_dtype: Any,
+                 tiling: Tiling, target: Target) -> jax.Array:
     m, k = lhs.shape
     n = dout.shape[1]
     mp, kp, np_ = round_up(m, tiling.tm), round_up(k, tiling.tk), round_up(n, tiling.tn)

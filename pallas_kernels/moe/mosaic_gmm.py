@@ -39,10 +39,10 @@ def _gmm_kernel(group, tile, count, starts, ends, lhs_ref, rhs_ref, out_ref, acc
 
     @pl.when((g < num_groups) & (s < count[0]))
     def _accumulate():
-        x = lhs_ref[...]
-        x = jnp.where(_row_mask(t, starts[g], ends[g], x.shape), x, jnp.zeros_like(x))
-        w = rhs_ref[...]
+        x, w = lhs_ref[...], rhs_ref[...]
         dtype = jnp.promote_types(x.dtype, w.dtype)
+        # select in f32 (no bf16 VPU on older TPUs), feed the MXU in the input dtype
+        x = jnp.where(_row_mask(t, starts[g], ends[g], x.shape), x.astype(jnp.float32), 0.0)
         acc[...] += dot(x.astype(dtype), w.astype(dtype), trans_b=transpose_rhs)
 
     @pl.when(last_visit & (kk == last_k))
@@ -50,7 +50,8 @@ def _gmm_kernel(group, tile, count, starts, ends, lhs_ref, rhs_ref, out_ref, acc
         out_ref[...] = acc[...].astype(out_ref.dtype)
 
 
-def gmm(lhs, rhs, starts, ends, vis: Visits, *, tiling: Tiling, transpose_rhs: bool, out_dtype, target: Target):
+def gmm(lhs: jax.Array, rhs: jax.Array, starts: jax.Array, ends: jax.Array, vis: Visits, *, tiling: Tiling,
+        transpose_rhs: bool, out_dtype: jnp.dtype, target: Target) -> jax.Array:
     """lhs [Mp,Kp], rhs [G,Kp,Np] (or [G,Np,Kp] if transpose_rhs), padded to the tiling -> [Mp,Np]."""
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     mp, kp = lhs.shape
@@ -93,15 +94,16 @@ def _tgmm_kernel(group, tile, count, starts, ends, lhs_ref, dout_ref, out_ref, a
         x, y = lhs_ref[...], dout_ref[...]
         dtype = jnp.promote_types(x.dtype, y.dtype)
         x = jnp.where(_row_mask(t, starts[g], ends[g], x.shape), x.astype(jnp.float32), 0.0)
-        y = jnp.where(_row_mask(t, starts[g], ends[g], y.shape), y, jnp.zeros_like(y))
-        acc[...] += dot(x.T.astype(dtype), y.astype(dtype))  # f32 transpose: the layout Mosaic handles best
+        y = jnp.where(_row_mask(t, starts[g], ends[g], y.shape), y.astype(jnp.float32), 0.0)
+        acc[...] += dot(x.T.astype(dtype), y.astype(dtype))  # transpose in f32: the layout Mosaic handles best
 
     @pl.when(last_visit)
     def _store():
         out_ref[...] = acc[...].astype(out_ref.dtype)
 
 
-def tgmm(lhs, dout, starts, ends, vis: Visits, *, num_groups: int, tiling: Tiling, out_dtype, target: Target):
+def tgmm(lhs: jax.Array, dout: jax.Array, starts: jax.Array, ends: jax.Array, vis: Visits, *, num_groups: int,
+         tiling: Tiling, out_dtype: jnp.dtype, target: Target) -> jax.Array:
     """lhs [Mp,Kp], dout [Mp,Np] -> [G,Kp,Np], out[g] = lhs[rows_g].T @ dout[rows_g]."""
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     kp, np_ = lhs.shape[1], dout.shape[1]

@@ -26,7 +26,7 @@ def _route_kernel(logits_ref, w_ref, ids_ref, rank_ref, counts_ref, *, k: int, n
     x = x - jnp.max(x, axis=0, keepdims=True)
     ex = jnp.exp(x)
     probs = ex / jnp.sum(ex, axis=0, keepdims=True)
-    expert = jax.lax.broadcasted_iota(jnp.int32, (e, bt), 0)
+    expert = jax.lax.broadcasted_iota(jnp.int32, (e, bt), 0).astype(jnp.float32)  # f32: reductions TPUs like
     token = pl.program_id(0) * bt + jax.lax.broadcasted_iota(jnp.int32, (e, bt), 1)
     real = token < num_tokens
 
@@ -34,7 +34,7 @@ def _route_kernel(logits_ref, w_ref, ids_ref, rank_ref, counts_ref, *, k: int, n
     weights, ids = [], []
     for _ in range(k):  # iterative arg-max; ties go to the lowest expert index (as lax.top_k)
         top = jnp.max(remaining, axis=0, keepdims=True)
-        idx = jnp.min(jnp.where(remaining == top, expert, e), axis=0, keepdims=True)
+        idx = jnp.min(jnp.where(remaining == top, expert, float(e)), axis=0, keepdims=True)
         hit = expert == idx
         remaining = jnp.where(hit, -1.0, remaining)  # probabilities are >= 0: -1 never wins again
         chosen = chosen + jnp.where(hit & real, 1.0, 0.0)
@@ -51,7 +51,7 @@ def _route_kernel(logits_ref, w_ref, ids_ref, rank_ref, counts_ref, *, k: int, n
         row = pl.ds(s, 1)
         if s < k:
             w_ref[row, :] = weights[s]
-            ids_ref[row, :] = ids[s]
+            ids_ref[row, :] = ids[s].astype(jnp.int32)
             rank_ref[row, :] = jnp.sum(jnp.where(expert == ids[s], earlier, 0.0), axis=0,
                                        keepdims=True).astype(jnp.int32)
         else:  # padding slots (Triton needs a power-of-two slot count)

@@ -45,7 +45,8 @@ def _gmm_kernel(lo_ref, hi_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref,
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def gmm(lhs, rhs, starts, ends, lo, hi, *, tiling: Tiling, transpose_rhs: bool, out_dtype, target: Target):
+def gmm(lhs: jax.Array, rhs: jax.Array, starts: jax.Array, ends: jax.Array, lo: jax.Array, hi: jax.Array, *,
+        tiling: Tiling, transpose_rhs: bool, out_dtype: jnp.dtype, target: Target) -> jax.Array:
     """lhs [Mp,Kp], rhs [G,Kp,Np] (or [G,Np,Kp] if transpose_rhs), padded to the tiling -> [Mp,Np]."""
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     mp, kp = lhs.shape
@@ -86,7 +87,8 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm: int):
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def tgmm(lhs, dout, starts, ends, *, num_groups: int, tiling: Tiling, out_dtype, target: Target):
+def tgmm(lhs: jax.Array, dout: jax.Array, starts: jax.Array, ends: jax.Array, *, num_groups: int, tiling: Tiling,
+         out_dtype: jnp.dtype, target: Target) -> jax.Array:
     """lhs [Mp,Kp], dout [Mp,Np] -> [G,Kp,Np], out[g] = lhs[rows_g].T @ dout[rows_g]."""
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     mp, kp = lhs.shape
