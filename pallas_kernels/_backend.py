@@ -8,14 +8,13 @@ generic interpreter is the faster one, "mosaic" runs under TPU interpret mode, w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-Backend = Literal["mosaic", "triton"]
 BACKENDS: tuple[str, ...] = ("mosaic", "triton")
 _PLATFORM_BACKEND = {"tpu": "mosaic", "gpu": "triton", "cuda": "triton", "rocm": "triton"}
 

@@ -32,17 +32,17 @@ class _Config:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, seg, cfg: _Config):
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     return _attention_fwd(q, k, v, seg, cfg)[0]
 
 
-def _attention_fwd(q, k, v, seg, cfg: _Config):
+def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, cfg: _Config):
     meta = block_meta(seg, cfg.blocks, cfg.causal)
     o, lse = _KERNELS[cfg.target.backend].forward(q, k, v, seg, meta, **cfg.kernel_kwargs())
     return (o, lse), (q, k, v, seg, o, lse)
 
 
-def _attention_bwd(cfg: _Config, res, cotangents):
+def _attention_bwd(cfg: _Config, res: tuple, cotangents: tuple[jax.Array, jax.Array]):
     q, k, v, seg, o, lse = res
     do, dlse = cotangents
     # d lse_i / d s_ij = p_ij, so a cotangent on lse folds into di (the FA2 rowsum term).
