@@ -83,13 +83,12 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg: _Config):
 
 def _gmm_bwd(cfg: _Config, res, dout):
     lhs, rhs, group_sizes = res
-    m, k = lhs.shape
-    g, _, n = rhs.shape
-    # dlhs [M,K] = dout [M,N] @ rhs[g]^T: the same kernel with K and N swapped, reading rhs transposed.
-    t_bwd = choose_tiling(cfg.target.backend, m, n, k, None)
-    dlhs = _gmm_padded(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype, tiling=t_bwd,
-                       target=cfg.target)
-    drhs = _tgmm_padded(lhs, dout, group_sizes, num_groups=g, out_dtype=rhs.dtype, tiling=cfg.tiling,
+    # dlhs [M,K] = dout [M,N] @ rhs[g]^T: the same kernel with K and N (and their tiles) swapped, reading rhs
+    # transposed in place.
+    t = cfg.tiling
+    dlhs = _gmm_padded(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
+                       tiling=Tiling(t.tm, t.tn, t.tk), target=cfg.target)
+    drhs = _tgmm_padded(lhs, dout, group_sizes, num_groups=rhs.shape[0], out_dtype=rhs.dtype, tiling=cfg.tiling,
                         target=cfg.target)
     return dlhs, drhs, None
 
