@@ -132,14 +132,14 @@ def test_masked_blocks_are_never_read(backend, causal):
 
 def test_block_metadata_skips_what_it_should():
     seg = jnp.asarray([[1] * 40 + [2] * 40 + [3] * 30 + [0] * 18])  # T = 128, blocks of 16 -> 8 x 8
-    meta = block_meta(seg, Blocks(16, 16), causal=True)
+    meta = jax.jit(block_meta, static_argnums=(1, 2))(seg, Blocks(16, 16), True)
     # q block 5 (rows 80..95) is all segment 3, whose keys start at row 80: exactly kv block 5
     assert (int(meta.kv_lo[0, 5]), int(meta.kv_hi[0, 5])) == (5, 5)
     # q block 2 (rows 32..47) straddles segments 1 and 2: kv blocks 0..2 (causal bound)
     assert (int(meta.kv_lo[0, 2]), int(meta.kv_hi[0, 2])) == (0, 2)
     # the last block is all padding: nothing to see, and nobody sees its keys
     assert int(meta.kv_hi[0, 7]) < int(meta.kv_lo[0, 7]) and int(meta.q_hi[0, 7]) < int(meta.q_lo[0, 7])
-    bidir = block_meta(seg, Blocks(16, 16), causal=False)
+    bidir = jax.jit(block_meta, static_argnums=(1, 2))(seg, Blocks(16, 16), False)
     assert (int(bidir.kv_lo[0, 2]), int(bidir.kv_hi[0, 2])) == (0, 4)
     assert (int(bidir.q_lo[0, 6]), int(bidir.q_hi[0, 6])) == (5, 6)
 
@@ -147,8 +147,8 @@ def test_block_metadata_skips_what_it_should():
 def test_references_agree():
     q, k, v, seg, _, _ = make_inputs(3, 2, 40, 4, 2, 16, F32)
     for causal in (True, False):
-        o1, l1 = jax.jit(reference_attention, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
-        o2, l2 = jax.jit(dense_reference, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
+        o1, l1 = interpret_jit(reference_attention, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
+        o2, l2 = interpret_jit(dense_reference, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
         assert_close("out", o1, o2, 1e-5)
         np.testing.assert_array_equal(np.isneginf(l1), np.isneginf(l2))
         assert_close("lse", jnp.where(jnp.isfinite(l1), l1, 0), jnp.where(jnp.isfinite(l2), l2, 0), 1e-5)

@@ -127,7 +127,7 @@ def test_routing_then_gmm_equals_argsort_then_ragged_dot():
 def test_visit_schedule_covers_every_tile_once_in_order():
     starts, ends = group_bounds(jnp.asarray([5, 0, 20, 3], jnp.int32), 40)
     tail_s, tail_e = jnp.concatenate([starts, ends[-1:]]), jnp.concatenate([ends, jnp.array([40], jnp.int32)])
-    vis = visits(tail_s, tail_e, 8, 5, 5 + 4, visit_empty=False)
+    vis = jax.jit(visits, static_argnums=(2, 3, 4, 5))(tail_s, tail_e, 8, 5, 5 + 4, False)  # Visits: a pytree
     n = int(vis.count[0])
     pairs = list(zip(np.asarray(vis.group[:n]).tolist(), np.asarray(vis.tile[:n]).tolist()))
     # groups: 0 rows 0-4, 2 rows 5-24, 3 rows 25-27, tail (4) rows 28-39; 8-row tiles

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,7 @@ def choose_blocks(backend: str, t: int, block_q: int | None, block_k: int | None
     return Blocks(bq, bk)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockMeta:
+class BlockMeta(NamedTuple):
     """Per-block segment ranges and visible-block ranges, all int32.
 
     seg_min/seg_max: [B, n] for q blocks (q_*) and kv blocks (k_*); an all-padding block has min > max.

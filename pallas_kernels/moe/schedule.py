@@ -9,6 +9,7 @@ instead give each program one output tile and loop over the groups (or m-tiles) 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,7 @@ def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     return starts, ends
 
 
-@dataclasses.dataclass(frozen=True)
-class Visits:
+class Visits(NamedTuple):
     """A static-length list of (group, m-tile) visits in row order; entries past `count` repeat the last one."""
 
     group: jax.Array  # [S] int32
