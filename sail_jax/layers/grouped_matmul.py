@@ -40,6 +40,7 @@ def grouped_matmul(
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes)
     if impl == "tiled":
+        lhs, rhs = _vary_like(lhs, rhs, group_sizes), _vary_like(rhs, lhs, group_sizes)
         return _tiled_gmm(lhs, rhs, group_sizes, max(1, min(int(tile_rows), lhs.shape[0])))
     raise ValueError(
         f"grouped_matmul impl {impl!r} is not available; implemented: {GROUPED_MATMUL_IMPLS} "
@@ -73,6 +74,18 @@ def _tile_rows(x: jax.Array, t: jax.Array, lo: jax.Array, hi: jax.Array, tile: i
     return jnp.where(((rows >= lo) & (rows < hi))[:, None], block, jnp.zeros((), x.dtype))
 
 
+def _vary_like(x: jax.Array, *others: jax.Array) -> jax.Array:
+    """x, made to vary over the shard_map axes of `others` too (values unchanged).
+
+    Inside shard_map a scan carry must keep one type, and a custom-VJP cotangent must vary exactly like its
+    primal. Adding `full_like(other, 0)` carries each operand's varying axes; JAX differentiates the implicit
+    broadcast, so the cotangent of an operand that varied over fewer axes is psum-ed back correctly.
+    """
+    for o in others:
+        x = x + jax.lax.full_like(o, 0, dtype=x.dtype, shape=x.shape)
+    return x
+
+
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
     return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0))) if rows > x.shape[0] else x
 
@@ -89,7 +102,7 @@ def _gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int)
         cur = jax.lax.dynamic_slice_in_dim(out, r0, tile)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + y.astype(out.dtype), r0, 0), None
 
-    out0 = jnp.zeros((num_tiles * tile, rhs.shape[2]), lhs.dtype)
+    out0 = _vary_like(jnp.zeros((num_tiles * tile, rhs.shape[2]), lhs.dtype), lhs, rhs, group_sizes)
     out, _ = jax.lax.scan(body, out0, _visits(group_sizes, num_tiles, tile))
     return out[:m]
 
@@ -106,7 +119,7 @@ def _gmm_weight_grad(lhs: jax.Array, d_out: jax.Array, group_sizes: jax.Array, t
         dy = jax.lax.dynamic_slice_in_dim(d_p, t * tile, tile)
         return acc.at[g].add(jnp.dot(x.T, dy, preferred_element_type=jnp.float32)), None
 
-    acc0 = jnp.zeros((g_count, lhs.shape[1], d_out.shape[1]), jnp.float32)
+    acc0 = _vary_like(jnp.zeros((g_count, lhs.shape[1], d_out.shape[1]), jnp.float32), lhs, d_out, group_sizes)
     acc, _ = jax.lax.scan(body, acc0, _visits(group_sizes, num_tiles, tile))
     return acc
 
