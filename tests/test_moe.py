@@ -27,6 +27,7 @@ from sail_jax.training.moe_loss import (
 from tests.torch_refs import llm_config_from_torch, torch_llm_params
 
 E, K, D, I_MOE = 8, 2, 32, 24
+ALL = jnp.ones((30, K), bool)  # every slot of the 3x10 test batch kept
 
 
 def _hf_model(norm_topk_prob: bool, mlp_only_layers: list[int], layers: int):
@@ -113,17 +114,22 @@ def _block(rt: RuntimeConfig = RuntimeConfig(), **moe_kw):
     return MoEBlock(cfg, rt), params, x, mask
 
 
+@functools.cache
+def _apply(block: MoEBlock):
+    """One jitted apply per (cfg, rt), shared by the tests."""
+    return jax.jit(block.apply)
+
+
 @functools.partial(jax.jit, static_argnums=3)
-def _reference(params, x, mask, cfg_moe: MoEConfig, keep=None):
-    """All-experts computation with the block's own routing (keep: optional [N,k] mask of surviving slots)."""
+def _reference(params, x, mask, norm_topk_prob: bool, keep):
+    """All-experts computation with the block's own routing; `keep` [N,k] masks the surviving slots."""
     p = params["params"]
     xf = x.reshape(-1, D)
     probs = jax.nn.softmax(xf @ p["gate"]["kernel"], axis=-1)
     top_w, top_idx = jax.lax.top_k(probs, K)
-    if cfg_moe.norm_topk_prob:
+    if norm_topk_prob:
         top_w = top_w / top_w.sum(-1, keepdims=True)
-    if keep is not None:
-        top_w = jnp.where(keep, top_w, 0.0)
+    top_w = jnp.where(keep, top_w, 0.0)
     ex = p["experts"]
     y = all_experts_reference(xf, top_idx, top_w, ex["gate_proj"], ex["up_proj"], ex["down_proj"])
     return y.reshape(x.shape), top_idx
@@ -136,8 +142,8 @@ def test_skewed_routing_matches_all_experts_reference(impl):
     kernel = jnp.zeros((D, E)).at[:, 5].set(1.0).at[:, 2].set(0.5)
     params["params"]["gate"]["kernel"] = kernel
     x = jnp.abs(x)  # positive inputs make the column sums order the logits
-    y, aux = jax.jit(block.apply)(params, x, mask)
-    ref, top_idx = _reference(params, x, mask, block.cfg.moe)
+    y, aux = _apply(block)(params, x, mask)
+    ref, top_idx = _reference(params, x, mask, block.cfg.moe.norm_topk_prob, ALL)
     assert set(np.asarray(top_idx).reshape(-1)) == {5, 2}
     m = np.asarray(mask)
     assert np.abs(np.asarray(y)[m] - np.asarray(ref)[m]).max() <= 1e-5
@@ -147,14 +153,14 @@ def test_skewed_routing_matches_all_experts_reference(impl):
 
 
 def test_random_routing_matches_reference_and_padding_is_inert():
-    block, params, x, mask = _block(RuntimeConfig(moe_impl="tiled"))
-    y, aux = jax.jit(block.apply)(params, x, mask)
-    ref, _ = _reference(params, x, mask, block.cfg.moe)
+    block, params, x, mask = _block()
+    y, aux = _apply(block)(params, x, mask)
+    ref, _ = _reference(params, x, mask, block.cfg.moe.norm_topk_prob, ALL)
     m = np.asarray(mask)
     assert np.abs(np.asarray(y)[m] - np.asarray(ref)[m]).max() <= 1e-5
     # Replacing the padding tokens changes neither the routing statistics nor the real tokens' outputs.
     x2 = jnp.where(mask[..., None], x, 100.0 * jax.random.normal(jax.random.PRNGKey(7), x.shape))
-    y2, aux2 = jax.jit(block.apply)(params, x2, mask)
+    y2, aux2 = _apply(block)(params, x2, mask)
     np.testing.assert_array_equal(np.asarray(y2)[m], np.asarray(y)[m])
     for k in aux:
         np.testing.assert_allclose(np.asarray(aux2[k]), np.asarray(aux[k]), rtol=1e-6)
@@ -175,11 +181,11 @@ def _gshard_keep(top_idx: np.ndarray, mask: np.ndarray, cap: int) -> np.ndarray:
 
 def test_capacity_factor_drops_in_gshard_order():
     block, params, x, mask = _block(capacity_factor=0.5)
-    y, aux = jax.jit(block.apply)(params, x, mask)
-    ref_full, top_idx = _reference(params, x, mask, block.cfg.moe)
+    y, aux = _apply(block)(params, x, mask)
+    ref_full, top_idx = _reference(params, x, mask, block.cfg.moe.norm_topk_prob, ALL)
     cap = int(np.ceil(30 * K / E * 0.5))  # 30 token slots (padding included: the shape is static)
     keep = _gshard_keep(np.asarray(top_idx), np.asarray(mask).reshape(-1), cap)
-    ref, _ = _reference(params, x, mask, block.cfg.moe, keep=jnp.asarray(keep))
+    ref, _ = _reference(params, x, mask, block.cfg.moe.norm_topk_prob, keep=jnp.asarray(keep))
     m = np.asarray(mask)
     assert np.isfinite(np.asarray(y)).all()
     assert np.abs(np.asarray(y)[m] - np.asarray(ref)[m]).max() <= 1e-5
@@ -187,8 +193,8 @@ def test_capacity_factor_drops_in_gshard_order():
     assert dropped > 0 and float(aux["dropped"]) == dropped
     assert np.abs(np.asarray(y)[m] - np.asarray(ref_full)[m]).max() > 1e-3  # dropping really changed the output
     huge_block, *_ = _block(capacity_factor=1e6)
-    y_huge, aux_huge = jax.jit(huge_block.apply)(params, x, mask)
-    y_dropless, _ = jax.jit(_block()[0].apply)(params, x, mask)
+    y_huge, aux_huge = _apply(huge_block)(params, x, mask)
+    y_dropless, _ = _apply(_block()[0])(params, x, mask)
     np.testing.assert_allclose(np.asarray(y_huge), np.asarray(y_dropless), rtol=0, atol=1e-6)
     assert float(aux_huge["dropped"]) == 0
 
@@ -196,8 +202,8 @@ def test_capacity_factor_drops_in_gshard_order():
 def test_bfloat16_compute_stays_close_to_float32():
     block32, params, x, mask = _block()
     block16 = MoEBlock(block32.cfg, RuntimeConfig(dtype="bfloat16", moe_impl="tiled"))
-    y32, _ = jax.jit(block32.apply)(params, x, mask)
-    y16, aux16 = jax.jit(block16.apply)(params, x, mask)
+    y32, _ = _apply(block32)(params, x, mask)
+    y16, aux16 = _apply(block16)(params, x, mask)
     assert y16.dtype == jnp.bfloat16 and aux16["router_prob_sum"].dtype == jnp.float32
     m = np.asarray(mask)
     scale = np.abs(np.asarray(y32)[m]).max()
@@ -226,20 +232,25 @@ def test_losses_and_metrics_from_sums():
         load_balancing_loss({"expert_counts": counts}, moe)
 
 
-@pytest.mark.parametrize("sizes,m,tile", [([3, 0, 5, 1], 11, 4), ([0, 0, 7, 0], 9, 3), ([1, 6, 0, 0], 7, 16)])
-def test_tiled_grouped_matmul_matches_ragged_dot(sizes, m, tile):
+def test_tiled_grouped_matmul_matches_ragged_dot():
     rng = np.random.default_rng(0)
-    gs = jnp.asarray(sizes, jnp.int32)
-    lhs = jnp.asarray(rng.normal(size=(m, 5)), jnp.float32)
+    lhs = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
     rhs = jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32)
-    ct = jnp.asarray(rng.normal(size=(m, 6)), jnp.float32)
-    results = []
-    for impl in ("ragged_dot", "tiled"):
-        y, vjp = jax.vjp(lambda a, b, impl=impl: grouped_matmul(a, b, gs, impl, tile_rows=tile), lhs, rhs)
-        results.append((y, *vjp(ct)))
-    for ours, ref in zip(results[1], results[0]):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
-    assert np.all(np.asarray(results[1][0])[sum(sizes):] == 0)
+    ct = jnp.asarray(rng.normal(size=(11, 6)), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def value_and_vjp(gs, impl):
+        y, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, gs, impl, tile_rows=4), lhs, rhs)
+        return (y, *vjp(ct))
+
+    # group sizes are data, so one compile per impl covers: tile-straddling groups, empty groups, rows past
+    # sum(group_sizes), one group spanning several tiles, every row used
+    for sizes in ([3, 0, 5, 1], [0, 0, 7, 0], [1, 6, 0, 0], [2, 3, 3, 3]):
+        gs = jnp.asarray(sizes, jnp.int32)
+        ours, ref = value_and_vjp(gs, "tiled"), value_and_vjp(gs, "ragged_dot")
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        assert np.all(np.asarray(ours[0])[sum(sizes):] == 0)
 
 
 def test_unsupported_impls_are_clear_errors():

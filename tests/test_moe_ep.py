@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -105,7 +106,9 @@ def test_expert_parallel_block_equals_single_device(a2a, request):
     if a2a == "ragged":
         request.getfixturevalue("emulated_ragged")
     cfg, mesh = _cfg(), make_mesh(data=2, expert=4)
-    ref_step, ep_step = _step(cfg, RT), _step(cfg, RuntimeConfig(moe_impl="tiled", moe_a2a=a2a))
+    # "auto" is the padded exchange on CPU; the statistics test reuses that compiled step
+    ref_step, ep_step = _step(cfg, RT), _step(cfg, RT if a2a == "padded" else RuntimeConfig(moe_impl="tiled",
+                                                                                             moe_a2a=a2a))
     params, x, mask, ct = _inputs()
     for routing in ("random", "all_to_last_shard"):
         if routing == "all_to_last_shard":
@@ -124,9 +127,8 @@ def test_statistics_cover_the_global_batch():
     _, (_, aux, _) = _on_mesh(_step(cfg, RT), cfg, params, x, mask, make_mesh(data=2, expert=4), ct)
     _assert_close(aux, _step(cfg, RT)(params, x, mask, ct)[1])
     # the per-shard alternative (mean of each data shard's own loss) is a different number
-    apply = jax.jit(MoEBlock(cfg, RT).apply)
-    per_shard = np.mean([float(load_balancing_loss(apply(params, x[i:i + 4], mask[i:i + 4])[1], cfg.moe))
-                         for i in (0, 4)])
+    halves = [mask & (jnp.arange(8)[:, None] // 4 == i) for i in (0, 1)]
+    per_shard = np.mean([float(load_balancing_loss(_step(cfg, RT)(params, x, h, ct)[1], cfg.moe)) for h in halves])
     assert abs(per_shard - float(load_balancing_loss(aux, cfg.moe))) > 1e-3
 
 
@@ -166,8 +168,8 @@ def test_capacity_under_expert_parallelism():
 
 
 def test_model_with_expert_parallelism_equals_single_device():
-    cfg = _cfg()
-    lm = Qwen3ForCausalLM(cfg, RuntimeConfig(scan_layers=True))
+    cfg = dataclasses.replace(_cfg(), num_layers=1)  # one layer keeps the two model compiles affordable
+    lm = Qwen3ForCausalLM(cfg, RuntimeConfig())
     rng = np.random.default_rng(4)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (8, 8)), jnp.int32)
     seg = jnp.ones((8, 8), jnp.int32).at[5, 6:].set(0)
@@ -178,7 +180,7 @@ def test_model_with_expert_parallelism_equals_single_device():
         lambda path, a: jnp.asarray((1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
                                     + 0.3 * rng.normal(size=a.shape), a.dtype), nn.unbox(boxed))
     params = jax.device_put(single, tree_shardings(boxed, mesh))
-    assert params["params"]["layers"]["mlp"]["experts"]["up_proj"].sharding.spec[:2] == (None, "expert")
+    assert params["params"]["layers_0"]["mlp"]["experts"]["up_proj"].sharding.spec[0] == "expert"
 
     def loss(p, ids, seg):
         out = lm.apply(p, ids, segment_ids=seg)
