@@ -20,7 +20,10 @@ IM_END_TOKEN_ID = 151645
 PAD_TOKEN_ID = 151643
 
 ATTENTION_IMPLS = ("xla", "pallas")
-MOE_IMPLS = ("ragged_dot", "pallas")
+# Grouped matmul of the MoE experts (sail_jax/layers/grouped_matmul.py); "pallas" is reserved for a kernel.
+MOE_IMPLS = ("ragged_dot", "tiled", "pallas")
+# Expert-parallel token exchange: "auto" picks ragged_all_to_all except on XLA:CPU, which lacks it.
+MOE_A2A = ("auto", "ragged", "padded")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,6 +56,8 @@ class MoEConfig:
             )
         if self.decoder_sparse_step < 1:
             raise ConfigError(f"MoEConfig.decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"MoEConfig.capacity_factor={self.capacity_factor} must be > 0 (or None = dropless)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +148,7 @@ class RuntimeConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     moe_impl: str = "ragged_dot"
+    moe_a2a: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
     # XLA attention processes queries in chunks of this many rows when the sequence is longer (memory bound).
@@ -154,6 +160,7 @@ class RuntimeConfig:
             ("param_dtype", DTYPES),
             ("attention_impl", ATTENTION_IMPLS),
             ("moe_impl", MOE_IMPLS),
+            ("moe_a2a", MOE_A2A),
             ("remat_policy", REMAT_POLICIES),
         ):
             value = getattr(self, name)
@@ -259,9 +266,11 @@ def llm_config_from_hf(d: dict, where: str = "llm_config") -> LLMConfig:
     hidden = int(_need(d, "hidden_size", where))
     heads = int(_need(d, "num_attention_heads", where))
     moe = None
-    if int(d.get("num_experts", 0) or 0) > 0:
+    # Qwen3-MoE checkpoints say num_experts; transformers v5 `to_dict()` / save_pretrained say num_local_experts.
+    num_experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+    if num_experts > 0:
         moe = MoEConfig(
-            num_experts=int(d["num_experts"]),
+            num_experts=num_experts,
             num_experts_per_tok=int(_need(d, "num_experts_per_tok", where)),
             moe_intermediate_size=int(_need(d, "moe_intermediate_size", where)),
             norm_topk_prob=bool(d.get("norm_topk_prob", False)),

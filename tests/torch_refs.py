@@ -18,7 +18,11 @@ def llm_config_from_torch(hf_cfg) -> LLMConfig:
 
 def torch_llm_params(model: torch.nn.Module, cfg: LLMConfig, abstract_params, scanned: bool) -> dict:
     """transformers Qwen3(Moe)ForCausalLM weights -> our unboxed `params` tree (numpy, float32)."""
-    sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+    from transformers.core_model_loading import revert_weight_conversion
+
+    # The on-disk key names: transformers v5 fuses Qwen3-MoE experts in memory but saves them per expert.
+    on_disk = revert_weight_conversion(model, dict(model.state_dict()))
+    sd = {k: v.detach().to(torch.float32).numpy() for k, v in on_disk.items()}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return import_params(llm_entries(cfg, scanned), sd.__getitem__, abstract_params, available_keys=sd.keys())
