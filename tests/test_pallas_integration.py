@@ -3,6 +3,8 @@ forward logits and every parameter gradient, on a packed batch with segment ids,
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +32,10 @@ def _packed_batch():
     return jnp.asarray(ids), jnp.asarray(seg), jnp.asarray(pos)
 
 
-def _random_params(sample_ids):
+def _random_params(sample_ids, cfg: LLMConfig = CFG):
     """Random weights from the param shapes (compiling flax init costs more CPU than the whole comparison)."""
     rng = np.random.default_rng(2)
-    abstract = jax.eval_shape(Qwen3ForCausalLM(CFG, RuntimeConfig()).init, jax.random.PRNGKey(0), sample_ids)
+    abstract = jax.eval_shape(Qwen3ForCausalLM(cfg, RuntimeConfig()).init, jax.random.PRNGKey(0), sample_ids)
 
     def draw(path, leaf):
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
@@ -42,8 +44,8 @@ def _random_params(sample_ids):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def _loss_and_grads(impl: str, params, ids, seg, pos):
-    lm = Qwen3ForCausalLM(CFG, RuntimeConfig(attention_impl=impl))
+def _loss_and_grads(impl: str, params, ids, seg, pos, cfg: LLMConfig = CFG, moe_impl: str = "ragged_dot"):
+    lm = Qwen3ForCausalLM(cfg, RuntimeConfig(attention_impl=impl, moe_impl=moe_impl))
     weights = jax.random.normal(jax.random.PRNGKey(1), (2, T, CFG.vocab_size)) * (seg > 0)[..., None]
 
     def loss(p):
@@ -70,3 +72,27 @@ def test_pallas_attention_model_matches_xla():
         scale = max(1.0, float(jnp.abs(gx).max()))
         np.testing.assert_allclose(np.asarray(gp) / scale, np.asarray(gx) / scale, rtol=0, atol=1e-5)
     assert float(jnp.abs(flat_p[0]).max()) > 0
+
+
+def _assert_same(result_p, result_x) -> None:
+    ((loss_p, logits_p), grads_p), ((loss_x, logits_x), grads_x) = result_p, result_x
+    np.testing.assert_allclose(np.asarray(logits_p), np.asarray(logits_x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float(loss_p), float(loss_x), rtol=0, atol=1e-5)
+    for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
+        scale = max(1.0, float(jnp.abs(gx).max()))
+        np.testing.assert_allclose(np.asarray(gp) / scale, np.asarray(gx) / scale, rtol=0, atol=1e-5)
+
+
+def test_pallas_moe_and_attention_model_matches_xla():
+    """Tiny MoE model: `moe_impl="pallas"` (gmm/tgmm kernels) + pallas attention equals ragged_dot + XLA."""
+    from sail_jax.config import MoEConfig
+
+    cfg = dataclasses.replace(
+        CFG, moe=MoEConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=(1,))
+    )
+    ids, seg, pos = _packed_batch()
+    params = _random_params(ids[:, :8], cfg)
+    ref, jaxpr_x = _loss_and_grads("xla", params, ids, seg, pos, cfg, "ragged_dot")
+    ours, jaxpr_p = _loss_and_grads("pallas", params, ids, seg, pos, cfg, "pallas")
+    assert jaxpr_p.count("pallas_call") >= 2 and "pallas_call" not in jaxpr_x
+    _assert_same(ours, ref)

@@ -14,6 +14,8 @@ impls:
   (ceil(M/tile) + G - 1) tile matmuls and never touches rows past sum(group_sizes). Its custom VJP computes
   d_lhs with the same loop over the transposed weights and d_rhs by accumulating per-tile lhs^T @ d_out into the
   visited group.
+- "pallas": our Pallas grouped-matmul kernel (`pallas_kernels.moe.gmm`, Mosaic on TPU, Triton on GPU,
+  interpret mode on CPU) with its own gmm/tgmm backward.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-GROUPED_MATMUL_IMPLS = ("ragged_dot", "tiled")
+GROUPED_MATMUL_IMPLS = ("ragged_dot", "tiled", "pallas")
 DEFAULT_TILE_ROWS = 128
 
 
@@ -42,10 +44,12 @@ def grouped_matmul(
     if impl == "tiled":
         lhs, rhs = _vary_like(lhs, rhs, group_sizes), _vary_like(rhs, lhs, group_sizes)
         return _tiled_gmm(lhs, rhs, group_sizes, max(1, min(int(tile_rows), lhs.shape[0])))
-    raise ValueError(
-        f"grouped_matmul impl {impl!r} is not available; implemented: {GROUPED_MATMUL_IMPLS} "
-        "(the Pallas kernel is not built yet)"
-    )
+    if impl == "pallas":
+        from pallas_kernels.moe import gmm
+
+        lhs, rhs = _vary_like(lhs, rhs, group_sizes), _vary_like(rhs, lhs, group_sizes)
+        return gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+    raise ValueError(f"grouped_matmul impl {impl!r} is not available; implemented: {GROUPED_MATMUL_IMPLS}")
 
 
 def _visits(group_sizes: jax.Array, num_tiles: int, tile: int) -> tuple[jax.Array, ...]:
