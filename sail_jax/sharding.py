@@ -118,6 +118,19 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partitio
     return PartitionSpec(*out)
 
 
+def active_mesh_axes(logical: str, mesh: Any, dim: int | None = None) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) the current logical rules map `logical` to; with `dim`, only as many leading
+    axes as divide it (the rest replicate, as for parameters)."""
+    rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    if dim is not None:
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+    return axes
+
+
 def logical_to_sharding(
     logical_axes: Sequence[str | None] | PartitionSpec,
     shape: Sequence[int],

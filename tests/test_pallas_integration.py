@@ -96,3 +96,24 @@ def test_pallas_moe_and_attention_model_matches_xla():
     ours, jaxpr_p = _loss_and_grads("pallas", params, ids, seg, pos, cfg, "pallas")
     assert jaxpr_p.count("pallas_call") >= 2 and "pallas_call" not in jaxpr_x
     _assert_same(ours, ref)
+
+
+def test_pallas_attention_sharded_on_a_mesh_equals_single_device():
+    """Under a data x fsdp x tensor mesh the kernel runs per shard (shard_map) and equals one device."""
+    from sail_jax.sharding import batch_sharding, make_mesh, tree_shardings, use_mesh
+
+    ids, seg, pos = _packed_batch()
+    ids, seg, pos = (jnp.concatenate([a, a[::-1]]) for a in (ids, seg, pos))  # batch 4 over data x fsdp
+    params = _random_params(ids[:, :8])
+    lm = Qwen3ForCausalLM(CFG, RuntimeConfig(attention_impl="pallas"))
+    ref = interpret_jit(lambda p: lm.apply(p, ids, segment_ids=seg, positions=pos).logits)(params)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    boxed = jax.eval_shape(lm.init, jax.random.PRNGKey(0), ids[:, :8])
+    with use_mesh(mesh):
+        sharded = jax.device_put(params, tree_shardings(boxed, mesh))
+        put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape))
+        fwd = lambda p, i, s, q: lm.apply(p, i, segment_ids=s, positions=q).logits
+        args = (sharded, put(ids), put(seg), put(pos))
+        assert "shard_map" in str(jax.make_jaxpr(fwd)(*args))
+        out = interpret_jit(fwd)(*args)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5)

@@ -93,6 +93,29 @@ def xla_attention(
     return o, lse
 
 
+def _pallas_self_attention(q, k, v, segment_ids, causal: bool, scale: float | None) -> jax.Array:
+    """The packed-attention kernel; under a mesh it runs per shard (batch over the data axes, heads over
+    `tensor`) inside `jax.shard_map`, since XLA cannot partition a Pallas call and would gather its inputs."""
+    from jax.sharding import PartitionSpec as P
+
+    from pallas_kernels.attention import packed_attention
+    from sail_jax.sharding import active_mesh_axes
+
+    def call(q, k, v, seg):
+        return packed_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale)[0]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return call(q, k, v, segment_ids)
+    batch = active_mesh_axes("activation_batch", mesh, q.shape[0]) or None
+    heads = active_mesh_axes("activation_kv_heads", mesh, k.shape[2]) or None
+    spec = P(batch, None, heads, None)
+    # check_vma=False: pallas_call outputs carry no varying-axes annotation; every shard is independent here.
+    return jax.shard_map(call, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec, check_vma=False)(
+        q, k, v, segment_ids
+    )
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -114,10 +137,7 @@ def dot_product_attention(
     """
     self_attention = kv_segment_ids is None and q_indices is None and kv_indices is None
     if impl == "pallas" and self_attention:
-        from pallas_kernels.attention import packed_attention
-
-        out, _ = packed_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale)
-        return out
+        return _pallas_self_attention(q, k, v, segment_ids, causal, scale)
     if impl not in ("xla", "pallas"):
         raise ValueError(f"attention_impl={impl!r}; expected 'xla' or 'pallas'")
     out, _ = xla_attention(

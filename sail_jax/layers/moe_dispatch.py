@@ -24,13 +24,12 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sail_jax.layers.grouped_matmul import grouped_matmul
-from sail_jax.sharding import LOGICAL_AXIS_RULES
+from sail_jax.sharding import active_mesh_axes
 
 # Module attributes so the tests can run the ragged exchange on XLA:CPU through an emulation.
 _ragged_all_to_all = jax.lax.ragged_all_to_all
@@ -177,14 +176,6 @@ def _dispatch_shard(
     return y.astype(x.dtype), dropped
 
 
-def _mesh_axes(logical: str, mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
-    """Mesh axes (of size > 1) that the active logical rules map `logical` to."""
-    rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
-    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-
-
 def dispatch(
     x: jax.Array, top_idx: jax.Array, top_w: jax.Array, token_mask: jax.Array,
     w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
@@ -201,9 +192,9 @@ def dispatch(
     if mesh.empty or mesh.size == 1:
         return _dispatch_shard(x, top_idx, top_w, token_mask, w_gate, w_up, w_down, a2a="padded", ep_axis=None,
                                ep_size=1, tp_axes=(), token_axes=(), **kw)
-    token_axes = _mesh_axes("activation_batch_moe", mesh)
-    ep_axes = _mesh_axes("exp", mesh)
-    tp_axes = _mesh_axes("mlp_moe", mesh)
+    token_axes = active_mesh_axes("activation_batch_moe", mesh)
+    ep_axes = active_mesh_axes("exp", mesh)
+    tp_axes = active_mesh_axes("mlp_moe", mesh)
     if len(ep_axes) > 1:
         raise ValueError(f"expert parallelism over several mesh axes {ep_axes} is not supported")
     ep_size = mesh.shape[ep_axes[0]] if ep_axes else 1
