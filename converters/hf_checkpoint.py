@@ -15,6 +15,9 @@ from converters.core import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# safetensors header dtype names <-> numpy dtypes (only what model weights use)
+ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+             "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class SafetensorsCheckpoint:
@@ -60,6 +63,12 @@ class SafetensorsCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> np.dtype:
+        name = self._handle(key).get_slice(key).get_dtype()
+        if name not in ST_DTYPES:
+            raise ConversionError(f"{self._files[key]}: key {key!r} has unsupported dtype {name}")
+        return np.dtype(ST_DTYPES[name])
 
     def _handle(self, key: str):
         if key not in self._files:
