@@ -222,15 +222,11 @@ def _write_hf(
              for k, out in keys]
     by_out = {out: k for k, out in keys}
     with _progress(sum(s.nbytes for s in specs), desc, progress) as bar:
-        def get(out: str) -> np.ndarray:
-            x = source[by_out[out]]
-            return x if dtype is None else x.astype(dtype, copy=False)
-
         def done(spec: TensorSpec) -> None:
             bar.set_postfix_str(spec.key, refresh=False)
             bar.update(spec.nbytes)
 
-        write_safetensors_dir(dst, specs, get, max_shard_size, done)
+        write_safetensors_dir(dst, specs, lambda out: source[by_out[out]], max_shard_size, done)
     return _common_dtype(s.dtype for s in specs)
 
 

@@ -21,6 +21,7 @@ from converters.core import ConversionError
 from converters.hf_checkpoint import INDEX_NAME, SINGLE_NAME, ST_DTYPES
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
+BLOCK_BYTES = 64 * 2**20  # a tensor is copied / cast / written in blocks of about this size
 _NAME_OF_DTYPE = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -82,6 +83,14 @@ def _header(specs: Sequence[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _write_blocks(f, arr: np.ndarray, dtype: np.dtype) -> None:
+    """Append `arr` (any view) as C-order bytes of `dtype`, copying at most BLOCK_BYTES at a time."""
+    arr = arr.reshape(1) if arr.ndim == 0 else arr
+    rows = max(1, BLOCK_BYTES // max(1, arr[0].size * dtype.itemsize))
+    for start in range(0, arr.shape[0], rows):
+        f.write(np.ascontiguousarray(arr[start : start + rows], dtype=dtype).reshape(-1).view(np.uint8).data)
+
+
 def write_safetensors_dir(
     directory: Path,
     specs: Sequence[TensorSpec],
@@ -91,7 +100,8 @@ def write_safetensors_dir(
 ) -> None:
     """Write `specs` (in order) as model.safetensors, or as numbered shards plus model.safetensors.index.json.
 
-    `get(key)` produces each tensor when its turn comes; it must match its spec's shape and dtype.
+    `get(key)` produces each tensor (any view) when its turn comes, in its spec's shape; it is cast to the
+    spec's dtype block by block.
     """
     shards = plan_shards(specs, max_shard_size)
     names = [SINGLE_NAME] if len(shards) == 1 else [
@@ -101,13 +111,10 @@ def write_safetensors_dir(
         with open(directory / name, "wb") as f:
             f.write(_header(shard))
             for spec in shard:
-                arr = np.ascontiguousarray(get(spec.key))
-                if arr.shape != spec.shape or arr.dtype != spec.dtype:
-                    raise ConversionError(
-                        f"{spec.key}: produced {arr.dtype.name}{list(arr.shape)}, expected "
-                        f"{spec.dtype.name}{list(spec.shape)}"
-                    )
-                f.write(arr.reshape(-1).view(np.uint8).data)
+                arr = get(spec.key)
+                if tuple(arr.shape) != spec.shape:
+                    raise ConversionError(f"{spec.key}: produced shape {list(arr.shape)}, expected {list(spec.shape)}")
+                _write_blocks(f, arr, spec.dtype)
                 del arr
                 if on_tensor is not None:
                     on_tensor(spec)

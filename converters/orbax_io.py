@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import math
 import time
@@ -40,6 +41,9 @@ from sail_jax.config import ModelConfig, model_config_from_dict, to_dict
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+# Upper bound on one zarr chunk: the writer's working memory is a few chunks (Orbax's default is a whole shard,
+# up to 2 GB); reads are unaffected beyond more, smaller requests.
+CHUNK_BYTES = 64 * 2**20
 _TH = ocp.type_handlers
 
 
@@ -182,18 +186,32 @@ class ParamsWriter:
                 name=_param_name(path), parent_dir=self.dir, is_ocdbt_checkpoint=True, use_zarr3=False,
                 use_compression=True, ts_context=self._ctx,
             )
+            args = ocp.SaveArgs(shard_axes=tuple(range(leaf.stacked)), chunk_byte_size=CHUNK_BYTES)
             spec = _TH.get_json_tspec_write(
                 info, use_ocdbt=True, global_shape=leaf.shape, local_shape=self.write_shape(path),
-                dtype=self._dtypes[path], process_index=0, arg=ocp.SaveArgs(shard_axes=tuple(range(leaf.stacked))),
+                dtype=self._dtypes[path], process_index=0, arg=args,
             )
             self._chunks[path] = list(spec["metadata"]["chunks"])
             self._open[path] = ts.open(spec, create=True, open=True, context=self._ctx).result()
         return self._open[path]
 
     def write(self, path: tuple[str, ...], index: tuple[int, ...], value: np.ndarray) -> None:
-        """Write one slice (`index` over the stacked axes; () = the whole array) and wait for it."""
+        """Write one slice (`index` over the stacked axes; () = the whole array), chunk by chunk.
+
+        `value` may be any strided view (e.g. a transpose): TensorStore copies each chunk out of it directly,
+        so the extra memory is a few chunks, not a copy of the tensor. Only a dtype change copies in numpy.
+        """
         store = self._store(path)
-        (store[index] if index else store).write(np.asarray(value, self._dtypes[path])).result()
+        region = store[index] if index else store
+        chunk = self._chunks[path][len(index):]
+        if tuple(value.shape) != tuple(region.shape):
+            raise ConversionError(f"{'/'.join(path)}{list(index)}: got shape {value.shape}, expected {region.shape}")
+        dtype = self._dtypes[path]
+        for box in itertools.product(*(
+            [slice(start, min(start + c, n)) for start in range(0, n, c)] for n, c in zip(value.shape, chunk)
+        )):
+            piece = value[box] if value.dtype == dtype else np.asarray(value[box], dtype)
+            region[box].write(piece).result()
         self._left[path] -= 1
         if self._left[path] == 0:
             del self._open[path]  # complete: release the TensorStore handle
