@@ -10,9 +10,10 @@ experts) into arrays far larger than any single upstream tensor. `ParamsWriter` 
 itself, one upstream tensor at a time, in the format Orbax's own array handlers produce: it asks Orbax's public
 `type_handlers.get_json_tspec_write` for the TensorStore spec of every array (zarr in an OCDBT store under
 `ocdbt.process_0/`, the chunk layout Orbax would choose), with Orbax's `shard_axes` option cutting stacked axes
-into chunks of one slice so each upstream tensor fills whole chunks. Slices are written with TensorStore and
-awaited before the next tensor is read; afterwards Orbax's `merge_ocdbt_per_process_files` builds the root
-OCDBT manifest, and the `_METADATA` tree file (plus `_sharding` and `array_metadatas/` for a mesh layout) is
+into chunks of one slice so each upstream tensor fills whole chunks. Chunks are copied by TensorStore straight
+out of the (possibly transposed) source view into a transaction that is committed every 128 MiB, so memory
+stays at one upstream tensor plus a bounded batch; afterwards Orbax's `merge_ocdbt_per_process_files` builds
+the root OCDBT manifest, and the `_METADATA` tree file (plus `_sharding` and `array_metadatas/` for a mesh layout) is
 written in Orbax's on-disk format. Without a mesh the leaves are recorded as host numpy arrays, which restore
 onto whatever shardings the caller's target asks for; with a mesh they are jax.Arrays whose chunks follow the
 shards of that mesh and whose sharding metadata names it.
@@ -44,6 +45,9 @@ MODEL_CONFIG = "model_config"
 # Upper bound on one zarr chunk: the writer's working memory is a few chunks (Orbax's default is a whole shard,
 # up to 2 GB); reads are unaffected beyond more, smaller requests.
 CHUNK_BYTES = 64 * 2**20
+# Writes are staged in a TensorStore transaction and committed every COMMIT_BYTES: one OCDBT commit per small
+# slice (e.g. per expert) costs ~25 ms and a data file each; staging bounds the memory this batching costs.
+COMMIT_BYTES = 128 * 2**20
 _TH = ocp.type_handlers
 
 
@@ -174,6 +178,8 @@ class ParamsWriter:
         self._left = {p: math.prod(leaf.shape[: leaf.stacked]) for p, leaf in leaves.items()}
         self._chunks: dict[tuple[str, ...], list[int]] = {}
         self._open: dict[tuple[str, ...], ts.TensorStore] = {}
+        self._txn: ts.Transaction | None = None
+        self._staged = 0
 
     def write_shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
         shape = self._leaves[path].shape
@@ -211,13 +217,24 @@ class ParamsWriter:
             [slice(start, min(start + c, n)) for start in range(0, n, c)] for n, c in zip(value.shape, chunk)
         )):
             piece = value[box] if value.dtype == dtype else np.asarray(value[box], dtype)
-            region[box].write(piece).result()
+            if self._txn is None:
+                self._txn = ts.Transaction()
+            region.with_transaction(self._txn)[box].write(piece).result()  # staged: `piece` may go now
+            self._staged += piece.nbytes
+            if self._staged >= COMMIT_BYTES:
+                self._commit()
         self._left[path] -= 1
         if self._left[path] == 0:
             del self._open[path]  # complete: release the TensorStore handle
 
+    def _commit(self) -> None:
+        if self._txn is not None:
+            self._txn.commit_async().result()
+        self._txn, self._staged = None, 0
+
     def finalize(self) -> None:
         """Check every slice was written, merge the OCDBT store, write Orbax's metadata files."""
+        self._commit()
         partial = sorted("/".join(p) for p, n in self._left.items() if n)
         if partial:
             raise ConversionError(f"arrays not completely written: {partial[:5]}")
