@@ -9,6 +9,7 @@ only when complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -231,8 +232,6 @@ def _write_hf(
 
 
 def _json(path: Path, obj: dict) -> None:
-    import json
-
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 

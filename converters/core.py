@@ -178,10 +178,16 @@ def make_plan(entries: Iterable[Entry], abstract: Any) -> Plan:
     slices: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
     for e in entries:
         if e.path not in flat:
-            raise ConversionError(f"our param path {'/'.join(e.path)} (for {e.hf_key!r}) does not exist in the model")
+            raise ConversionError(
+                f"our param path {'/'.join(e.path)} (for {e.hf_key!r}) is not among the arrays given "
+                "(a different model config or layout?)"
+            )
         got = slices.setdefault(e.path, set())
-        if got and len(next(iter(got))) != len(e.index) or e.index in got:
-            raise ConversionError(f"mapping table fills {'/'.join(e.path)} {e.index} twice or inconsistently")
+        shape = flat[e.path][0]
+        if (got and len(next(iter(got))) != len(e.index)) or e.index in got or any(
+            not 0 <= i < n for i, n in zip(e.index, shape)
+        ):
+            raise ConversionError(f"mapping table fills {'/'.join(e.path)} {shape} at {e.index} twice or out of range")
         got.add(e.index)
     uncovered = sorted("/".join(p) for p in flat if p not in slices)
     if uncovered:

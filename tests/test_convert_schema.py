@@ -110,3 +110,16 @@ def test_written_configs_read_back(preset, tmp_path):
         assert type(hf).__name__ == "Qwen3MoeConfig"
         assert (hf.num_local_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, hf.norm_topk_prob) == (
             m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.norm_topk_prob)
+
+
+def test_plan_rejects_a_tree_of_another_layout_or_model():
+    from converters.core import ConversionError
+
+    cfg = get_preset("tiny", scan_layers=True)
+    scanned = abstract_model_params(cfg)["params"]
+    unscanned_path = r"our param path vision_model/blocks_0/\S+ \(for .vision_model.trunk.blocks.0.*is not among"
+    with pytest.raises(ConversionError, match=unscanned_path):
+        make_plan(model_entries(cfg, scanned=False), scanned)
+    extra = {**scanned, "extra": {"kernel": scanned["mlp1"]["linear_1"]["kernel"]}}
+    with pytest.raises(ConversionError, match=r"our params \['extra/kernel'\] are not covered by the mapping table"):
+        make_plan(model_entries(cfg, scanned=True), extra)
