@@ -289,3 +289,17 @@ def test_loaded_checkpoint_matches_stored_layout(unscanned):
     cfg, params = load_checkpoint(unscanned, RuntimeConfig(scan_layers=True, param_dtype="float32"))
     assert not cfg.runtime.scan_layers and cfg.runtime.param_dtype == "float32"
     assert params["params"]["language_model"]["layers_1"]["mlp"]["up_proj"]["kernel"].dtype == np.float32
+
+
+def test_restore_params_onto_shardings_and_config_check(scanned, unscanned):
+    from converters.orbax_io import restore_params
+
+    cfg = load_model_config(scanned)
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    got = restore_params(scanned, cfg, shardings=tree_shardings(abstract_model_params(cfg)["params"], mesh))
+    q = got["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # [L, D, H, hd]
+    want = ocp.StandardCheckpointer().restore(scanned / "params")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, want)
+    with pytest.raises(ConversionError, match=r"do not match the model config \(scan_layers=False\)"):
+        restore_params(scanned, load_model_config(unscanned))
