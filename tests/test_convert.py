@@ -65,7 +65,8 @@ def _restore_plain(d, mesh):
 def test_round_trip_is_byte_identical(layout, request, tmp_path, fixture_tensors):
     d = request.getfixturevalue(layout)
     out = tmp_path / "hf"
-    assert main(["convert", "orbax-to-hf", "--src", str(d), "--dst", str(out), "--no-progress"]) == 0
+    assert main(["convert", "orbax-to-hf", "--src", str(d), "--dst", str(out), "--no-progress",
+                 "--tokenizer", str(CKPT)]) == 0
     tensors, metadata = read_safetensors_dir(out)
     assert metadata == [{"format": "pt"}]
     assert_same_tensors(tensors, fixture_tensors)
@@ -76,6 +77,11 @@ def test_round_trip_is_byte_identical(layout, request, tmp_path, fixture_tensors
     assert json.loads((out / "generation_config.json").read_text()) == json.loads(
         (CKPT / "generation_config.json").read_text()
     )
+    # --tokenizer copied every tokenizer / processor file of the upstream folder, and nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in CKPT.iterdir())
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja",
+                 "preprocessor_config.json"):
+        assert (out / name).read_bytes() == (CKPT / name).read_bytes()
 
 
 @pytest.mark.parametrize("layout", ["unscanned", "scanned"])
