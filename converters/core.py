@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -10,9 +12,11 @@ import numpy as np
 
 from converters.mapping import TRANSFORMS, Entry
 
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
 
 class ConversionError(ValueError):
-    """A key is missing, unexpected, or has the wrong shape; the message names it."""
+    """A key is missing, unexpected, or has the wrong shape or dtype; the message names it."""
 
 
 def _shape_dtype_tree(abstract: Any) -> dict:
@@ -120,3 +124,127 @@ def export_tensors(entries: Iterable[Entry], params: Mapping, dtype: Any = None)
         if dtype is not None:
             x = x.astype(dtype)
         yield e.hf_key, x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming plans: what each HF tensor fills, checked against a source before any data is read.
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One of our arrays: its shape, how many leading axes are filled slice by slice, logical axis names."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    stacked: int
+    names: tuple[str | None, ...] | None = None
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        return self.shape[self.stacked:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The mapping-table entries of one layout, resolved against our array shapes."""
+
+    entries: tuple[Entry, ...]
+    leaves: dict[tuple[str, ...], Leaf]
+
+    def hf_shape(self, e: Entry) -> tuple[int, ...]:
+        return tuple(TRANSFORMS[e.transform].hf_shape(self.leaves[e.path].slice_shape))
+
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {e.hf_key: self.hf_shape(e) for e in self.entries}
+
+
+def flat_abstract(abstract: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple | None]]:
+    """{path: (shape, logical names or None)} of a boxed or unboxed tree of arrays / ShapeDtypeStructs."""
+    import flax.linen as nn
+
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    out = {}
+    for kp, x in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_box)[0]:
+        path = tuple(str(getattr(k, "key", k)) for k in kp)
+        names = tuple(x.names) if is_box(x) else None
+        out[path] = (tuple(nn.unbox(x).shape), names)
+    return out
+
+
+def make_plan(entries: Iterable[Entry], abstract: Any) -> Plan:
+    """Resolve `entries` against our param shapes; every array must be exactly covered by the table."""
+    entries = tuple(entries)
+    flat = flat_abstract(abstract)
+    slices: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
+    for e in entries:
+        if e.path not in flat:
+            raise ConversionError(
+                f"our param path {'/'.join(e.path)} (for {e.hf_key!r}) is not among the arrays given "
+                "(a different model config or layout?)"
+            )
+        got = slices.setdefault(e.path, set())
+        shape = flat[e.path][0]
+        if (got and len(next(iter(got))) != len(e.index)) or e.index in got or any(
+            not 0 <= i < n for i, n in zip(e.index, shape)
+        ):
+            raise ConversionError(f"mapping table fills {'/'.join(e.path)} {shape} at {e.index} twice or out of range")
+        got.add(e.index)
+    uncovered = sorted("/".join(p) for p in flat if p not in slices)
+    if uncovered:
+        raise ConversionError(f"our params {uncovered[:5]} are not covered by the mapping table")
+    leaves = {}
+    for path, (shape, names) in flat.items():
+        stacked = len(next(iter(slices[path])))
+        if len(slices[path]) != math.prod(shape[:stacked]):
+            raise ConversionError(
+                f"{'/'.join(path)} {shape}: the table fills {len(slices[path])} of "
+                f"{math.prod(shape[:stacked])} slices"
+            )
+        leaves[path] = Leaf(path, shape, stacked, names)
+    return Plan(entries, leaves)
+
+
+def check_source(
+    plan: Plan,
+    keys: Iterable[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+    dtype_of: Callable[[str], np.dtype],
+    source: str,
+) -> None:
+    """Missing, unexpected, mis-shaped or non-float tensors of a source; raised before any data is read."""
+    keys = set(keys)
+    want = plan.hf_shapes()
+    missing = [k for k in want if k not in keys]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"{source}: missing keys {missing[:5]}{more}")
+    unexpected = sorted(keys - set(want))
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ConversionError(f"{source}: unexpected keys {unexpected[:5]}{more}")
+    for e in plan.entries:
+        got = tuple(shape_of(e.hf_key))
+        if got != want[e.hf_key]:
+            leaf = plan.leaves[e.path]
+            raise ConversionError(
+                f"{source}: key {e.hf_key!r} has shape {got}, expected {want[e.hf_key]} "
+                f"(our {'/'.join(e.path)} {leaf.shape})"
+            )
+        dt = np.dtype(dtype_of(e.hf_key))
+        if dt.name not in FLOAT_DTYPES:
+            raise ConversionError(f"{source}: key {e.hf_key!r} has dtype {dt.name}; expected one of {FLOAT_DTYPES}")
+
+
+def leaf_dtypes(plan: Plan, dtype_of: Callable[[str], np.dtype], source: str) -> dict[tuple[str, ...], np.dtype]:
+    """Stored dtype of each of our arrays; all slices of a stacked array must agree."""
+    out: dict[tuple[str, ...], tuple[np.dtype, str]] = {}
+    for e in plan.entries:
+        dt = np.dtype(dtype_of(e.hf_key))
+        if e.path in out and out[e.path][0] != dt:
+            first_dt, first_key = out[e.path]
+            raise ConversionError(
+                f"{source}: key {e.hf_key!r} has dtype {dt.name} but {first_key!r} has {first_dt.name}; both fill "
+                f"{'/'.join(e.path)} (pass a dtype to convert them to one)"
+            )
+        out.setdefault(e.path, (dt, e.hf_key))
+    return {p: v[0] for p, v in out.items()}

@@ -33,14 +33,29 @@ def load_sailvl_checkpoint(
 
 
 def load_checkpoint(directory: str | Path, runtime: RuntimeConfig | None = None) -> tuple[ModelConfig, dict]:
-    """Any checkpoint directory we can run -> (config, device params in the runtime's param dtype)."""
+    """Any checkpoint directory we can run -> (config, device params in the runtime's param dtype).
+
+    Upstream directories are read in the runtime's layout; our checkpoints (params/ + model_config/, also a
+    trainer step directory) keep their stored layout (`scan_layers`), everything else comes from `runtime`.
+    """
+    import dataclasses
+
     import jax
+
+    from converters.orbax_io import is_our_checkpoint, load_model_config, restore_params
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory not found")
-    if not (directory / "config.json").exists():
-        raise ValueError(f"{directory}: no config.json (expected an upstream SAIL-VL2 checkpoint directory)")
     runtime = runtime or RuntimeConfig()
+    if is_our_checkpoint(directory):
+        stored = load_model_config(directory)
+        cfg = stored.replace(runtime=dataclasses.replace(runtime, scan_layers=stored.runtime.scan_layers))
+        return cfg, {"params": restore_params(directory, cfg, dtype=runtime.param_dtype)}
+    if not (directory / "config.json").exists():
+        raise ValueError(
+            f"{directory}: no config.json and no params/ + model_config/ (expected an upstream SAIL-VL2 checkpoint "
+            "directory or a sail-jax checkpoint)"
+        )
     cfg, params = load_sailvl_checkpoint(directory, runtime)
     return cfg, jax.tree.map(jnp.asarray, params)

@@ -19,7 +19,11 @@ from sail_jax.config import LLMConfig, ModelConfig, VisionConfig
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """`to_ours(hf_array, our_slice_shape)` and `to_hf(our_slice, hf_shape)`; `hf_shape(our_slice_shape)`."""
+    """`to_ours(hf_array, our_slice_shape)` and `to_hf(our_slice, hf_shape)`; `hf_shape(our_slice_shape)`.
+
+    Both directions return views where numpy can (transposes, axis splits/merges): the streaming converters copy
+    block by block, so a large tensor is never duplicated whole.
+    """
 
     to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
@@ -33,8 +37,8 @@ def _linear(n_in: int) -> Transform:
         return math.prod(shape[:n_in]), math.prod(shape[n_in:])
 
     return Transform(
-        to_ours=lambda x, shape: np.ascontiguousarray(x.T).reshape(shape),
-        to_hf=lambda y: np.ascontiguousarray(y.reshape(split(y.shape)).T),
+        to_ours=lambda x, shape: x.T.reshape(shape),
+        to_hf=lambda y: y.reshape(split(y.shape)).T,
         hf_shape=lambda shape: split(shape)[::-1],
     )
 
@@ -45,8 +49,8 @@ TRANSFORMS: dict[str, Transform] = {
     "linear_in2": _linear(2),
     # Conv2d [out, in, kh, kw] <-> flax Conv [kh, kw, in, out]
     "conv": Transform(
-        to_ours=lambda x, shape: np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
-        to_hf=lambda y: np.ascontiguousarray(y.transpose(3, 2, 0, 1)),
+        to_ours=lambda x, shape: x.transpose(2, 3, 1, 0),
+        to_hf=lambda y: y.transpose(3, 2, 0, 1),
         hf_shape=lambda s: (s[3], s[2], s[0], s[1]),
     ),
     # flat [prod(shape)] <-> our shape (e.g. a fused qkv bias [3C] <-> [3, H, hd])

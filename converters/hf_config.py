@@ -1,0 +1,131 @@
+"""config.json writers: the upstream SAIL-VL2 schema (read by the original remote code) and plain transformers
+Qwen3 / Qwen3-MoE configs (for `export-llm`).
+
+The upstream layout follows the released 2B config.json field by field (as kept in tests/data/sailvl2-tiny), with
+the values that describe the model taken from our ModelConfig. Two deliberate differences from the release:
+`attn_implementation` is "eager" (the released "sdpa" makes the original Qwen3 code install an NPU-only kernel),
+and `tie_word_embeddings` is false, because we always store `language_model.lm_head.weight` and it is loaded
+untied (reference §8.3); a reader that honoured `true` would silently drop it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sail_jax.config import PAD_TOKEN_ID, LLMConfig, ModelConfig
+
+BOS_TOKEN_ID = 151643
+EOS_TOKEN_ID = 151645
+UPSTREAM_TRANSFORMERS_VERSION = "4.51.0"
+
+# The generic PretrainedConfig fields transformers 4.51 writes into every (sub-)config, as in the release.
+_PRETRAINED_FIELDS: dict[str, Any] = {
+    "_name_or_path": "", "add_cross_attention": False, "bad_words_ids": None, "begin_suppress_tokens": None,
+    "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None, "decoder_start_token_id": None,
+    "diversity_penalty": 0.0, "do_sample": False, "early_stopping": False, "encoder_no_repeat_ngram_size": 0,
+    "exponential_decay_length_penalty": None, "finetuning_task": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False,
+    "is_encoder_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "length_penalty": 1.0,
+    "max_length": 20, "min_length": 0, "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1,
+    "num_return_sequences": 1, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
+    "prefix": None, "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False,
+    "repetition_penalty": 1.0, "return_dict": True, "return_dict_in_generate": False, "sep_token_id": None,
+    "suppress_tokens": None, "task_specific_params": None, "temperature": 1.0, "tf_legacy_loss": False,
+    "tie_encoder_decoder": False, "tokenizer_class": None, "top_k": 50, "top_p": 1.0, "torchscript": False,
+    "transformers_version": UPSTREAM_TRANSFORMERS_VERSION, "typical_p": 1.0, "use_bfloat16": False,
+}
+
+
+def _moe_fields(llm: LLMConfig) -> dict[str, Any]:
+    m = llm.moe
+    assert m is not None
+    return {
+        "decoder_sparse_step": m.decoder_sparse_step, "mlp_only_layers": list(m.mlp_only_layers),
+        "moe_intermediate_size": m.moe_intermediate_size, "norm_topk_prob": m.norm_topk_prob,
+        "num_experts": m.num_experts, "num_experts_per_tok": m.num_experts_per_tok, "output_router_logits": False,
+        "router_aux_loss_coef": m.router_aux_loss_coef,
+    }
+
+
+def _qwen3_fields(llm: LLMConfig) -> dict[str, Any]:
+    """The architecture fields shared by both schemas."""
+    out = {
+        "architectures": ["Qwen3MoeForCausalLM" if llm.moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if llm.moe else "qwen3",
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID, "head_dim": llm.head_dim, "hidden_act": "silu", "hidden_size": llm.hidden_size,
+        "initializer_range": 0.02, "intermediate_size": llm.intermediate_size,
+        "max_position_embeddings": llm.max_position_embeddings, "max_window_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads, "num_hidden_layers": llm.num_layers,
+        "num_key_value_heads": llm.num_kv_heads, "rms_norm_eps": llm.rms_norm_eps, "rope_scaling": None,
+        "rope_theta": _number(llm.rope_theta), "sliding_window": None, "tie_word_embeddings": False,
+        "use_cache": True, "use_sliding_window": False, "vocab_size": llm.vocab_size,
+    }
+    if llm.moe:
+        out.update(_moe_fields(llm))
+    return out
+
+
+def _number(x: float) -> int | float:
+    """1000000.0 -> 1000000, as the released files spell integral values."""
+    return int(x) if float(x).is_integer() else x
+
+
+def sailvl_config_dict(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """config.json for an upstream SAIL-VL2 directory holding `cfg` stored as `dtype`."""
+    v = cfg.vision
+    llm = {**_PRETRAINED_FIELDS, **_qwen3_fields(cfg.llm), "attn_implementation": "eager", "torch_dtype": dtype}
+    vision = {
+        **_PRETRAINED_FIELDS,
+        "architectures": ["SAILViTModel"],
+        "auto_map": {"AutoConfig": "configuration_sailvit.SAILViTConfig",
+                     "AutoModel": "modeling_sailvit.SAILViTModel"},
+        "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "hidden_size": v.hidden_size, "image_size": v.image_size, "intermediate_size": v.intermediate_size,
+        "model_type": "sailvit", "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
+        "num_hidden_layers": v.num_layers, "patch_size": v.patch_size, "projection_dropout": 0.0,
+        "qkv_bias": v.qkv_bias, "rms_norm_eps": v.rms_norm_eps, "tie_word_embeddings": True, "torch_dtype": dtype,
+        "use_bias": v.use_bias,
+    }
+    top = {
+        "_commit_hash": None,
+        "architectures": ["SAILVLModel"],
+        "auto_map": {"AutoConfig": "configuration_sailvl.SAILVLConfig", "AutoModel": "modeling_sailvl.SAILVLModel",
+                     "AutoModelForCausalLM": "modeling_sailvl.SAILVLModel"},
+        "downsample_ratio": cfg.adapter.downsample_ratio, "dynamic_image_size": True,
+        "force_image_size": v.image_size, "llm_config": dict(sorted(llm.items())),
+        "max_dynamic_patch": cfg.max_dynamic_patch, "min_dynamic_patch": cfg.min_dynamic_patch,
+        "model_type": "sailvl", "pad2square": False, "ps_version": cfg.adapter.ps_version,
+        "select_layer": cfg.select_layer, "template": cfg.template, "torch_dtype": dtype,
+        "transformers_version": None, "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": cfg.use_thumbnail,
+        "vision_config": dict(sorted(vision.items())),
+    }
+    return top
+
+
+def generation_config_dict() -> dict[str, Any]:
+    """The released generation_config.json (it carries no generation settings)."""
+    return {"_from_model_config": True, "transformers_version": UPSTREAM_TRANSFORMERS_VERSION}
+
+
+def llm_generation_config_dict() -> dict[str, Any]:
+    """generation_config.json of an exported LLM: the ids SAIL-VL2 generates with (eos = <|im_end|>)."""
+    return {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID,
+            "do_sample": False}
+
+
+def transformers_llm_config_dict(llm: LLMConfig, dtype: str) -> dict[str, Any]:
+    """config.json of a plain transformers Qwen3 / Qwen3-MoE model.
+
+    transformers v5 reads RoPE from `rope_parameters`; the top-level `rope_theta` keeps v4 readers working.
+    `num_experts` is the v4 name, which v5 maps onto `num_local_experts`.
+    """
+    out = _qwen3_fields(llm)
+    del out["rope_scaling"]
+    out.update({
+        "rope_parameters": {"rope_theta": _number(llm.rope_theta), "rope_type": "default"},
+        "layer_types": ["full_attention"] * llm.num_layers,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    })
+    return dict(sorted(out.items()))

@@ -1,0 +1,296 @@
+"""Our checkpoint layout and its readers/writers.
+
+A checkpoint directory D holds two Orbax items, exactly as a trainer step directory does:
+  D/params/        the unboxed param tree, restorable with `ocp.StandardCheckpointer().restore(D / "params", target)`
+  D/model_config/  a JSON item with `sail_jax.config.to_dict(cfg)`
+plus D/_CHECKPOINT_METADATA naming the two items' handlers, as `ocp.CheckpointManager` writes for a step.
+
+Streaming writer. Orbax's `save` serialises a whole in-memory tree, and a scanned layout stacks layers (and
+experts) into arrays far larger than any single upstream tensor. `ParamsWriter` therefore writes each array
+itself, one upstream tensor at a time, in the format Orbax's own array handlers produce: it asks Orbax's public
+`type_handlers.get_json_tspec_write` for the TensorStore spec of every array (zarr in an OCDBT store under
+`ocdbt.process_0/`, the chunk layout Orbax would choose), with Orbax's `shard_axes` option cutting stacked axes
+into chunks of one slice so each upstream tensor fills whole chunks. Chunks are copied by TensorStore straight
+out of the (possibly transposed) source view into a transaction that is committed every 128 MiB, so memory
+stays at one upstream tensor plus a bounded batch; afterwards Orbax's `merge_ocdbt_per_process_files` builds
+the root OCDBT manifest, and the `_METADATA` tree file (plus `_sharding` and `array_metadatas/` for a mesh layout) is
+written in Orbax's on-disk format. Without a mesh the leaves are recorded as host numpy arrays, which restore
+onto whatever shardings the caller's target asks for; with a mesh they are jax.Arrays whose chunks follow the
+shards of that mesh and whose sharding metadata names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from converters.core import ConversionError, Leaf
+from sail_jax.config import ModelConfig, model_config_from_dict, to_dict
+
+PARAMS = "params"
+MODEL_CONFIG = "model_config"
+# Upper bound on one zarr chunk: the writer's working memory is a few chunks (Orbax's default is a whole shard,
+# up to 2 GB); reads are unaffected beyond more, smaller requests.
+CHUNK_BYTES = 64 * 2**20
+# Writes are staged in a TensorStore transaction and committed every COMMIT_BYTES: one OCDBT commit per small
+# slice (e.g. per expert) costs ~25 ms and a data file each; staging bounds the memory this batching costs.
+COMMIT_BYTES = 128 * 2**20
+_TH = ocp.type_handlers
+
+
+def is_our_checkpoint(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / PARAMS).is_dir() and (d / MODEL_CONFIG).is_dir()
+
+
+def _typestr(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def save_model_config(directory: Path, cfg: ModelConfig) -> None:
+    """D/model_config as the JSON item a trainer's CheckpointManager writes (`ocp.args.JsonSave`)."""
+    item = directory / MODEL_CONFIG
+    item.mkdir(parents=True)
+    ocp.JsonCheckpointHandler().save(epath.Path(item), args=ocp.args.JsonSave(to_dict(cfg)))
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    item = Path(directory) / MODEL_CONFIG
+    if not item.is_dir():
+        raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG}/ item (not a sail-jax checkpoint)")
+    return model_config_from_dict(ocp.JsonCheckpointHandler().restore(epath.Path(item), args=ocp.args.JsonRestore()))
+
+
+def write_step_metadata(directory: Path) -> None:
+    """D/_CHECKPOINT_METADATA naming each item's handler, so D reads like a CheckpointManager step."""
+    now = time.time_ns()
+    meta = {
+        "item_handlers": {MODEL_CONFIG: _typestr(ocp.JsonCheckpointHandler),
+                          PARAMS: _typestr(ocp.StandardCheckpointHandler)},
+        "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
+        "custom_metadata": {},
+    }
+    (directory / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+
+
+def _param_name(path: tuple[str, ...]) -> str:
+    return ".".join(path)  # how Orbax names a leaf's array inside the checkpoint
+
+
+def _tree_metadata(directory: str | Path):
+    params = Path(directory) / PARAMS
+    if not params.is_dir():
+        raise FileNotFoundError(f"{directory}: no {PARAMS}/ item")
+    return ocp.StandardCheckpointHandler().metadata(epath.Path(params))
+
+
+def _arrays(meta) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    flat = jax.tree_util.tree_flatten_with_path(meta.tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {
+        tuple(str(getattr(k, "key", k)) for k in kp): jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
+        for kp, m in flat
+    }
+
+
+def stored_arrays(directory: str | Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """{path: shape/dtype} of every array in D/params (reads metadata only)."""
+    return _arrays(_tree_metadata(directory))
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """{path tuple: leaf} -> nested dict."""
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return out
+
+
+def restore_params(
+    directory: str | Path, cfg: ModelConfig | None = None, shardings: Any = None, dtype: Any = None
+) -> dict:
+    """The param tree of D as jax.Arrays.
+
+    `shardings`: None (first device), one Sharding for every array, or a tree matching the params.
+    `dtype` casts on read. With `cfg`, the stored arrays must be exactly the model's (same layout and shapes).
+    """
+    stored = stored_arrays(directory)
+    if cfg is not None:
+        from converters.core import flat_abstract
+        from sail_jax.params import abstract_model_params
+
+        want = {p: s for p, (s, _) in flat_abstract(abstract_model_params(cfg)["params"]).items()}
+        have = {p: a.shape for p, a in stored.items()}
+        if want != have:
+            diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+            raise ConversionError(
+                f"{directory}: stored params do not match the model config (scan_layers="
+                f"{cfg.runtime.scan_layers}); first differences (path, shape): {diff}"
+            )
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = unflatten({p: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype) for p, a in stored.items()})
+    if isinstance(shardings, jax.sharding.Sharding):
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), target)
+    else:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+    return ocp.StandardCheckpointer().restore(epath.Path(Path(directory) / PARAMS), target)
+
+
+class ParamsWriter:
+    """Stream our arrays into D/params slice by slice (see the module docstring for the format)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        leaves: Mapping[tuple[str, ...], Leaf],
+        dtypes: Mapping[tuple[str, ...], np.dtype],
+        mesh: jax.sharding.AbstractMesh | None = None,
+    ):
+        from sail_jax.sharding import logical_to_sharding
+
+        self.dir = epath.Path(directory)
+        self.dir.mkdir(parents=True)
+        self._ctx = _TH.get_ts_context(use_ocdbt=True)
+        self._mesh = mesh
+        self._leaves = dict(leaves)
+        self._dtypes = {p: np.dtype(d) for p, d in dtypes.items()}
+        self._shardings = {}
+        if mesh is not None:
+            for p, leaf in leaves.items():
+                names = leaf.names or (None,) * len(leaf.shape)
+                self._shardings[p] = logical_to_sharding(names, leaf.shape, mesh)
+        self._left = {p: math.prod(leaf.shape[: leaf.stacked]) for p, leaf in leaves.items()}
+        self._chunks: dict[tuple[str, ...], list[int]] = {}
+        self._open: dict[tuple[str, ...], ts.TensorStore] = {}
+        self._txn: ts.Transaction | None = None
+        self._staged = 0
+
+    def write_shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        shape = self._leaves[path].shape
+        return tuple(self._shardings[path].shard_shape(shape)) if path in self._shardings else shape
+
+    def _store(self, path: tuple[str, ...]) -> ts.TensorStore:
+        if path not in self._open:
+            leaf = self._leaves[path]
+            info = _TH.ParamInfo(
+                name=_param_name(path), parent_dir=self.dir, is_ocdbt_checkpoint=True, use_zarr3=False,
+                use_compression=True, ts_context=self._ctx,
+            )
+            args = ocp.SaveArgs(shard_axes=tuple(range(leaf.stacked)), chunk_byte_size=CHUNK_BYTES)
+            spec = _TH.get_json_tspec_write(
+                info, use_ocdbt=True, global_shape=leaf.shape, local_shape=self.write_shape(path),
+                dtype=self._dtypes[path], process_index=0, arg=args,
+            )
+            self._chunks[path] = list(spec["metadata"]["chunks"])
+            self._open[path] = ts.open(spec, create=True, open=True, context=self._ctx).result()
+        return self._open[path]
+
+    def write(self, path: tuple[str, ...], index: tuple[int, ...], value: np.ndarray) -> None:
+        """Write one slice (`index` over the stacked axes; () = the whole array), chunk by chunk.
+
+        `value` may be any strided view (e.g. a transpose): TensorStore copies each chunk out of it directly,
+        so the extra memory is a few chunks, not a copy of the tensor. Only a dtype change copies in numpy.
+        """
+        store = self._store(path)
+        region = store[index] if index else store
+        chunk = self._chunks[path][len(index):]
+        if tuple(value.shape) != tuple(region.shape):
+            raise ConversionError(f"{'/'.join(path)}{list(index)}: got shape {value.shape}, expected {region.shape}")
+        dtype = self._dtypes[path]
+        for box in itertools.product(*(
+            [slice(start, min(start + c, n)) for start in range(0, n, c)] for n, c in zip(value.shape, chunk)
+        )):
+            piece = value[box] if value.dtype == dtype else np.asarray(value[box], dtype)
+            if self._txn is None:
+                self._txn = ts.Transaction()
+            region.with_transaction(self._txn)[box].write(piece).result()  # staged: `piece` may go now
+            self._staged += piece.nbytes
+            if self._staged >= COMMIT_BYTES:
+                self._commit()
+        self._left[path] -= 1
+        if self._left[path] == 0:
+            del self._open[path]  # complete: release the TensorStore handle
+
+    def _commit(self) -> None:
+        if self._txn is not None:
+            self._txn.commit_async().result()
+        self._txn, self._staged = None, 0
+
+    def finalize(self) -> None:
+        """Check every slice was written, merge the OCDBT store, write Orbax's metadata files."""
+        self._commit()
+        partial = sorted("/".join(p) for p, n in self._left.items() if n)
+        if partial:
+            raise ConversionError(f"arrays not completely written: {partial[:5]}")
+        asyncio.run(_TH.merge_ocdbt_per_process_files(self.dir, ts_context=self._ctx, use_zarr3=False))
+        kind = "np.ndarray" if self._mesh is None else "jax.Array"
+        tree = {}
+        for path in self._leaves:
+            value = {"value_type": kind, "skip_deserialize": False}
+            if self._mesh is not None:
+                value["write_shape"] = list(self.write_shape(path))
+            tree[str(path)] = {"key_metadata": [{"key": k, "key_type": 2} for k in path], "value_metadata": value}
+        meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        (self.dir / "_METADATA").write_text(json.dumps(meta))
+        if self._mesh is not None:
+            self._write_sharding_metadata()
+
+    def _write_sharding_metadata(self) -> None:
+        mesh = self._mesh
+        shardings = {}
+        array_metas = []
+        for path, s in self._shardings.items():
+            meta = ocp.metadata.NamedShardingMetadata(
+                shape=np.asarray(list(mesh.shape.values())), axis_names=list(mesh.axis_names),
+                partition_spec=tuple(s.spec), axis_types=tuple(mesh.axis_types),
+            )
+            key = base64.urlsafe_b64encode(_param_name(path).encode()).decode()
+            shardings[key] = meta.to_serialized_string()
+            array_metas.append({"array_metadata": {
+                "param_name": _param_name(path), "write_shape": list(self.write_shape(path)),
+                "chunk_shape": self._chunks[path], "ext_metadata": None,
+            }})
+        (self.dir / "_sharding").write_text(json.dumps(shardings))
+        (self.dir / "array_metadatas").mkdir()
+        (self.dir / "array_metadatas" / "process_0").write_text(json.dumps({"array_metadatas": array_metas}))
+
+
+class ParamsReader:
+    """Read slices of the arrays in D/params without loading whole (stacked) arrays."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = epath.Path(Path(directory) / PARAMS)
+        meta = _tree_metadata(directory)
+        self.arrays = _arrays(meta)
+        self._use_zarr3 = bool(meta.use_zarr3)
+        self._use_ocdbt = _TH.is_ocdbt_checkpoint(self.dir)
+        self._ctx = _TH.get_ts_context(use_ocdbt=self._use_ocdbt)
+        self._open: dict[tuple[str, ...], ts.TensorStore] = {}
+
+    def read(self, path: tuple[str, ...], index: tuple[int, ...] = ()) -> np.ndarray:
+        if path not in self._open:
+            info = _TH.ParamInfo(
+                name=_param_name(path), parent_dir=self.dir, is_ocdbt_checkpoint=self._use_ocdbt,
+                use_zarr3=self._use_zarr3, ts_context=self._ctx,
+            )
+            spec = _TH.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+            self._open = {path: ts.open(spec, open=True, context=self._ctx).result()}  # one open array at a time
+        store = self._open[path]
+        return (store[index] if index else store).read().result()

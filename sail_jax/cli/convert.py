@@ -1,0 +1,71 @@
+"""`sail-jax convert`: weight conversion between upstream SAIL-VL2 / PyTorch / transformers and our Orbax layout."""
+
+from __future__ import annotations
+
+import argparse
+
+DIRECTIONS = {
+    "hf-to-orbax": "upstream SAIL-VL2 directory (config.json + safetensors) -> our Orbax checkpoint",
+    "orbax-to-hf": "our Orbax checkpoint -> upstream SAIL-VL2 directory (loadable by the original code)",
+    "torch-to-orbax": "PyTorch .bin/.pt state dict with upstream keys (+ --config) -> our Orbax checkpoint",
+    "export-llm": "the language model alone -> transformers Qwen3ForCausalLM / Qwen3MoeForCausalLM directory",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert weights (streaming, one tensor at a time)")
+    directions = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    for name, help_text in DIRECTIONS.items():
+        d = directions.add_parser(name, help=help_text, description=help_text)
+        d.add_argument("--src", required=True, help="source directory (or .bin/.pt file for torch-to-orbax)")
+        d.add_argument("--dst", required=True, help="destination directory (written atomically)")
+        d.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                       help="store tensors in this dtype (default: as stored in the source)")
+        d.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+        d.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name.endswith("to-orbax"):
+            d.add_argument("--scan-layers", action="store_true", help="stack layers (scanned layout)")
+            d.add_argument("--mesh", default=None,
+                           help="lay arrays out for a mesh, e.g. data=1,fsdp=4,tensor=2,expert=1")
+        else:
+            d.add_argument("--tokenizer", default=None, help="copy tokenizer/processor files from this directory")
+            d.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
+        if name == "torch-to-orbax":
+            d.add_argument("--config", required=True, help="upstream SAIL-VL2 config.json for the architecture")
+    p.set_defaults(func=run)
+
+
+def parse_mesh(text: str):
+    """'data=1,fsdp=2' -> an AbstractMesh over our axes (no devices needed to lay a checkpoint out)."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    from sail_jax.sharding import MESH_AXES
+
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text!r}: expected AXIS=N,... with AXIS in {MESH_AXES} and N >= 1")
+        sizes[name.strip()] = int(value)
+    return AbstractMesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def run(args: argparse.Namespace) -> int:
+    from converters import convert
+
+    common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.direction.endswith("to-orbax"):
+        common.update(scan_layers=args.scan_layers, mesh=parse_mesh(args.mesh) if args.mesh else None)
+        if args.direction == "hf-to-orbax":
+            cfg = convert.hf_to_orbax(args.src, args.dst, **common)
+        else:
+            cfg = convert.torch_to_orbax(args.src, args.config, args.dst, **common)
+        layout = "scanned" if cfg.runtime.scan_layers else "unscanned"
+        print(f"wrote {args.dst}: {layout} layout, params {cfg.runtime.param_dtype}")
+        return 0
+    from converters.hf_writer import parse_size
+
+    fn = convert.orbax_to_hf if args.direction == "orbax-to-hf" else convert.export_llm
+    fn(args.src, args.dst, tokenizer=args.tokenizer, max_shard_size=parse_size(args.max_shard_size), **common)
+    print(f"wrote {args.dst}")
+    return 0
