@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -113,21 +113,6 @@ def _lookup(tree: Mapping, keypath) -> Any:
             return None
         tree = tree[k]
     return tree
-
-
-def export_tensors(entries: Iterable[Entry], params: Mapping, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (hf_key, array) one tensor at a time from our (unboxed) params."""
-    for e in entries:
-        arr = _get_path(params, e.path)
-        y = np.asarray(arr[e.index] if e.index else arr)
-        x = TRANSFORMS[e.transform].to_hf(y)
-        if dtype is not None:
-            x = x.astype(dtype)
-        yield e.hf_key, x
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Streaming plans: what each HF tensor fills, checked against a source before any data is read.
 
 
 @dataclasses.dataclass(frozen=True)

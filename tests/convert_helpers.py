@@ -3,12 +3,10 @@ and reading whole safetensors directories for byte comparisons."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import flax.linen as nn
-import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -20,28 +18,9 @@ from sail_jax.config import ModelConfig
 from sail_jax.params import abstract_model_params
 
 
-def moe_abstract(cfg: ModelConfig, scanned: bool) -> dict:
-    """Our param shapes for a MoE config, built from the config (the layout `converters/mapping.py` documents:
-    router `mlp/gate/kernel` [D,E], experts gate/up [E,D,I] and down [E,I,D], a leading layer axis when scanned)
-    on top of the dense model's abstract init, so the tests do not need the MoE layer."""
-    llm = cfg.llm
-    dense = cfg.replace(llm=dataclasses.replace(llm, moe=None)).with_runtime(scan_layers=scanned)
-    params = jax.tree.map(lambda x: x, nn.unbox(abstract_model_params(dense)["params"]))
-    d, e, i = llm.hidden_size, llm.moe.num_experts, llm.moe.moe_intermediate_size
-
-    def moe(lead: tuple[int, ...]) -> dict:
-        s = lambda *shape: jax.ShapeDtypeStruct(lead + shape, np.float32)
-        return {"gate": {"kernel": s(d, e)},
-                "experts": {"gate_proj": s(e, d, i), "up_proj": s(e, d, i), "down_proj": s(e, i, d)}}
-
-    lm = params["language_model"]
-    if scanned:
-        lm["layers"]["mlp"] = moe((llm.num_layers,))
-    else:
-        for layer in range(llm.num_layers):
-            if llm.is_moe_layer(layer):
-                lm[f"layers_{layer}"]["mlp"] = moe(())
-    return params
+def abstract_params_for(cfg: ModelConfig, scanned: bool) -> dict:
+    """Our (unboxed) param shapes for `cfg` in the given layout, without allocating anything."""
+    return nn.unbox(abstract_model_params(cfg.with_runtime(scan_layers=scanned))["params"])
 
 
 def synth_upstream(directory: Path, cfg: ModelConfig, abstract, seed: int = 0, dtype: str = "bfloat16") -> dict:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import jax
@@ -20,10 +19,9 @@ from sail_jax.cli import main
 from sail_jax.config import RuntimeConfig, get_preset
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from tests.conftest import DATA
-from tests.convert_helpers import assert_same_tensors, moe_abstract, read_safetensors_dir, synth_upstream
+from tests.convert_helpers import abstract_params_for, assert_same_tensors, read_safetensors_dir, synth_upstream
 
 CKPT = DATA / "sailvl2-tiny" / "checkpoint"
-HAS_MOE_LAYER = importlib.util.find_spec("sail_jax.layers.moe") is not None
 
 
 def _load_transformers(directory):
@@ -64,7 +62,7 @@ def moe(tmp_path_factory):
     llm = dataclasses.replace(base.llm, num_layers=3, moe=dataclasses.replace(base.llm.moe, mlp_only_layers=(1,)))
     cfg = base.replace(llm=llm)
     src = tmp_path_factory.mktemp("moe") / "upstream"
-    tensors = synth_upstream(src, cfg, moe_abstract(cfg, scanned=False))
+    tensors = synth_upstream(src, cfg, abstract_params_for(cfg, scanned=False))
     return cfg, src, tensors
 
 
@@ -73,7 +71,7 @@ def moe_all_sparse(tmp_path_factory):
     """Every layer sparse, so the scanned layout (one stacked expert array per projection) applies."""
     cfg = get_preset("tiny-moe")
     src = tmp_path_factory.mktemp("moe") / "upstream"
-    return cfg, src, synth_upstream(src, cfg, moe_abstract(cfg, scanned=False), seed=1)
+    return cfg, src, synth_upstream(src, cfg, abstract_params_for(cfg, scanned=False), seed=1)
 
 
 @pytest.mark.parametrize("case, scanned", [("moe", False), ("moe_all_sparse", True)])
@@ -82,7 +80,7 @@ def test_moe_round_trip_is_byte_identical(case, scanned, request, tmp_path):
     assert "language_model.model.layers.0.mlp.experts.7.down_proj.weight" in tensors
     _, source = open_source(src)
     d = tmp_path / "ours"
-    write_ours(source, cfg, d, scan_layers=scanned, abstract=moe_abstract(cfg, scanned), progress=False)
+    write_ours(source, cfg, d, scan_layers=scanned, abstract=abstract_params_for(cfg, scanned), progress=False)
     arrays = stored_arrays(d)
     e, dm, i = cfg.llm.moe.num_experts, cfg.llm.hidden_size, cfg.llm.moe.moe_intermediate_size
     layer = ("language_model", "layers") if scanned else ("language_model", "layers_0")
@@ -108,7 +106,7 @@ def moe_export(moe, tmp_path_factory):
     cfg, src, tensors = moe
     _, source = open_source(src)
     d = tmp_path_factory.mktemp("moe") / "ours"
-    write_ours(source, cfg, d, abstract=moe_abstract(cfg, False), progress=False)
+    write_ours(source, cfg, d, abstract=abstract_params_for(cfg, False), progress=False)
     out = d.parent / "llm"
     export_llm(d, out, dtype="float32", progress=False)
     return cfg, d, out, tensors
@@ -133,19 +131,6 @@ def test_export_llm_moe_loads_in_transformers(moe_export):
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, t("1.mlp.up_proj.weight"))
 
 
-@pytest.mark.skipif(not HAS_MOE_LAYER, reason="sail_jax.layers.moe is not on this branch yet")
 def test_export_llm_moe_logits_match_transformers(moe_export):
     cfg, d, out, _ = moe_export
     _logits_match(_load_transformers(out), d, cfg.llm, cfg.llm.vocab_size)
-
-
-@pytest.mark.skipif(not HAS_MOE_LAYER, reason="sail_jax.layers.moe is not on this branch yet")
-@pytest.mark.parametrize("scanned", [False, True])
-def test_moe_abstract_helper_matches_the_layer(scanned):
-    import flax.linen as nn
-
-    from sail_jax.params import abstract_model_params
-
-    cfg = get_preset("tiny-moe", scan_layers=scanned)
-    real = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_model_params(cfg)["params"]))
-    assert jax.tree.map(lambda x: x.shape, moe_abstract(cfg, scanned)) == real

@@ -15,7 +15,7 @@ from converters.hf_config import sailvl_config_dict, transformers_llm_config_dic
 from converters.mapping import model_entries
 from sail_jax.config import ModelConfig, from_hf_config, get_preset
 from sail_jax.params import abstract_model_params
-from tests.convert_helpers import moe_abstract
+from tests.convert_helpers import abstract_params_for
 
 
 def upstream_schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -62,19 +62,13 @@ def upstream_schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _abstract(cfg: ModelConfig, scanned: bool):
-    if cfg.llm.moe is not None:
-        return moe_abstract(cfg, scanned)
-    return abstract_model_params(cfg.with_runtime(scan_layers=scanned))["params"]
-
-
 @pytest.mark.parametrize(
     "preset, scanned, count",
     [("sailvl2-2b", False, 490), ("sailvl2-2b", True, 490), ("sailvl2-8b", True, 578), ("sailvl2-a3b", True, 19046)],
 )
 def test_plan_gives_the_upstream_schema(preset, scanned, count):
     cfg = get_preset(preset)
-    plan = make_plan(model_entries(cfg, scanned), _abstract(cfg, scanned))
+    plan = make_plan(model_entries(cfg, scanned), abstract_params_for(cfg, scanned))
     hf = plan.hf_shapes()
     assert len(hf) == count
     assert hf == upstream_schema(cfg)

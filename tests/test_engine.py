@@ -252,7 +252,6 @@ def test_vision_language_params_shard_on_a_mesh(vl):
 
 
 def test_moe_engine_equals_full_recompute():
-    pytest.importorskip("sail_jax.layers.moe")
     from sail_jax.config import get_preset
 
     cfg = dataclasses.replace(get_preset("tiny-moe").llm, vocab_size=512)
