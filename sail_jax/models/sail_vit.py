@@ -52,7 +52,7 @@ class PatchEmbed(nn.Module):
         p, ch = c.patch_size, c.num_channels
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("patch", None, None, "embed")),
             (p, p, ch, c.hidden_size),
             as_dtype(rt.param_dtype),
         )
