@@ -57,6 +57,14 @@ def complete_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
+def logged_beyond(workdir: Path, step: int) -> bool:
+    """metrics.jsonl has a step > `step` (a line being written or rewritten reads as not yet)."""
+    try:
+        return metrics(workdir)[-1]["step"] > step
+    except (FileNotFoundError, IndexError, ValueError):
+        return False
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
     t0 = time.monotonic()
     while not predicate():
@@ -91,7 +99,7 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(reference, cache, tmp_pat
     assert rc == -signal.SIGKILL and killed_at < 6, log
     # 2. resumed, then preempted with SIGTERM: checkpoint at the next step boundary, exit 0
     proc = start(w, cache, "--resume", delay=0.5)
-    wait_for(lambda: (w / "metrics.jsonl").exists() and metrics(w) and metrics(w)[-1]["step"] > killed_at, proc)
+    wait_for(lambda: logged_beyond(w, killed_at), proc)
     proc.send_signal(signal.SIGTERM)
     rc, log = finish(proc)
     preempted_at = complete_steps(w)[-1]

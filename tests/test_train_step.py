@@ -1,5 +1,6 @@
 """Train-step pieces: optimizer masks and schedule, state shardings, the global token-mean loss with its static
-budget, the synthetic source, iterator checkpoints (Grain and plain) and the FLOPs formula."""
+budget, the fused lm_head cross-entropy, the synthetic source, iterator checkpoints (Grain and plain) and the
+FLOPs formula."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from sail_jax.models.sail_vl import SailVL
 from sail_jax.params import abstract_model_params
 from sail_jax.sharding import batch_sharding, make_mesh, use_mesh
 from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
+from sail_jax.training.fused_ce import fused_linear_cross_entropy
+from sail_jax.training.loss import chunked_cross_entropy
 from sail_jax.training.metrics import part_multipliers, step_flops
 from sail_jax.training.optim import OptimizerConfig, decay_mask, group_labels, make_schedule
 from sail_jax.training.step import make_loss_fn
@@ -77,10 +80,15 @@ def text_batch(rows: int = 4, seq: int = 32) -> dict[str, np.ndarray]:
     return batch
 
 
+@jax.jit
+def full_logits(params, batch):
+    return SailVL(CFG).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"]).logits
+
+
 def reference_loss(params, batch, budget: int | None = None) -> float:
     """Full-vocabulary logits for every position, then the mean NLL over the (first `budget` per row) targets."""
-    logits = SailVL(CFG).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
-                               segment_ids=batch["segment_ids"]).logits
+    logits = full_logits(params, {k: batch[k] for k in ("input_ids", "positions", "segment_ids")})
     logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
     total = count = 0.0
     for r in range(batch["input_ids"].shape[0]):
@@ -95,13 +103,17 @@ def reference_loss(params, batch, budget: int | None = None) -> float:
 
 
 def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
-    params = nn.unbox(SailVL(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    # the trainer's cached sharded initialisation (the same key as tests/test_trainer.py, compiled once)
+    mesh = make_mesh(data=2, fsdp=2)
+    with use_mesh(mesh):
+        params = _setup(CFG, OptimizerConfig(learning_rate=3e-3), ("adapter", "llm"), mesh).init_params(
+            jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), params)
     batch = text_batch()
     loss, m = jax.jit(make_loss_fn(CFG, targets_per_row=32))(params, batch)
     assert float(loss) == pytest.approx(reference_loss(params, batch), rel=1e-5)
     assert m["dropped_targets"] == 0 and m["targets"] == np.sum(batch["loss_mask"][:, 1:] != 0)
     # rows sharded over 4 devices: the same global mean (not a mean of per-shard means)
-    mesh = make_mesh(data=2, fsdp=2)
     with use_mesh(mesh):
         sharded = {k: jax.device_put(v, batch_sharding(mesh, v.shape)) for k, v in batch.items()}
         loss_sharded, _ = jax.jit(make_loss_fn(CFG, targets_per_row=32))(params, sharded)
@@ -110,6 +122,28 @@ def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
     loss3, m3 = jax.jit(make_loss_fn(CFG, targets_per_row=3))(params, batch)
     assert float(loss3) == pytest.approx(reference_loss(params, batch, budget=3), rel=1e-5)
     assert m3["targets"] == 12 and m3["dropped_targets"] == m["targets"] - 12
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_fused_cross_entropy_matches_autodiff_of_the_chunked_loss(chunk):
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((37, 16)), jnp.float32)
+    emb = jnp.asarray(rng.standard_normal((50, 16)) * 0.3, jnp.float32)  # a tied embedding: kernel = emb.T
+    t, w = jnp.asarray(rng.integers(0, 50, 37)), jnp.asarray(rng.integers(0, 2, 37), jnp.float32)
+
+    def fused(h, emb):
+        total, count = fused_linear_cross_entropy(h, emb.T, t, w, chunk=chunk)
+        return total / count
+
+    def chunked(h, emb):
+        total, count = chunked_cross_entropy(h, t, w, lambda x: x @ emb.T, chunk=chunk)
+        return total / count
+
+    (va, ga), (vb, gb) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, emb) for f in (fused, chunked))
+    assert float(va) == pytest.approx(float(vb), rel=1e-6)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert float(jax.jit(fused)(h, emb)) == pytest.approx(float(vb), rel=1e-6)  # the forward-only path
 
 
 def test_synthetic_batches_are_deterministic_sliceable_and_consistent():

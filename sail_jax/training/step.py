@@ -3,8 +3,10 @@
 The cross-entropy is the sum over every target token of the GLOBAL batch divided by the global target count
 (under jit the batch arrays are global, so this is the plain mean). Only target positions reach the lm_head:
 each row keeps at most `targets_per_row` of them (static, so shapes stay fixed); overflow is counted in the
-`dropped_targets` metric. Gradients are taken only with respect to the trainable groups. A step whose loss or
-gradient norm is not finite leaves parameters and optimizer state unchanged and reports `skipped = 1`.
+`dropped_targets` metric. lm_head + softmax run in chunks with their gradients formed in the forward pass
+(`fused_ce`), so [targets, vocab] logits never exist whole and are not recomputed. Gradients are taken only
+with respect to the trainable groups. A step whose loss or gradient norm is not finite leaves parameters and
+optimizer state unchanged and reports `skipped = 1`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import optax
 
 from sail_jax.config import ModelConfig
 from sail_jax.models.sail_vl import SailVL
-from sail_jax.training.loss import chunked_cross_entropy, next_token_targets, select_targets
+from sail_jax.training.fused_ce import fused_linear_cross_entropy
+from sail_jax.training.loss import next_token_targets, select_targets
 from sail_jax.training.optim import global_norm, split_groups
 
 
@@ -46,6 +49,12 @@ def router_terms(cfg: ModelConfig, aux: dict[str, jax.Array]) -> tuple[jax.Array
     return weighted_router_loss(aux, cfg.llm.moe).astype(jnp.float32), metrics
 
 
+def lm_head_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The [D, V] output projection: `lm_head/kernel`, or the transposed embedding when tied."""
+    lm = params["language_model"]
+    return lm["embed_tokens"]["embedding"].T if cfg.llm.tie_word_embeddings else lm["lm_head"]["kernel"]
+
+
 def make_loss_fn(
     cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 1024
 ) -> Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]:
@@ -62,9 +71,8 @@ def make_loss_fn(
         targets, weights = next_token_targets(ids, batch["loss_mask"], seg)
         select = lambda h, t, w: select_targets(h, t, w, targets_per_row)
         h, t, w, dropped = jax.vmap(select)(out.hidden, targets, weights)
-        logits_fn = lambda x: model.apply({"params": params}, x, method=SailVL.logits)
-        total, count = chunked_cross_entropy(
-            h.reshape(-1, h.shape[-1]), t.reshape(-1), w.reshape(-1), logits_fn, logits_chunk
+        total, count = fused_linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), lm_head_kernel(cfg, params), t.reshape(-1), w.reshape(-1), logits_chunk
         )
         ce = total / jnp.maximum(count, 1.0)
         router_loss, moe_metrics = router_terms(cfg, out.aux)
