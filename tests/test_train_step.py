@@ -105,10 +105,10 @@ def reference_loss(params, batch, budget: int | None = None) -> float:
 def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
     # the trainer's cached sharded initialisation (the same key as tests/test_trainer.py, compiled once)
     mesh = make_mesh(data=2, fsdp=2)
+    setup = _setup(CFG, OptimizerConfig(learning_rate=3e-3), ("adapter", "llm"), mesh)
     with use_mesh(mesh):
-        params = _setup(CFG, OptimizerConfig(learning_rate=3e-3), ("adapter", "llm"), mesh).init_params(
-            jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), params)
+        sharded_params = setup.init_params(jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), sharded_params)
     batch = text_batch()
     loss, m = jax.jit(make_loss_fn(CFG, targets_per_row=32))(params, batch)
     assert float(loss) == pytest.approx(reference_loss(params, batch), rel=1e-5)
@@ -116,7 +116,7 @@ def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
     # rows sharded over 4 devices: the same global mean (not a mean of per-shard means)
     with use_mesh(mesh):
         sharded = {k: jax.device_put(v, batch_sharding(mesh, v.shape)) for k, v in batch.items()}
-        loss_sharded, _ = jax.jit(make_loss_fn(CFG, targets_per_row=32))(params, sharded)
+        loss_sharded, _ = jax.jit(make_loss_fn(CFG, targets_per_row=32))(sharded_params, sharded)
     assert float(loss_sharded) == pytest.approx(float(loss), rel=1e-6)
     # a static budget of 3 target positions per row: the rest is left out and counted
     loss3, m3 = jax.jit(make_loss_fn(CFG, targets_per_row=3))(params, batch)
