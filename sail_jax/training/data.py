@@ -20,6 +20,7 @@ from sail_jax.config import ModelConfig
 from sail_jax.sharding import batch_sharding
 
 INT_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
+KEYS = (*INT_KEYS, "pixel_values", "tile_mask")
 
 
 class DataIterator(Protocol):
@@ -47,7 +48,7 @@ class DataFactory(Protocol):
 
 def check_batch(batch: dict[str, np.ndarray], local_rows: int, seq_len: int, cfg: ModelConfig) -> None:
     """Fail with the offending key and shape when a batch does not match the interface."""
-    missing = [k for k in (*INT_KEYS, "pixel_values", "tile_mask") if k not in batch]
+    missing = [k for k in KEYS if k not in batch]
     if missing:
         raise ValueError(f"data batch lacks {missing}; got keys {sorted(batch)}")
     for k in INT_KEYS:
@@ -65,10 +66,11 @@ def check_batch(batch: dict[str, np.ndarray], local_rows: int, seq_len: int, cfg
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
-    """Assemble the global batch from every process's rows, sharded over the batch axes of the mesh."""
+    """Assemble the global batch from every process's rows, sharded over the batch axes of the mesh (only the
+    interface's keys; anything else a pipeline adds stays on the host)."""
     out = {}
-    for k, x in batch.items():
-        x = np.asarray(x, np.int32 if k in INT_KEYS else None)
+    for k in KEYS:
+        x = np.asarray(batch[k], np.int32 if k in INT_KEYS else None)
         global_shape = (global_rows, *x.shape[1:])
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), x, global_shape)
     return out

@@ -116,6 +116,8 @@ class MetricsWriter:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                              tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        if step % self.log_every == 0:
+            self.flush()
         if self.bar.disable and (step % self.log_every == 0 or step == 1):
             print(f"step {step}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                   f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}", flush=True)
