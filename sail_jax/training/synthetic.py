@@ -101,7 +101,7 @@ class SyntheticSource:
         cursor, used_tiles, sample = 0, 0, 0
         while True:
             n_tiles = 0
-            # The first sample of a row always carries an image when tiles exist, so every row has one.
+            # The first sample of a row carries an image whenever one fits, so rows normally have one.
             if used_tiles < self.max_tiles and (sample == 0 or rng.random() < self.image_prob):
                 n_tiles = int(rng.integers(1, self.max_tiles - used_tiles + 1))
             n_prompt, n_answer = int(rng.integers(2, 6)), int(rng.integers(3, 10))
