@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Sub-commands configured with gin also take t5x-style `--gin.NAME=VALUE` flags.
+    if extra and not (getattr(args, "accepts_gin_flags", False) and all(a.startswith("--gin.") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.gin_flags = extra
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

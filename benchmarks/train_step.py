@@ -1,0 +1,176 @@
+"""Training throughput: the sail-jax jitted train step vs an equivalent PyTorch train step, same model and batch.
+
+PyTorch side: transformers `Aimv2VisionModel` (hidden_act silu, no head, `is_native=False`) as the ViT, the
+adapter as torch ops (pixel shuffle -> LayerNorm -> Linear -> GELU -> Linear), image features scattered into the
+`<IMG_CONTEXT>` positions of `Qwen3ForCausalLM`'s input embeddings; the loss applies lm_head only to the target
+positions (the same positions our static budget keeps), then AdamW with gradient clipping. Ours: the trainer's
+jitted step (AdamW + clipping + decay mask + non-finite guard), state donated. Both float32, all parts trained,
+each side with its own random weights (throughput does not depend on the values).
+
+    python benchmarks/train_step.py [--vocab 151936] [--batch 4] [--seq 256] [--steps 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from sail_jax.config import AdapterConfig, LLMConfig, ModelConfig, VisionConfig  # noqa: E402
+from sail_jax.sharding import make_mesh, use_mesh  # noqa: E402
+from sail_jax.training.data import to_global  # noqa: E402
+from sail_jax.training.optim import OptimizerConfig  # noqa: E402
+from sail_jax.training.step import TrainState  # noqa: E402
+from sail_jax.training.trainer import _compiled_step, _setup  # noqa: E402
+
+TRAINABLE = ("vision", "adapter", "llm")
+
+
+def model_config(vocab: int) -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, image_size=112),
+        adapter=AdapterConfig(),
+        llm=LLMConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                      num_kv_heads=2, head_dim=64),
+        img_context_token_id=vocab - 1,
+    )
+
+
+def make_batch(cfg: ModelConfig, rows: int, seq: int, tiles: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One sample per row: `tiles` images, then text; the second half of the text is the answer (targets)."""
+    rng = np.random.default_rng(seed)
+    n_img = tiles * cfg.tokens_per_tile
+    ids = rng.integers(1, cfg.llm.vocab_size - 1, (rows, seq)).astype(np.int32)
+    ids[:, :n_img] = cfg.img_context_token_id
+    loss_mask = np.zeros((rows, seq), np.int32)
+    loss_mask[:, n_img + (seq - n_img) // 2:] = 1
+    v = cfg.vision
+    return {
+        "input_ids": ids, "segment_ids": np.ones((rows, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(), "loss_mask": loss_mask,
+        "pixel_values": rng.standard_normal((rows, tiles, 3, v.image_size, v.image_size), dtype=np.float32),
+        "tile_mask": np.ones((rows, tiles), bool),
+    }
+
+
+class TorchVLM(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        v, llm = cfg.vision, cfg.llm
+        self.vit = transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(
+            hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size, hidden_act="silu",
+            use_head=False, is_native=False, rms_norm_eps=v.rms_norm_eps))
+        d4 = 4 * v.hidden_size
+        self.adapter = torch.nn.Sequential(torch.nn.LayerNorm(d4, eps=1e-5), torch.nn.Linear(d4, llm.hidden_size),
+                                           torch.nn.GELU(), torch.nn.Linear(llm.hidden_size, llm.hidden_size))
+        self.llm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+            head_dim=llm.head_dim, tie_word_embeddings=False, attn_implementation="sdpa"))
+        self.grid, self.ctx = v.grid_size, cfg.img_context_token_id
+
+    def forward(self, ids, pixels, targets, weights):
+        x = self.vit(pixel_values=pixels.flatten(0, 1)).last_hidden_state  # [T, g*g, C]
+        t, g, c = x.shape[0], self.grid, x.shape[-1]
+        x = x.reshape(t, g // 2, 2, g // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(t, (g // 2) ** 2, 4 * c)
+        feats = self.adapter(x).reshape(-1, self.llm.config.hidden_size)
+        emb = self.llm.model.embed_tokens(ids)
+        emb = emb.masked_scatter((ids == self.ctx)[..., None], feats)
+        hidden = self.llm.model(inputs_embeds=emb).last_hidden_state
+        keep = weights > 0
+        logits = self.llm.lm_head(hidden[keep])
+        return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def time_torch(cfg, batch, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    model = TorchVLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    pixels = torch.from_numpy(batch["pixel_values"])
+    targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+    weights = torch.cat([torch.from_numpy(batch["loss_mask"])[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        loss = model(ids, pixels, targets, weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss.detach())
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def time_jax(cfg, batch, steps: int) -> list[float]:
+    mesh = make_mesh(devices=jax.devices()[:1])
+    opt = OptimizerConfig(learning_rate=1e-4)
+    setup = _setup(cfg, opt, TRAINABLE, mesh)
+    per_row = int(batch["loss_mask"][:, 1:].sum(1).max())  # the static lm_head budget = the targets per row
+    step_fn = _compiled_step(cfg, opt, TRAINABLE, per_row, 1000, mesh)
+    times = []
+    with use_mesh(mesh):
+        params = setup.init_params(jax.random.PRNGKey(0))
+        state = TrainState(params, setup.init_opt_state(params))
+        gbatch = to_global(batch, mesh, batch["input_ids"].shape[0])
+        for i in range(steps + 1):  # the first step compiles
+            t0 = time.perf_counter()
+            state, m = step_fn(state, gbatch, np.int32(i), np.float32(1.0))
+            float(m["loss"])
+            times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--tiles", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--side", choices=("torch", "jax"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    cfg = model_config(args.vocab)
+    batch = make_batch(cfg, args.batch, args.seq, args.tiles)
+    if args.side:  # one measurement in a process of its own
+        torch.set_num_threads(os.cpu_count() or 1)
+        times = time_torch(cfg, batch, args.steps) if args.side == "torch" else time_jax(cfg, batch, args.steps)
+        print(json.dumps(times))
+        return
+    tokens = args.batch * args.seq
+    print(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; ViT {cfg.vision.num_layers}x"
+          f"{cfg.vision.hidden_size} on {args.batch * args.tiles} tiles of {cfg.vision.image_size}px, Qwen3 "
+          f"{cfg.llm.num_layers}x{cfg.llm.hidden_size}, vocab {cfg.llm.vocab_size}; batch {args.batch}x{args.seq} "
+          f"tokens, {int(batch['loss_mask'][:, 1:].sum())} targets; float32, all parts trained")
+    # Each side runs in its own process (two runtimes' thread pools in one process slow each other down),
+    # alternating, so both see the same machine load on average.
+    times: dict[str, list[float]] = {"torch": [], "jax": []}
+    for _ in range(args.rounds):
+        for side in times:
+            cmd = [sys.executable, __file__, f"--side={side}", f"--vocab={args.vocab}", f"--batch={args.batch}",
+                   f"--seq={args.seq}", f"--tiles={args.tiles}", f"--steps={args.steps}"]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            times[side] += json.loads(out.strip().splitlines()[-1])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"pytorch  : {med['torch'] * 1e3:8.1f} ms/step  {tokens / med['torch']:9.0f} tokens/s")
+    print(f"sail-jax : {med['jax'] * 1e3:8.1f} ms/step  {tokens / med['jax']:9.0f} tokens/s")
+    print(f"ratio (sail-jax / pytorch tokens/s): {med['torch'] / med['jax']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

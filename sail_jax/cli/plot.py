@@ -1,0 +1,60 @@
+"""`sail-jax plot --workdir DIR`: loss curve PNG from DIR/metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="plot the training loss (and learning rate) of a workdir to a PNG")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help="output PNG (default: WORKDIR/loss.png)")
+    p.set_defaults(func=run)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records (the last record wins when a step appears twice)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics log (has this workdir been trained?)")
+    by_step = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = Path(args.workdir)
+    records = read_metrics(workdir / "metrics.jsonl")
+    num = lambda v: v if isinstance(v, float | int) else float(v)
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    ax_loss.plot(steps, [num(r["loss"]) for r in records], label="loss")
+    if any(num(r.get("aux_loss", 0.0)) for r in records):
+        ax_loss.plot(steps, [num(r["ce_loss"]) for r in records], label="cross-entropy", alpha=0.7)
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(f"training loss: {workdir.name}")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [num(r["lr"]) for r in records], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    out = Path(args.out) if args.out else workdir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out} ({len(records)} steps)")
+    return 0
