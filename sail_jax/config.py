@@ -20,7 +20,8 @@ IM_END_TOKEN_ID = 151645
 PAD_TOKEN_ID = 151643
 
 ATTENTION_IMPLS = ("xla", "pallas")
-# Grouped matmul of the MoE experts (sail_jax/layers/grouped_matmul.py); "pallas" is reserved for a kernel.
+# Grouped matmul of the MoE experts (sail_jax/layers/grouped_matmul.py): jax.lax.ragged_dot, a tiled XLA form, or
+# the Pallas gmm/tgmm kernels (pallas_kernels/moe).
 MOE_IMPLS = ("ragged_dot", "tiled", "pallas")
 # Expert-parallel token exchange: "auto" picks ragged_all_to_all except on XLA:CPU, which lacks it.
 MOE_A2A = ("auto", "ragged", "padded")

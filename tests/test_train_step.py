@@ -22,7 +22,7 @@ from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
 from sail_jax.training.fused_ce import fused_linear_cross_entropy
 from sail_jax.training.loss import chunked_cross_entropy
 from sail_jax.training.metrics import part_multipliers, step_flops
-from sail_jax.training.optim import OptimizerConfig, decay_mask, group_labels, make_schedule
+from sail_jax.training.optim import OptimizerConfig, decay_mask, group_labels, make_optimizer, make_schedule
 from sail_jax.training.step import make_loss_fn
 from sail_jax.training.synthetic import SyntheticSource, synthetic_data
 from sail_jax.training.trainer import _setup
@@ -59,6 +59,24 @@ def test_schedule_warms_up_then_decays_by_cosine():
     np.testing.assert_allclose(lrs[51], 0.5 * (1 + np.cos(np.pi * 49 / 98)), rtol=1e-5)
 
 
+def test_lr_scales_multiply_a_groups_update():
+    params = {"vision_model": {"w": jnp.ones((2, 2))}, "mlp1": {"w": jnp.ones((2, 2))},
+              "language_model": {"w": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+    base = OptimizerConfig(weight_decay=0.0)
+    scaled = OptimizerConfig(weight_decay=0.0, lr_scales=[("adapter", 0.1), ("vision", 0.5)])  # a list, as gin gives
+    assert scaled.lr_scales == (("adapter", 0.1), ("vision", 0.5)) and hash(scaled)
+    trainable = ("vision", "adapter", "llm")
+    u0, _ = make_optimizer(base, params, trainable).update(grads, make_optimizer(base, params, trainable).init(params),
+                                                            params)
+    tx = make_optimizer(scaled, params, trainable)
+    u1, _ = tx.update(grads, tx.init(params), params)
+    for key, factor in (("vision_model", 0.5), ("mlp1", 0.1), ("language_model", 1.0)):
+        np.testing.assert_allclose(u1[key]["w"], factor * u0[key]["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match="lr_scales.*'ViT'"):
+        OptimizerConfig(lr_scales=(("ViT", 0.1),))
+
+
 def test_optimizer_state_is_sharded_like_the_parameters():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     setup = _setup(CFG, OptimizerConfig(), ("adapter", "llm"), mesh)
@@ -86,16 +104,18 @@ def full_logits(params, batch):
                              segment_ids=batch["segment_ids"]).logits
 
 
-def reference_loss(params, batch, budget: int | None = None) -> float:
-    """Full-vocabulary logits for every position, then the mean NLL over the (first `budget` per row) targets."""
+def reference_loss(params, batch, budget: int | None = None, group_rows: int = 1) -> float:
+    """Full-vocabulary logits for every position, then the mean NLL over the targets, keeping only the first
+    `budget` x `group_rows` of each group of `group_rows` consecutive rows."""
     logits = full_logits(params, {k: batch[k] for k in ("input_ids", "positions", "segment_ids")})
     logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
     total = count = 0.0
     for r in range(batch["input_ids"].shape[0]):
-        seen = 0
+        if r % group_rows == 0:
+            seen = 0
         for t in range(batch["input_ids"].shape[1] - 1):
             if batch["loss_mask"][r, t + 1] and batch["segment_ids"][r, t + 1] == batch["segment_ids"][r, t] != 0:
-                if budget is None or seen < budget:
+                if budget is None or seen < budget * group_rows:
                     total -= logp[r, t, batch["input_ids"][r, t + 1]]
                     count += 1
                 seen += 1
@@ -122,6 +142,17 @@ def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
     loss3, m3 = jax.jit(make_loss_fn(CFG, targets_per_row=3))(params, batch)
     assert float(loss3) == pytest.approx(reference_loss(params, batch, budget=3), rel=1e-5)
     assert m3["targets"] == 12 and m3["dropped_targets"] == m["targets"] - 12
+    # a budget pooled over pairs of rows (one pair per shard): a short row lends its spare slots to its partner
+    per_row = (batch["loss_mask"][:, 1:] != 0).sum(1)
+    b = int(per_row.min()) + 1
+    pooled = sum(min(int(per_row[i] + per_row[i + 1]), 2 * b) for i in range(0, len(per_row), 2))
+    assert pooled > sum(min(int(n), b) for n in per_row)
+    loss_p, m_p = jax.jit(make_loss_fn(CFG, targets_per_row=b, budget_groups=2))(params, batch)
+    assert m_p["targets"] == pooled and m_p["dropped_targets"] == m["targets"] - pooled
+    assert float(loss_p) == pytest.approx(reference_loss(params, batch, budget=b, group_rows=2), rel=1e-5)
+    with use_mesh(mesh):
+        loss_ps, _ = jax.jit(make_loss_fn(CFG, targets_per_row=b, budget_groups=2))(sharded_params, sharded)
+    assert float(loss_ps) == pytest.approx(float(loss_p), rel=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [8, 64])

@@ -140,6 +140,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.every_steps = cfg.every_steps
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=cfg.every_steps, max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
         )
@@ -150,8 +151,11 @@ class Checkpointer:
 
     def save(self, step: int, *, cfg: ModelConfig, params: Any, opt_state: Any, train_state: dict, data_iter: Any,
              snapshot: tuple[Any, Any] | None = None, force: bool = False) -> bool:
-        """Issue a save if the interval says so (or `force`); returns whether it did."""
-        if not force and not self.manager.should_save(step):
+        """Issue a save every `every_steps` steps (or when `force`d); returns whether it did.
+
+        (Orbax's own `should_save` would also save the first step of a run, a full-state write nobody asked for.)
+        """
+        if not force and step % self.every_steps:
             return False
         items = {
             "params": ocp.args.StandardSave(params),

@@ -4,7 +4,9 @@ Freezing is an `optax.multi_transform` over the top-level parameter groups: trai
 clip -> Adam -> decoupled weight decay, frozen groups `set_to_zero` (no optimizer state). The global-norm clip
 sits inside the trainable branch, so the norm covers exactly the parameters being trained. The learning rate
 is applied outside the transformation (`-lr * update`) so AdaLRS can scale it and the schedule reads the
-trainer's step counter, which an AdaLRS rollback does not rewind.
+trainer's step counter, which an AdaLRS rollback does not rewind. `lr_scales` multiplies the update of a group
+(e.g. a smaller rate for the ViT and adapter than for the LLM): Adam moves every weight by about the learning
+rate per step, which, at one shared rate, can swamp small randomly initialised projections such as the adapter.
 """
 
 from __future__ import annotations
@@ -35,10 +37,17 @@ class OptimizerConfig:
     clip_norm: float = 1.0
     warmup_fraction: float = 0.03
     final_lr_fraction: float = 0.0  # cosine decays to this fraction of the peak
+    lr_scales: tuple[tuple[str, float], ...] = ()  # (group, multiplier) pairs, e.g. (("adapter", 0.1),)
 
     def __post_init__(self):
         if self.learning_rate <= 0:
             raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate} must be > 0")
+        # gin and lists give lists; the config must stay hashable (it keys the compiled-step cache)
+        object.__setattr__(self, "lr_scales", tuple((str(g), float(v)) for g, v in dict(self.lr_scales).items()))
+        bad = [g for g, v in self.lr_scales if g not in GROUPS or v <= 0]
+        if bad:
+            raise ValueError(f"OptimizerConfig.lr_scales: {bad}: groups must be among {sorted(GROUPS)} with a "
+                             f"multiplier > 0")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"OptimizerConfig.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
 
@@ -81,10 +90,14 @@ def group_labels(params: dict[str, Any], trainable: Sequence[str]) -> dict[str, 
 
 def make_optimizer(cfg: OptimizerConfig, params: Any, trainable: Sequence[str]) -> optax.GradientTransformation:
     """Unit-learning-rate update direction; multiply by -lr (see module docstring)."""
+    scales = {GROUPS[g]: v for g, v in cfg.lr_scales}
+    per_group = lambda updates, params=None: {
+        k: jax.tree.map(lambda u, s=scales.get(k, 1.0): u * s, v) for k, v in updates.items()}
     train = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.stateless(per_group),
     )
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, group_labels(params, trainable))
 

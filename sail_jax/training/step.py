@@ -1,12 +1,13 @@
 """The jitted train step: loss over target tokens of the global batch, staged freezing, non-finite guard.
 
-The cross-entropy is the sum over every target token of the GLOBAL batch divided by the global target count
-(under jit the batch arrays are global, so this is the plain mean). Only target positions reach the lm_head:
-each row keeps at most `targets_per_row` of them (static, so shapes stay fixed); overflow is counted in the
-`dropped_targets` metric. lm_head + softmax run in chunks with their gradients formed in the forward pass
-(`fused_ce`), so [targets, vocab] logits never exist whole and are not recomputed. Gradients are taken only
-with respect to the trainable groups. A step whose loss or gradient norm is not finite leaves parameters and
-optimizer state unchanged and reports `skipped = 1`.
+The cross-entropy is the sum over every target token of the GLOBAL batch divided by the global target count (under
+jit the batch arrays are global, so this is the plain mean). Only target positions reach the lm_head, at most
+`targets_per_row` per row on average (static, so shapes stay fixed): the budget is pooled over the rows of each
+batch shard (`budget_groups`, one per data-parallel device), so a row with many targets borrows from its neighbours
+and the selection stays shard-local. Overflow is counted in the `dropped_targets` metric. lm_head + softmax run in
+chunks with their gradients formed in the forward pass (`fused_ce`), so [targets, vocab] logits never exist whole
+and are not recomputed. Gradients are taken only with respect to the trainable groups. A step whose loss or
+gradient norm is not finite leaves parameters and optimizer state unchanged and reports `skipped = 1`.
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ def lm_head_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
 
 
 def make_loss_fn(
-    cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 1024
+    cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 1024, budget_groups: int | None = None
 ) -> Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]:
-    """loss(params, batch) -> (ce + router loss, metrics)."""
+    """loss(params, batch) -> (ce + router loss, metrics).
+
+    The batch rows are split into `budget_groups` contiguous groups (default: one per row) that share a
+    budget of `targets_per_row` x rows-per-group target positions.
+    """
     model = SailVL(cfg)
 
     def loss_fn(params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -69,8 +74,13 @@ def make_loss_fn(
             return_hidden=True,
         )
         targets, weights = next_token_targets(ids, batch["loss_mask"], seg)
-        select = lambda h, t, w: select_targets(h, t, w, targets_per_row)
-        h, t, w, dropped = jax.vmap(select)(out.hidden, targets, weights)
+        rows = ids.shape[0]
+        groups = rows if budget_groups is None else budget_groups
+        if rows % groups:
+            raise ValueError(f"batch of {rows} rows does not split into {groups} target-budget groups")
+        grouped = lambda x: x.reshape(groups, -1, *x.shape[2:])
+        select = lambda h, t, w: select_targets(h, t, w, targets_per_row * (rows // groups))
+        h, t, w, dropped = jax.vmap(select)(grouped(out.hidden), grouped(targets), grouped(weights))
         total, count = fused_linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), lm_head_kernel(cfg, params), t.reshape(-1), w.reshape(-1), logits_chunk
         )
@@ -96,9 +106,10 @@ def make_train_step(
     schedule: optax.Schedule,
     trainable: Sequence[str],
     targets_per_row: int,
+    budget_groups: int | None = None,
 ) -> Callable[[TrainState, dict, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """step(state, batch, step, lr_scale) -> (state, metrics); jit it with the state donated."""
-    loss_fn = make_loss_fn(cfg, targets_per_row)
+    loss_fn = make_loss_fn(cfg, targets_per_row, budget_groups=budget_groups)
 
     def train_step(state: TrainState, batch: dict, step: jax.Array, lr_scale: jax.Array):
         train_p, frozen_p = split_groups(state.params, trainable)

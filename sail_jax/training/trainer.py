@@ -100,7 +100,8 @@ def _compiled_step(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str,
                    total_steps: int, mesh: Mesh):
     """One jitted step per configuration, so repeated `train` calls in a process reuse the compilation."""
     setup = _setup(cfg, opt, trainable, mesh)
-    fn = make_train_step(cfg, setup.tx, make_schedule(opt, total_steps), trainable, targets_per_row)
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    fn = make_train_step(cfg, setup.tx, make_schedule(opt, total_steps), trainable, targets_per_row, shards)
     return jax.jit(fn, out_shardings=(setup.shardings, None), donate_argnums=0)
 
 
@@ -139,7 +140,8 @@ def train(
     """Train `model` for `steps` global batches of `batch_size` rows x `seq_len` tokens; returns the last metrics.
 
     `mesh` maps axes of (data, fsdp, tensor, expert) to sizes (-1 = the rest; default all devices on fsdp).
-    `target_fraction` bounds the target positions per row that reach the lm_head (static loss budget).
+    `target_fraction` bounds the target positions per row that reach the lm_head (a static loss budget,
+    pooled over the rows of each batch shard).
     """
     cfg = model
     trainable = check_trainable(trainable)
@@ -239,8 +241,8 @@ class _Run:
                            mfu=flops / dt / (peak[0] * jax.device_count()))
                 if out["dropped_targets"]:
                     writer.message(f"step {step + 1}: {out['dropped_targets']:.0f} target tokens beyond the static "
-                                   f"budget of {self.targets_per_row} per row were left out of the loss; raise "
-                                   f"train.target_fraction")
+                                   f"budget of {self.targets_per_row} per row (pooled over each batch shard) were "
+                                   f"left out of the loss; raise train.target_fraction")
                 writer.write(step + 1, out)
                 last = out
                 stop = distributed.any_process(preempt.requested)
