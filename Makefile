@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Two workers: compilation is single-threaded, so two processes keep both cores busy (tests are independent).
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 demo: venv
-	$(VENV)/bin/sail-jax demo-llm
+	$(VENV)/bin/sail-jax demo --out demo_out
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -70,7 +70,7 @@ def loader_figures(args: argparse.Namespace) -> None:
         make_demo_data(tmp, n=args.loader_samples, seed=0, n_heldout=1)
         for workers in (0, 2):
             cfg = DataConfig(datasets=(DatasetSpec(str(Path(tmp) / "train.jsonl")),),
-                             tokenizer_dir=str(REPO / "tests" / "data" / "tokenizer"), seq_len=4096, batch_size=4,
+                             tokenizer_dir=str(REPO / "assets" / "tokenizer"), seq_len=4096, batch_size=4,
                              max_tiles=16, num_devices=1, num_workers=workers)
             it = iter(build_dataset(cfg, 0, 1))
             t0 = time.perf_counter()

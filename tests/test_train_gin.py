@@ -34,10 +34,10 @@ def test_unknown_binding_names_the_parameter_file_and_line(tmp_path, capsys):
     bad.write_text("include 'configs/model/tiny.gin'\ntrain.batch_sise = 4\n")
     with pytest.raises(ValueError, match=r"(?s)'train' doesn't have a parameter named 'batch_sise'.*bad.gin.*line 2"):
         gin_setup.parse([str(bad)], MACROS)
-    assert main(["train", "--gin_file=configs/demo.gin", "--gin.OptimizerConfig.learnig_rate=1.0"]) == 2
+    assert main(["train", "--gin_file=configs/synthetic_demo.gin", "--gin.OptimizerConfig.learnig_rate=1.0"]) == 2
     assert "'OptimizerConfig' doesn't have a parameter named 'learnig_rate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # anything but --gin.NAME=VALUE stays an argparse error
-        main(["train", "--gin_file=configs/demo.gin", "--stepz=3"])
+        main(["train", "--gin_file=configs/synthetic_demo.gin", "--stepz=3"])
 
 
 def test_gin_flags_are_rewritten_and_later_sources_win():
@@ -45,10 +45,10 @@ def test_gin_flags_are_rewritten_and_later_sources_win():
         "train.steps = 3", "WORKDIR = '/x'"]
     with pytest.raises(ValueError, match="expected --gin.NAME=VALUE"):
         gin_setup.rewrite_gin_args(["--gin.train.steps"])
-    gin_setup.parse(["configs/stage/sft.gin", "configs/model/tiny.gin", "configs/demo.gin"],
+    gin_setup.parse(["configs/stage/sft.gin", "configs/model/tiny.gin", "configs/synthetic_demo.gin"],
                     ["train.steps = 7", *gin_setup.rewrite_gin_args(["--gin.train.seq_len=64"])])
     assert bound("train.steps") == 7 and bound("train.seq_len") == 64  # bindings beat files
-    assert bound("train.batch_size") == 8  # demo.gin (later) beats sft.gin
+    assert bound("train.batch_size") == 8  # synthetic_demo.gin (later) beats sft.gin
 
 
 # (stage, trainable, learning rate, batch, seq len, AdaLRS) from reference doc §9.1-9.3 (or marked our choice)
@@ -94,7 +94,7 @@ def test_model_configs_select_presets(name, preset):
 
 
 def test_demo_config_is_complete_and_consistent():
-    gin_setup.parse(["configs/demo.gin"], [])
+    gin_setup.parse(["configs/synthetic_demo.gin"], [])
     cfg = gin_setup.model_config(**gin.get_bindings("model_config"))
     it = synthetic_data(cfg=cfg, global_batch_size=bound("train.batch_size"), seq_len=bound("train.seq_len"),
                         process_index=0, process_count=1, seed=0, **gin.get_bindings("synthetic_data"))

@@ -11,13 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-pytest.importorskip("sail_jax.layers.moe")
-pytest.importorskip("sail_jax.training.moe_loss")
-
-from sail_jax.config import PRESETS  # noqa: E402
-from sail_jax.models.sail_vl import SailVL  # noqa: E402
-from sail_jax.training.step import make_loss_fn  # noqa: E402
-from sail_jax.training.synthetic import synthetic_data  # noqa: E402
+from sail_jax.config import PRESETS
+from sail_jax.models.sail_vl import SailVL
+from sail_jax.training.step import make_loss_fn
+from sail_jax.training.synthetic import synthetic_data
 
 
 def test_router_loss_and_expert_metrics_enter_the_training_loss():

@@ -31,12 +31,18 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    out, n = plot_loss(Path(args.workdir), Path(args.out) if args.out else None)
+    print(f"wrote {out} ({n} steps)")
+    return 0
+
+
+def plot_loss(workdir: Path, out: Path | None = None) -> tuple[Path, int]:
+    """Loss (and learning-rate) curve of a workdir as a PNG; returns (path, number of steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workdir = Path(args.workdir)
     records = read_metrics(workdir / "metrics.jsonl")
     num = lambda v: v if isinstance(v, float | int) else float(v)
     steps = [r["step"] for r in records]
@@ -52,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    out = Path(args.out) if args.out else workdir / "loss.png"
+    out = out or workdir / "loss.png"
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    print(f"wrote {out} ({len(records)} steps)")
-    return 0
+    return out, len(records)

@@ -189,3 +189,29 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
         out[key] = jax.make_array_from_process_local_data(s, local)
     return out
 
+
+
+def grain_data(
+    *,
+    cfg: Any,
+    global_batch_size: int,
+    seq_len: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    datasets: Any,
+    tokenizer_dir: str,
+    **options: Any,
+) -> grain.DatasetIterator:
+    """The trainer's data factory (`training.data.DataFactory`) over this pipeline.
+
+    The model config fixes the tile size; `datasets` is a sequence of `DatasetSpec`s or dicts
+    (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as keyword options (e.g. from gin).
+    """
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    data_cfg = DataConfig(
+        datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
+        batch_size=global_batch_size // process_count, image_size=cfg.vision.image_size, seed=seed, **options,
+    )
+    return iter(build_dataset(data_cfg, process_index, process_count))

@@ -4,7 +4,7 @@
 base bindings declare the required macros and wire them into `train`:
 
     MODEL = %gin.REQUIRED     # a ModelConfig, usually @model_config() from configs/model/*.gin
-    DATA = %gin.REQUIRED      # a data factory, e.g. @synthetic_data (not called: the trainer calls it)
+    DATA = %gin.REQUIRED      # a data factory, @grain_data or @synthetic_data (not called: the trainer calls it)
     WORKDIR = %gin.REQUIRED   # checkpoints, metrics.jsonl, tensorboard/, config.gin
 
 Gin files are parsed in order (later files override earlier ones), then `--gin_bindings` and `--gin.NAME=VALUE`.
@@ -20,6 +20,7 @@ from typing import Any
 import gin
 
 from sail_jax.config import ConfigError, ModelConfig, get_preset
+from sail_jax.data.pipeline import grain_data
 from sail_jax.training.adalrs import AdaLRSConfig
 from sail_jax.training.checkpointing import CheckpointConfig
 from sail_jax.training.optim import OptimizerConfig
@@ -77,6 +78,7 @@ def model_config(
 train_using_gin = gin.configurable("train")(train)
 gin.external_configurable(model_config, "model_config")
 gin.external_configurable(synthetic_data, "synthetic_data")
+gin.external_configurable(grain_data, "grain_data")
 gin.external_configurable(OptimizerConfig, "OptimizerConfig")
 gin.external_configurable(AdaLRSConfig, "AdaLRSConfig")
 gin.external_configurable(CheckpointConfig, "CheckpointConfig")
