@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args, write_text_atomic
+from sail_jax.jsonl import iter_jsonl
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,13 +31,7 @@ def read_requests(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such requests file")
     requests = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+    for n, r in iter_jsonl(path):
         if not isinstance(r, dict):
             raise ValueError(f"{path} line {n}: expected a JSON object")
         for key in ("id", "prompt"):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from sail_jax.jsonl import iter_jsonl
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,15 +19,7 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl records (the last record wins when a step appears twice)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics log (has this workdir been trained?)")
-    by_step = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        by_step[rec["step"]] = rec
+    by_step = {rec["step"]: rec for _, rec in iter_jsonl(path)}
     return [by_step[s] for s in sorted(by_step)]
 
 

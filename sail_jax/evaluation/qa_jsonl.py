@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,14 @@ from sail_jax.evaluation.scoring import score_item, summarize
 from sail_jax.inference.engine import Engine, Request
 from sail_jax.inference.sampling import SamplingParams
 from sail_jax.inference.text import decode_response
+from sail_jax.jsonl import iter_jsonl
 
 
 def read_qa_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows with image paths made absolute (relative to the file); errors name the file and line."""
     path = Path(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    for n, row in iter_jsonl(path):
         missing = [k for k in ("question", "answer") if k not in row]
         if missing:
             raise ValueError(f"{path}:{n}: missing key(s) {missing}")

@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sail_jax.training.loss import pad_to_chunks
+
 
 def fused_linear_cross_entropy(
     hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 1024
@@ -23,13 +25,7 @@ def fused_linear_cross_entropy(
 
     hidden and kernel are multiplied in hidden's dtype (the compute dtype) with float32 accumulation.
     """
-    n = hidden.shape[0]
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad))
-        weights = jnp.pad(weights, (0, pad))
+    hidden, targets, weights, chunk = pad_to_chunks(hidden, targets, weights, chunk)
     total = _flce(hidden, kernel, targets, weights.astype(jnp.float32), chunk)
     return total, jnp.sum(weights.astype(jnp.float32))
 

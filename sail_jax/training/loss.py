@@ -33,6 +33,20 @@ def select_targets(
     return h[idx], t[idx], jnp.where(keep, w[idx], 0.0), dropped
 
 
+def pad_to_chunks(
+    hidden: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Zero-pad the rows (weight 0) to a multiple of the chunk, clamped to [1, rows]; returns the chunk used."""
+    n = hidden.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    return hidden, targets, weights, chunk
+
+
 def chunked_cross_entropy(
     hidden: jax.Array,
     targets: jax.Array,
@@ -44,13 +58,8 @@ def chunked_cross_entropy(
 
     `logits_fn` maps [c, D] -> [c, V]. Each chunk's logits are recomputed in the backward pass.
     """
-    n, d = hidden.shape
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad))
-        weights = jnp.pad(weights, (0, pad))
+    d = hidden.shape[1]
+    hidden, targets, weights, chunk = pad_to_chunks(hidden, targets, weights, chunk)
     m = hidden.shape[0] // chunk
 
     @jax.checkpoint

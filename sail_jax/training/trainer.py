@@ -95,18 +95,23 @@ def _setup(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], m
     )
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch rows are split: the product of the data-parallel axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_step(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], targets_per_row: int,
                    total_steps: int, mesh: Mesh):
     """One jitted step per configuration, so repeated `train` calls in a process reuse the compilation."""
     setup = _setup(cfg, opt, trainable, mesh)
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    fn = make_train_step(cfg, setup.tx, make_schedule(opt, total_steps), trainable, targets_per_row, shards)
+    fn = make_train_step(cfg, setup.tx, make_schedule(opt, total_steps), trainable, targets_per_row,
+                         batch_shards(mesh))
     return jax.jit(fn, out_shardings=(setup.shardings, None), donate_argnums=0)
 
 
 def _check_sizes(mesh: Mesh, batch_size: int, steps: int) -> None:
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    shards = batch_shards(mesh)
     if batch_size % shards or batch_size % jax.process_count():
         raise ValueError(
             f"batch_size={batch_size} must be divisible by the batch shards of the mesh ({shards} = "
