@@ -95,6 +95,30 @@ class TorchVLM(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
+def _best_ms(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def lm_head_matmuls_ms(side: str, n: int, d: int, v: int) -> float:
+    """The three lm_head matmuls of a step (logits, d hidden, d kernel) for n targets, on random data: the part
+    of the step both sides must spend, in each side's own layout ([V, D] weight in PyTorch, [D, V] kernel here)."""
+    rng = np.random.default_rng(0)
+    h, g = rng.standard_normal((n, d), np.float32), rng.standard_normal((n, v), np.float32)
+    if side == "torch":
+        th, tg, tw = torch.from_numpy(h), torch.from_numpy(g), torch.from_numpy(rng.standard_normal((v, d), np.float32))
+        return _best_ms(lambda: (th @ tw.T, tg @ tw, tg.T @ th))
+    jh, jg, jw = jax.numpy.asarray(h), jax.numpy.asarray(g), jax.numpy.asarray(rng.standard_normal((d, v), np.float32))
+    f = jax.jit(lambda h, g, w: (h @ w, jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))),
+                                 jax.lax.dot_general(h, g, (((0,), (0,)), ((), ())))))
+    return _best_ms(lambda: jax.block_until_ready(f(jh, jg, jw)))
+
+
 def time_torch(cfg, batch, steps: int) -> list[float]:
     torch.manual_seed(0)
     model = TorchVLM(cfg)
@@ -150,7 +174,9 @@ def main() -> None:
     if args.side:  # one measurement in a process of its own
         torch.set_num_threads(os.cpu_count() or 1)
         times = time_torch(cfg, batch, args.steps) if args.side == "torch" else time_jax(cfg, batch, args.steps)
-        print(json.dumps(times))
+        n = int(batch["loss_mask"][:, 1:].sum())
+        matmuls = lm_head_matmuls_ms(args.side, n, cfg.llm.hidden_size, cfg.llm.vocab_size)
+        print(json.dumps({"steps": times, "lm_head_matmuls_ms": matmuls}))
         return
     tokens = args.batch * args.seq
     print(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; ViT {cfg.vision.num_layers}x"
@@ -160,16 +186,23 @@ def main() -> None:
     # Each side runs in its own process (two runtimes' thread pools in one process slow each other down),
     # alternating, so both see the same machine load on average.
     times: dict[str, list[float]] = {"torch": [], "jax": []}
+    matmuls: dict[str, list[float]] = {"torch": [], "jax": []}
     for _ in range(args.rounds):
         for side in times:
             cmd = [sys.executable, __file__, f"--side={side}", f"--vocab={args.vocab}", f"--batch={args.batch}",
                    f"--seq={args.seq}", f"--tiles={args.tiles}", f"--steps={args.steps}"]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            times[side] += json.loads(out.strip().splitlines()[-1])
+            result = json.loads(out.strip().splitlines()[-1])
+            times[side] += result["steps"]
+            matmuls[side].append(result["lm_head_matmuls_ms"])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"pytorch  : {med['torch'] * 1e3:8.1f} ms/step  {tokens / med['torch']:9.0f} tokens/s")
     print(f"sail-jax : {med['jax'] * 1e3:8.1f} ms/step  {tokens / med['jax']:9.0f} tokens/s")
     print(f"ratio (sail-jax / pytorch tokens/s): {med['torch'] / med['jax']:.2f}x")
+    mm = {k: min(v) for k, v in matmuls.items()}
+    print(f"of which the 3 lm_head matmuls alone: pytorch {mm['torch']:.0f} ms, sail-jax {mm['jax']:.0f} ms; "
+          f"rest of the step: pytorch {med['torch'] * 1e3 - mm['torch']:.0f} ms, "
+          f"sail-jax {med['jax'] * 1e3 - mm['jax']:.0f} ms")
 
 
 if __name__ == "__main__":

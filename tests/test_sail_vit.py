@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +123,30 @@ def test_fixed_path_rejects_other_sizes(reference):
     vit = SailViT(cfg.vision)
     with pytest.raises(ValueError, match="448x448"):
         jax.eval_shape(vit.init, jax.random.PRNGKey(0), jnp.zeros((1, 3, 224, 224)))
+
+
+def test_position_table_starts_as_distinct_2d_sincos_rows():
+    """From-scratch init: every grid position gets its own row, as large as the patch-normed tokens, and
+    rows depend on y and x separately (so "left" and "top" are both visible to a model trained from scratch)."""
+    cfg = dataclasses.replace(get_preset("tiny").vision, image_size=224)
+    table = np.asarray(init_pos_embed(cfg))
+    g, c = cfg.grid_size, cfg.hidden_size
+    assert table.shape == (g * g, c)
+    grid = table.reshape(g, g, c)
+    assert np.allclose(grid[:, :1, : c // 2], grid[:, 5:6, : c // 2])  # first half: a function of y only
+    assert np.allclose(grid[:1, :, c // 2:], grid[5:6, :, c // 2:])  # second half: a function of x only
+    dist = np.linalg.norm(table[:, None] - table[None], axis=-1) + np.eye(g * g)
+    assert dist.min() > 0.1 and 0.5 < np.sqrt((table**2).mean()) < 1.0
+
+
+def test_position_table_init_falls_back_for_widths_not_divisible_by_four():
+    cfg = dataclasses.replace(get_preset("tiny").vision, hidden_size=66, num_heads=2)
+    table = np.asarray(init_pos_embed(cfg))
+    assert table.shape == (cfg.num_patches, 66) and np.std(table) < 0.05
+
+
+def init_pos_embed(vision_cfg):
+    vit = SailViT(vision_cfg)
+    s = vision_cfg.image_size
+    params = jax.jit(vit.init)(jax.random.PRNGKey(0), jnp.zeros((1, 3, s, s), jnp.float32))
+    return nn.meta.unbox(params)["params"]["pos_embed"]

@@ -4,11 +4,11 @@ Written as LLaVA JSONL (`train.jsonl`, held-out `heldout.jsonl`) plus `heldout_e
 line with a single canonical answer word ({"id", "image": [paths], "question", "answer", "type"}) for answer-
 accuracy scoring. Everything is drawn from one seeded generator, so the same seed gives byte-identical files.
 
-Small on purpose, so a tiny model learns it on a CPU: 5 colours, 3 shapes, 1–4 shapes per image, image sizes that
-tile into 1, 3 or 4 tiles of 448 px (smaller tiles give more tiles per image: lower max_num with them), answers
-from a closed vocabulary (colours, shapes, "0"–"4", left/right/top/bottom, yes/no, first/second). Sample kinds
-(`KIND_CYCLE`): single-image QA (some two-turn), captions, two-image questions, CoT answers
-(`<think>…</think>\\boxed{…}` after the CoT instruction) and a few text-only questions.
+Small on purpose, so a tiny model trained from scratch learns it on a CPU in minutes: 5 colours, 3 shapes, square
+images (one tile each) with one large shape (70%) or 2–4 shapes on a 2x2 grid, answers from a closed vocabulary
+(colours, shapes, "0"–"4", left/right/top/bottom, yes/no, first/second). Sample kinds (`KIND_CYCLE`): single-
+image QA (some two-turn), captions, two-image questions, CoT answers (`<think>…</think>\\boxed{…}` after the CoT
+instruction) and a few text-only questions.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from sail_jax.data.chat import with_thinking
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180)}
 SHAPES = ("circle", "square", "triangle")
-# (width, height) -> tiles at max_num >= 3: 1 (square), 3 (2:1 + thumbnail), 4 (3:1 + thumbnail).
-SIZES = ((448, 448), (336, 336), (896, 448), (448, 896), (672, 224), (224, 672))
-POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8)}
-# Cells (x, y) of multi-shape scenes, as fractions of the image: a 3x3 grid without its centre.
-CELLS = tuple((x, y) for y in (1 / 6, 0.5, 5 / 6) for x in (1 / 6, 0.5, 5 / 6) if (x, y) != (0.5, 0.5))
+SIZES = ((448, 448), (336, 336), (224, 224))  # square: one tile each, shapes undistorted at any max_num
+# A lone shape sits off-centre at one of these spots (fractions of the image) and is large (over a third of the
+# short side across): with one tile per image it still covers many patches, which a small model trained from
+# scratch needs to learn to see it in minutes.
+POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+# Cells (x, y) of multi-shape scenes, as fractions of the image: a 2x2 grid.
+CELLS = tuple((x, y) for y in (0.25, 0.75) for x in (0.25, 0.75))
 SUFFIX = "\nAnswer the question using a single word or phrase."
 NUMBERS = ("zero", "one", "two", "three", "four")
 # Each block of 20 samples has this mix of kinds in a random order (60% QA, 10% captions, 10% two-image, 15% CoT,
@@ -47,11 +49,11 @@ def _scene(rng: np.random.Generator, n_shapes: int, single_position: bool) -> di
     else:
         position = None
         spots = [CELLS[i] for i in rng.choice(len(CELLS), n_shapes, replace=False)]
-    cell = min(w, h) / (3 if not single_position else 2.5)
+    radius = (0.18, 0.24) if single_position else (0.15, 0.22)
     shapes = []
     for fx, fy in spots:
         shapes.append({"shape": SHAPES[rng.integers(len(SHAPES))], "color": list(COLORS)[rng.integers(len(COLORS))],
-                       "cx": fx * w, "cy": fy * h, "r": float(cell * rng.uniform(0.3, 0.45))})
+                       "cx": fx * w, "cy": fy * h, "r": float(min(w, h) * rng.uniform(*radius))})
     bg = tuple(int(v) for v in rng.integers(225, 256, 3))
     return {"size": (int(w), int(h)), "bg": bg, "shapes": shapes, "position": position}
 
@@ -109,7 +111,7 @@ class _Writer:
         return rel
 
     def scene(self, single: bool | None = None) -> dict[str, Any]:
-        single = bool(self.rng.random() < 0.35) if single is None else single
+        single = bool(self.rng.random() < 0.7) if single is None else single
         n = 1 if single else int(self.rng.integers(2, 5))
         return _scene(self.rng, n, single)
 
@@ -150,11 +152,18 @@ def make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], 
     options = _questions(scene, rng)
     if kind == "cot":
         n = len(scene["shapes"])
-        thought = f"I look at every shape in the image: {_phrase(scene['shapes'])}. Counting them gives {n}."
+        thought = f"The shapes: {_phrase(scene['shapes'])}. That is {n}."
         question = with_thinking("<image>\nHow many shapes are there?")
         answer = f"<think>\n{thought}\n</think>\n\\boxed{{{n}}}"
         return {"id": sample_id, "image": path, "conversations": _turns((question, answer))}, []
-    picks = rng.choice(len(options), min(len(options), 1 + int(rng.random() < 0.3)), replace=False)
+    # question types equally often (a lone shape has one "color" question but both "count" ones), then one
+    # question of each picked type
+    types = sorted({t for _, _, t in options})
+    chosen = rng.choice(len(types), min(len(types), 1 + int(rng.random() < 0.3)), replace=False)
+    picks = []
+    for i in chosen:
+        of_type = [k for k, o in enumerate(options) if o[2] == types[i]]
+        picks.append(of_type[rng.integers(len(of_type))])
     pairs = [(options[i][0] + SUFFIX, options[i][1]) for i in picks]
     pairs[0] = ("<image>\n" + pairs[0][0], pairs[0][1])
     evals = [{"id": sample_id, "image": [path], "question": "<image>\n" + options[picks[0]][0] + SUFFIX,

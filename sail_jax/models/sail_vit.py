@@ -106,6 +106,26 @@ class ViTBlock(nn.Module):
         return x, x
 
 
+def sincos_2d_init(grid: int) -> nn.initializers.Initializer:
+    """Initial [grid*grid, C] position table: 2D sine-cosine (y in the first half of channels, x in the second).
+
+    Why: upstream initialises the table N(0, 0.02), 2% of the patch-normed tokens, so a model trained from
+    scratch barely sees where a patch is; sine-cosine rows are distinct and as large as the tokens from step 0.
+    Loaded checkpoints overwrite it. Needs C divisible by 4; other widths fall back to N(0, 0.02).
+    """
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        n, c = shape
+        if c % 4 or n != grid * grid:
+            return nn.initializers.normal(0.02)(key, shape, dtype)
+        omega = 1.0 / 10000 ** (jnp.arange(c // 4, dtype=jnp.float32) / (c // 4))
+        y, x = jnp.meshgrid(jnp.arange(grid, dtype=jnp.float32), jnp.arange(grid, dtype=jnp.float32), indexing="ij")
+        ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+        return jnp.concatenate([jnp.sin(ay), jnp.cos(ay), jnp.sin(ax), jnp.cos(ax)], axis=1).astype(dtype)
+
+    return init
+
+
 class SailViT(nn.Module):
     """Vision tower. `select_layer` = -1: last block + final norm; other values: that block's raw output."""
 
@@ -119,7 +139,7 @@ class SailViT(nn.Module):
         self.patch_norm = RMSNorm(c.rms_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
         self.pos_embed = self.param(
             "pos_embed",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vit_positions", "embed")),
+            nn.with_logical_partitioning(sincos_2d_init(c.grid_size), ("vit_positions", "embed")),
             (c.num_patches, c.hidden_size),
             as_dtype(rt.param_dtype),
         )
