@@ -5,9 +5,10 @@ adapter as torch ops (pixel shuffle -> LayerNorm -> Linear -> GELU -> Linear), i
 `<IMG_CONTEXT>` positions of `Qwen3ForCausalLM`'s input embeddings; the loss applies lm_head only to the target
 positions (the same positions our static budget keeps), then AdamW with gradient clipping. Ours: the trainer's
 jitted step (AdamW + clipping + decay mask + non-finite guard), state donated. Both float32, all parts trained,
-each side with its own random weights (throughput does not depend on the values).
+each side with its own random weights (throughput does not depend on the values). Each side is timed with stock
+glibc malloc and with the malloc tunables `sail-jax` applies to itself on CPU (sail_jax/host_malloc.py).
 
-    python benchmarks/train_step.py [--vocab 151936] [--batch 4] [--seq 256] [--steps 5] [--rounds 3]
+    python benchmarks/train_step.py [--vocab 151936] [--batch 4] [--seq 256] [--steps 5] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from sail_jax import host_malloc  # noqa: E402
 from sail_jax.config import AdapterConfig, LLMConfig, ModelConfig, VisionConfig  # noqa: E402
 from sail_jax.sharding import make_mesh, use_mesh  # noqa: E402
 from sail_jax.training.data import to_global  # noqa: E402
@@ -166,7 +168,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--tiles", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--side", choices=("torch", "jax"), help=argparse.SUPPRESS)
     args = p.parse_args()
     cfg = model_config(args.vocab)
@@ -183,27 +185,32 @@ def main() -> None:
           f"{cfg.vision.hidden_size} on {args.batch * args.tiles} tiles of {cfg.vision.image_size}px, Qwen3 "
           f"{cfg.llm.num_layers}x{cfg.llm.hidden_size}, vocab {cfg.llm.vocab_size}; batch {args.batch}x{args.seq} "
           f"tokens, {int(batch['loss_mask'][:, 1:].sum())} targets; float32, all parts trained")
-    # Each side runs in its own process (two runtimes' thread pools in one process slow each other down),
-    # alternating, so both see the same machine load on average.
-    times: dict[str, list[float]] = {"torch": [], "jax": []}
-    matmuls: dict[str, list[float]] = {"torch": [], "jax": []}
+    # Each run is a process of its own (two runtimes' thread pools in one process slow each other down), in
+    # alternation, so all see the same machine load on average. Each side runs with stock glibc malloc and with
+    # the tunables `sail-jax` sets for itself on CPU (sail_jax/host_malloc.py); they help PyTorch just as much.
+    envs = {"stock malloc": {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}}
+    envs["tuned malloc"] = host_malloc.tuned_env(envs["stock malloc"])
+    runs = [(side, env) for env in envs for side in ("torch", "jax")]
+    times: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+    matmuls: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
     for _ in range(args.rounds):
-        for side in times:
+        for side, env in runs:
             cmd = [sys.executable, __file__, f"--side={side}", f"--vocab={args.vocab}", f"--batch={args.batch}",
                    f"--seq={args.seq}", f"--tiles={args.tiles}", f"--steps={args.steps}"]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=envs[env]).stdout
             result = json.loads(out.strip().splitlines()[-1])
-            times[side] += result["steps"]
-            matmuls[side].append(result["lm_head_matmuls_ms"])
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"pytorch  : {med['torch'] * 1e3:8.1f} ms/step  {tokens / med['torch']:9.0f} tokens/s")
-    print(f"sail-jax : {med['jax'] * 1e3:8.1f} ms/step  {tokens / med['jax']:9.0f} tokens/s")
-    print(f"ratio (sail-jax / pytorch tokens/s): {med['torch'] / med['jax']:.2f}x")
-    mm = {k: min(v) for k, v in matmuls.items()}
-    print(f"of which the 3 lm_head matmuls alone: pytorch {mm['torch']:.0f} ms, sail-jax {mm['jax']:.0f} ms; "
-          f"rest of the step: pytorch {med['torch'] * 1e3 - mm['torch']:.0f} ms, "
-          f"sail-jax {med['jax'] * 1e3 - mm['jax']:.0f} ms")
-
+            times[side, env] += result["steps"]
+            matmuls[side, env].append(result["lm_head_matmuls_ms"])
+    ms = {r: statistics.median(v) * 1e3 for r, v in times.items()}
+    for side, env in runs:
+        mm = min(matmuls[side, env])
+        print(f"{'pytorch' if side == 'torch' else 'sail-jax':8s} {env}: {ms[side, env]:7.0f} ms/step "
+              f"{tokens / ms[side, env] * 1e3:7.0f} tokens/s  (3 lm_head matmuls alone {mm:.0f} ms, "
+              f"rest {ms[side, env] - mm:.0f} ms)")
+    print(f"ratio sail-jax as `sail-jax train` runs it (tuned malloc) / stock PyTorch: "
+          f"{ms['torch', 'stock malloc'] / ms['jax', 'tuned malloc']:.2f}x")
+    for env in envs:
+        print(f"ratio like for like, both {env}: {ms['torch', env] / ms['jax', env]:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,8 @@ import importlib
 import pkgutil
 import sys
 
+from sail_jax import host_malloc
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-jax", description="SAIL-VL2 in JAX: train, convert, run.")
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line (not a call from Python): tune glibc malloc for XLA:CPU first
+        host_malloc.reexec_if_wanted(sys.argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Sub-commands configured with gin also take t5x-style `--gin.NAME=VALUE` flags.
