@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -121,7 +122,18 @@ def lm_head_matmuls_ms(side: str, n: int, d: int, v: int) -> float:
     return _best_ms(lambda: jax.block_until_ready(f(jh, jg, jw)))
 
 
-def time_torch(cfg, batch, steps: int) -> list[float]:
+def _timed(step, steps: int) -> tuple[list[float], float]:
+    """Seconds of each of `steps` calls after a first (warm-up / compile) call, and page faults per call."""
+    step()
+    faults0, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
+
+
+def time_torch(cfg, batch, steps: int) -> tuple[list[float], float]:
     torch.manual_seed(0)
     model = TorchVLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
@@ -129,36 +141,34 @@ def time_torch(cfg, batch, steps: int) -> list[float]:
     pixels = torch.from_numpy(batch["pixel_values"])
     targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
     weights = torch.cat([torch.from_numpy(batch["loss_mask"])[:, 1:], torch.zeros_like(ids[:, :1])], 1)
-    times = []
-    for _ in range(steps + 1):  # the first step warms up
-        t0 = time.perf_counter()
+
+    def step() -> None:
         loss = model(ids, pixels, targets, weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         float(loss.detach())
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+
+    return _timed(step, steps)
 
 
-def time_jax(cfg, batch, steps: int) -> list[float]:
+def time_jax(cfg, batch, steps: int) -> tuple[list[float], float]:
     mesh = make_mesh(devices=jax.devices()[:1])
     opt = OptimizerConfig(learning_rate=1e-4)
     setup = _setup(cfg, opt, TRAINABLE, mesh)
     per_row = int(batch["loss_mask"][:, 1:].sum(1).max())  # the static lm_head budget = the targets per row
     step_fn = _compiled_step(cfg, opt, TRAINABLE, per_row, 1000, mesh)
-    times = []
     with use_mesh(mesh):
         params = setup.init_params(jax.random.PRNGKey(0))
-        state = TrainState(params, setup.init_opt_state(params))
+        state = [TrainState(params, setup.init_opt_state(params))]
         gbatch = to_global(batch, mesh, batch["input_ids"].shape[0])
-        for i in range(steps + 1):  # the first step compiles
-            t0 = time.perf_counter()
-            state, m = step_fn(state, gbatch, np.int32(i), np.float32(1.0))
+
+        def step() -> None:
+            state[0], m = step_fn(state[0], gbatch, np.int32(1), np.float32(1.0))
             float(m["loss"])
-            times.append(time.perf_counter() - t0)
-    return times[1:]
+
+        return _timed(step, steps)
 
 
 def main() -> None:
@@ -175,10 +185,11 @@ def main() -> None:
     batch = make_batch(cfg, args.batch, args.seq, args.tiles)
     if args.side:  # one measurement in a process of its own
         torch.set_num_threads(os.cpu_count() or 1)
-        times = time_torch(cfg, batch, args.steps) if args.side == "torch" else time_jax(cfg, batch, args.steps)
+        timer = time_torch if args.side == "torch" else time_jax
+        times, faults = timer(cfg, batch, args.steps)
         n = int(batch["loss_mask"][:, 1:].sum())
         matmuls = lm_head_matmuls_ms(args.side, n, cfg.llm.hidden_size, cfg.llm.vocab_size)
-        print(json.dumps({"steps": times, "lm_head_matmuls_ms": matmuls}))
+        print(json.dumps({"steps": times, "faults_per_step": faults, "lm_head_matmuls_ms": matmuls}))
         return
     tokens = args.batch * args.seq
     print(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; ViT {cfg.vision.num_layers}x"
@@ -193,6 +204,7 @@ def main() -> None:
     runs = [(side, env) for env in envs for side in ("torch", "jax")]
     times: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
     matmuls: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+    faults: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
     for _ in range(args.rounds):
         for side, env in runs:
             cmd = [sys.executable, __file__, f"--side={side}", f"--vocab={args.vocab}", f"--batch={args.batch}",
@@ -201,16 +213,20 @@ def main() -> None:
             result = json.loads(out.strip().splitlines()[-1])
             times[side, env] += result["steps"]
             matmuls[side, env].append(result["lm_head_matmuls_ms"])
+            faults[side, env].append(result["faults_per_step"])
     ms = {r: statistics.median(v) * 1e3 for r, v in times.items()}
+    page = os.sysconf("SC_PAGE_SIZE")
     for side, env in runs:
         mm = min(matmuls[side, env])
         print(f"{'pytorch' if side == 'torch' else 'sail-jax':8s} {env}: {ms[side, env]:7.0f} ms/step "
               f"{tokens / ms[side, env] * 1e3:7.0f} tokens/s  (3 lm_head matmuls alone {mm:.0f} ms, "
-              f"rest {ms[side, env] - mm:.0f} ms)")
+              f"rest {ms[side, env] - mm:.0f} ms; {statistics.median(faults[side, env]) * page / 1e6:.0f} MB "
+              f"page-faulted per step)")
     print(f"ratio sail-jax as `sail-jax train` runs it (tuned malloc) / stock PyTorch: "
           f"{ms['torch', 'stock malloc'] / ms['jax', 'tuned malloc']:.2f}x")
     for env in envs:
         print(f"ratio like for like, both {env}: {ms['torch', env] / ms['jax', env]:.2f}x")
+
 
 if __name__ == "__main__":
     main()
