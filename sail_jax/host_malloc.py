@@ -2,9 +2,9 @@
 
 Why: XLA:CPU takes every output and temporary buffer from malloc and frees it after the step. glibc serves blocks
 over 32 MB with a fresh `mmap` and unmaps them on free, so each step page-faults all its large buffers again: on
-the 2-core CI VM the benchmark's train step faulted 1.6 GB per step and spent more than a second per step in the
-kernel. Keeping freed memory in one heap (`mmap_max=0`, a huge `trim_threshold`, one arena) and backing it with
-transparent huge pages (`hugetlb=1`) lets the next step reuse warm pages. glibc reads these tunables only at
+the 2-core CI VM the train step of `benchmarks/train_step.py` faults 1.6 GB per step. Keeping freed memory in one
+heap (`mmap_max=0`, a huge `trim_threshold`, one arena) and backing it with transparent huge pages (`hugetlb=1`)
+lets the next step reuse warm pages. glibc reads these tunables only at
 process start, so the CLI re-executes itself once with `GLIBC_TUNABLES` set (same PID, same arguments).
 
 Applied only on glibc Linux without a GPU/TPU device file (host memory on accelerator hosts is left alone), and
