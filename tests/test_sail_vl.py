@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sail_jax.config import get_preset
+from sail_jax.config import AdapterConfig, get_preset
+from sail_jax.models.adapter import PixelShuffleAdapter
 from sail_jax.models.anyres import pack_images
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from sail_jax.models.sail_vit import SailViT
@@ -168,3 +170,17 @@ def test_select_layer_reaches_anyres(params):
     out = jax.jit(lambda p, b: vit.apply(p, b, return_hidden_states=True, method=SailViT.anyres))(vp, packed)
     np.testing.assert_array_equal(np.asarray(out.selected), np.asarray(out.hidden_states[0]))
     assert np.abs(np.asarray(out.selected) - np.asarray(out.last_hidden_state)).max() > 1e-2
+
+
+@pytest.mark.parametrize("init_std", [0.02, 0.0625])
+def test_adapter_init_std(init_std):
+    """`AdapterConfig.init_std` sets the N(0, std) init of both adapter Linears (biases stay zero); configs.demo.gin
+    raises it so the adapter's GELU starts in its nonlinear range."""
+    adapter = PixelShuffleAdapter(AdapterConfig(init_std=init_std), out_features=256)
+    x = np.zeros((1, 64, 128), np.float32)  # 8x8 grid of width-128 ViT tokens
+    p = adapter.init(jax.random.PRNGKey(0), x, (8, 8))["params"]
+    for name, fan_in in (("linear_1", 512), ("linear_2", 256)):
+        kernel = np.asarray(nn.unbox(p[name]["kernel"]))
+        assert kernel.shape == (fan_in, 256)
+        assert abs(kernel.std() / init_std - 1) < 0.02
+        np.testing.assert_array_equal(np.asarray(nn.unbox(p[name]["bias"])), 0)

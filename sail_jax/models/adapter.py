@@ -39,8 +39,8 @@ class PixelShuffleAdapter(nn.Module):
 
     def setup(self):
         rt = self.rt
-        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype)
-        self.layer_norm = LayerNorm(self.cfg.layer_norm_eps, **kw)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=self.cfg.init_std)
+        self.layer_norm = LayerNorm(self.cfg.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
         self.linear_1 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, **kw)
         self.linear_2 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, **kw)
 
