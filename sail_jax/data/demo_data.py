@@ -30,6 +30,9 @@ SIZES = ((448, 448), (336, 336), (224, 224))  # square: one tile each, shapes un
 # short side across): with one tile per image it still covers many patches, which a small model trained from
 # scratch needs to learn to see it in minutes.
 POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+# How captions and CoT thoughts say where a lone shape is: position is the property the demo's LLM learns to read
+# last, so every text that can name it does.
+WHERE = {"left": " on the left", "right": " on the right", "top": " at the top", "bottom": " at the bottom", None: ""}
 # Cells (x, y) of multi-shape scenes, as fractions of the image: a 2x2 grid.
 CELLS = tuple((x, y) for y in (0.25, 0.75) for x in (0.25, 0.75))
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -143,16 +146,15 @@ def make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], 
             {"id": sample_id, "image": paths, "question": question, "answer": ans, "type": qtype}]
     scene = w.scene()
     path = w.image(scene)
+    where = WHERE[scene["position"]]
     if kind == "caption":
         n = len(scene["shapes"])
-        where = {"left": " on the left", "right": " on the right", "top": " at the top", "bottom": " at the bottom",
-                 None: ""}[scene["position"]]
         text = f"The image shows {NUMBERS[n]} shape{'s' if n > 1 else ''}: {_phrase(scene['shapes'])}{where}."
         return {"id": sample_id, "image": path, "conversations": _turns(("<image>\nDescribe the image.", text))}, []
     options = _questions(scene, rng)
     if kind == "cot":
         n = len(scene["shapes"])
-        thought = f"The shapes: {_phrase(scene['shapes'])}. That is {n}."
+        thought = f"The shapes: {_phrase(scene['shapes'])}{where}. That is {n}."
         question = with_thinking("<image>\nHow many shapes are there?")
         answer = f"<think>\n{thought}\n</think>\n\\boxed{{{n}}}"
         return {"id": sample_id, "image": path, "conversations": _turns((question, answer))}, []
