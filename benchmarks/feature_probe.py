@@ -41,10 +41,14 @@ def demo_model(init_std: float | None, seed: int):
     return cfg, SailVL(cfg).init(jax.random.PRNGKey(seed), tile, method=SailVL.extract_feature)
 
 
-def features(cfg, params, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """[n, tokens, D] adapter outputs of n one-shape scenes, and each property's class index."""
+def features(cfg, params, ns: tuple[int, ...], rng: np.random.Generator) -> list[tuple[np.ndarray, dict]]:
+    """For each n in `ns`: [n, tokens, D] adapter outputs of n fresh one-shape scenes and each property's class."""
     proc = SailProcessor.from_dir(REPO / "assets/tokenizer", max_num=1, image_size=cfg.vision.image_size)
     extract = jax.jit(lambda p, x: SailVL(cfg).apply(p, x, method=SailVL.extract_feature))
+    return [_scene_features(proc, extract, params, n, rng) for n in ns]
+
+
+def _scene_features(proc, extract, params, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     images, labels = [], {k: [] for k in PROPERTIES}
     for _ in range(n):
         scene = demo_data._scene(rng, 1, True)
@@ -86,8 +90,7 @@ def main() -> None:
         cfg, params = demo_model(args.adapter_init_std, args.seed)
         what = f"configs/demo.gin at random init (adapter init_std {cfg.adapter.init_std})"
     rng = np.random.default_rng(args.seed + 1)
-    f_train, y_train = features(cfg, params, args.train, rng)
-    f_test, y_test = features(cfg, params, args.test, rng)
+    (f_train, y_train), (f_test, y_test) = features(cfg, params, (args.train, args.test), rng)
     print(f"{what}: {f_train.shape[1]} tokens x {f_train.shape[2]} per image; ridge probe on {args.train} "
           f"one-shape scenes, accuracy on {args.test} others (chance: colour 20%, position 25%, shape 33%)")
     for name, pool in (("mean", lambda f: f.mean(1)), ("max", lambda f: f.max(1)),
