@@ -4,6 +4,7 @@ one tile per (square) image, and records that all pass the training transform.""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -72,3 +73,24 @@ def test_images_are_small_and_every_record_transforms(demo, data_dir):
     assert not [o for o in outs if "skip" in o]
     assert max(len(o["pixel_values"]) for o in outs) <= 8
     assert np.mean([o["info"]["cot"] for o in outs]) == pytest.approx(0.15, abs=0.05)
+
+
+def test_captions_and_thoughts_list_shapes_in_reading_order(demo):
+    """Multi-shape captions and CoT thoughts name the shapes top row first, left to right, so the list is a
+    function of the image (checked against the colour drawn at each grid cell's centre)."""
+    colour_of = {rgb: name for name, rgb in COLORS.items()}
+    checked = 0
+    for line in (demo / "train.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        answer = r["conversations"][1]["value"]
+        found = re.search(r"(?:shapes?: )(.*?)\.", answer)
+        if not found or "image" not in r or isinstance(r["image"], list) or " and " not in found.group(1):
+            continue  # not a caption / thought, or a lone shape
+        image = Image.open(demo / r["image"]).convert("RGB")
+        w, h = image.size
+        at_cells = [colour_of.get(image.getpixel((int(fx * w), int(fy * h)))) for fy in (0.25, 0.75)
+                    for fx in (0.25, 0.75)]
+        named = [phrase.split()[-2] for phrase in found.group(1).replace(" and ", ", ").split(", ")]
+        assert named == [c for c in at_cells if c], (r["id"], answer, at_cells)
+        checked += 1
+    assert checked >= 3

@@ -51,7 +51,8 @@ def _scene(rng: np.random.Generator, n_shapes: int, single_position: bool) -> di
         spots = [POSITIONS[position]]
     else:
         position = None
-        spots = [CELLS[i] for i in rng.choice(len(CELLS), n_shapes, replace=False)]
+        # in reading order (top row first, left to right), so a caption's list of shapes is a function of the image
+        spots = [CELLS[i] for i in sorted(rng.choice(len(CELLS), n_shapes, replace=False))]
     radius = (0.18, 0.24) if single_position else (0.15, 0.22)
     shapes = []
     for fx, fy in spots:
