@@ -35,7 +35,7 @@ def _evaluate(cfg: Any, params: Any, processor: Any, rows: list[dict], label: st
 
 
 def run_demo(out: str | Path = "demo_out", n: int = 3000, seed: int = 0, steps: int | None = None,
-             export: bool = True) -> dict[str, Any]:
+             export: bool = True, n_heldout: int = 1500) -> dict[str, Any]:
     """Run every stage into `out/` (data/, run/, loss.png, hf/, demo_results.json); returns the results."""
     import gin
     import jax
@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "demo_out", n: int = 3000, seed: int = 0, steps: 
     data, workdir = out / "data", out / "run"
     t_start = time.time()
     print(f"[demo] writing {n} synthetic samples to {data}", flush=True)
-    counts = make_demo_data(data, n=n, seed=seed)
+    counts = make_demo_data(data, n=n, seed=seed, n_heldout=n_heldout)
     print(f"[demo] {counts}", flush=True)
 
     bindings = [f"WORKDIR = '{workdir}'", f"grain_data.datasets = [{{'path': '{data / 'train.jsonl'}'}}]",

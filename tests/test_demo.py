@@ -88,7 +88,7 @@ def test_demo_runs_end_to_end(tmp_path):
     from converters.load import load_checkpoint
     from sail_jax.demo import run_demo
 
-    results = run_demo(out=tmp_path, n=24, steps=2, seed=0)
+    results = run_demo(out=tmp_path, n=24, steps=2, seed=0, n_heldout=4)
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved["train_steps"] == 2 and np.isfinite(saved["final_loss"])
     n_eval = len(read_qa_jsonl(tmp_path / "data" / "heldout_eval.jsonl"))
