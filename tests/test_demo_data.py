@@ -83,7 +83,7 @@ def test_captions_and_thoughts_list_shapes_in_reading_order(demo):
     for line in (demo / "train.jsonl").read_text().splitlines():
         r = json.loads(line)
         answer = r["conversations"][1]["value"]
-        found = re.search(r"(?:shapes?: )(.*?)\.", answer)
+        found = re.search(r"shapes?: (.*?)\.", answer)
         if not found or "image" not in r or isinstance(r["image"], list) or " and " not in found.group(1):
             continue  # not a caption / thought, or a lone shape
         image = Image.open(demo / r["image"]).convert("RGB")

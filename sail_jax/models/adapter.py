@@ -39,10 +39,10 @@ class PixelShuffleAdapter(nn.Module):
 
     def setup(self):
         rt = self.rt
-        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=self.cfg.init_std)
-        self.layer_norm = LayerNorm(self.cfg.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
-        self.linear_1 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, **kw)
-        self.linear_2 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, **kw)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype)
+        self.layer_norm = LayerNorm(self.cfg.layer_norm_eps, **kw)
+        self.linear_1 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, init_std=self.cfg.init_std, **kw)
+        self.linear_2 = Dense((self.out_features,), ("mlp", "embed"), use_bias=True, init_std=self.cfg.init_std, **kw)
 
     def project(self, y: jax.Array) -> jax.Array:
         """Already pixel-shuffled tokens [..., s^2*C] -> [..., out_features] (AnyRes shuffles by gather)."""
