@@ -43,3 +43,28 @@ def test_bad_runtime_values_name_the_field():
         RuntimeConfig(attention_impl="cudnn")
     with pytest.raises(ConfigError, match="num_heads"):
         LLMConfig(num_heads=6, num_kv_heads=4)
+
+
+def test_query_chunks_bound_attention_memory_in_the_backward_pass_too():
+    """`attention_q_chunk` splits the XLA attention by query rows: same output and gradients as one block, and the
+    backward pass keeps one chunk's scores at a time (each chunk is recomputed), not every chunk's."""
+    from sail_jax.layers.attention import xla_attention
+
+    rng = np.random.default_rng(0)
+    b, t, hq, hkv, d = 1, 1024, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for h in (hq, hkv, hkv))
+    seg = jnp.asarray(np.repeat([1, 2], [700, t - 700])[None], jnp.int32)
+    cot = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+
+    def grads(chunk):
+        f = lambda q, k, v: jnp.vdot(xla_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+                                                   q_chunk=chunk)[0], cot)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+    whole, chunked = grads(t), grads(128)
+    for a, c in zip(whole(q, k, v), chunked(q, k, v)):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-5)
+    temp = lambda fn: fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    scores = b * hq * t * t * 4  # one [Tq, Tk] float32 score matrix for all heads
+    assert temp(whole) > 2 * scores
+    assert temp(chunked) < temp(whole) / 4  # (keeping every chunk's residuals: about the same as whole)

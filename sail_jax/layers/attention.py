@@ -65,7 +65,8 @@ def xla_attention(
     """Plain-XLA reference attention with GQA (k/v never repeated).
 
     q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] -> (out [B,Tq,Hq,D], lse [B,Tq,Hq] float32). Long query sequences are
-    processed `q_chunk` rows at a time so the [Tq, Tk] score matrix never exists whole.
+    processed `q_chunk` rows at a time so the [Tq, Tk] score matrix never exists whole, in the backward pass
+    too: each chunk is rematerialised there instead of keeping every chunk's probabilities for it.
     """
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
@@ -93,7 +94,7 @@ def xla_attention(
         qc, sc, ic = args
         return _xla_block(qc, k, v, sc, kv_segment_ids, ic, kv_indices, causal, scale)
 
-    o, lse = jax.lax.map(body, (qs, segs, idxs))
+    o, lse = jax.lax.map(jax.checkpoint(body), (qs, segs, idxs))
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * q_chunk, hq, d)[:, :tq]
     lse = jnp.moveaxis(lse, 0, 1).reshape(b, n * q_chunk, hq)[:, :tq]
     return o, lse
