@@ -68,6 +68,26 @@ def test_tile_mask_padding_slots(params):
     assert np.abs(np.asarray(unmasked) - np.asarray(plain)).max() > 1e-3
 
 
+def test_rows_of_tile_slots_scatter_within_each_row(params):
+    """[B, slots, ...] pixel values: each row's context slots take that row's tiles. Equal to the batch-global
+    order when the counts match; when a row has fewer slots than its tiles give, the next row still gets its own."""
+    t0, t1, junk = _tiles(2, 20), _tiles(1, 21), _tiles(1, 22)
+    rows = np.stack([_sample([_text(3, 23), 2 * TOK, _text(6, 24)]), _sample([_text(6, 25), TOK, _text(3, 26), TOK])])
+    slots = jnp.asarray(np.stack([t0, np.concatenate([t1, junk])]))  # [2 rows, 2 slots, 3, H, W]
+    mask = jnp.asarray([[True, True], [True, False]])
+    per_row = np.asarray(_logits(params, jnp.asarray(rows), slots, mask))
+    flat = np.asarray(_logits(params, jnp.asarray(rows), jnp.asarray(np.concatenate([t0, t1]))))
+    assert np.abs(per_row - flat).max() <= 1e-5  # 3 tiles' features fill 3 x TOK slots either way
+
+    short = rows.copy()
+    short[0, 3 + TOK: 3 + 2 * TOK] = _text(TOK, 27)  # row 0 keeps one tile's slots, its 2nd tile is left over
+    got = np.asarray(_logits(params, jnp.asarray(short), slots, mask))[1]
+    alone = np.asarray(_logits(params, jnp.asarray(short[1:]), slots[1:], mask[1:]))[0]
+    assert np.abs(got - alone).max() <= 1e-5  # row 1 sees tile t1, not row 0's left-over tile
+    with pytest.raises(ValueError, match="pixel_values has 1 rows of tile slots; input_ids has 2"):
+        _logits(params, jnp.asarray(rows), slots[:1], mask[:1])
+
+
 def _row(samples, length):
     """Pack token samples into one row of `length`: ids, segment ids (1, 2, ...; 0 = padding), positions."""
     ids, seg, pos = (np.zeros((1, length), np.int32) for _ in range(3))
