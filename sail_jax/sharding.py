@@ -85,13 +85,20 @@ def make_mesh(
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def mesh_from_spec(spec: dict[str, int] | None) -> Mesh:
-    """Mesh from a {'data': 2, 'tensor': 2, ...} dict (missing axes = 1)."""
+def mesh_from_spec(spec: dict[str, int] | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh from a {'data': 2, 'tensor': 2, ...} dict (missing axes = 1) over `devices` (default: all)."""
     spec = dict(spec or {})
     unknown = set(spec) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; known: {MESH_AXES}")
-    return make_mesh(**spec)
+    return make_mesh(**spec, devices=devices)
+
+
+def target_platform() -> str:
+    """The platform the code being traced will run on: that of the current mesh's devices (which may be
+    compile-only devices of another platform, for ahead-of-time compilation), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device  # works inside jit and shard_map too
+    return device.platform if device is not None and device.platform else jax.default_backend()
 
 
 @contextlib.contextmanager

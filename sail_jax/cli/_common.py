@@ -1,4 +1,5 @@
-"""Options and loading shared by the `generate`, `chat` and `eval` commands (not a command itself)."""
+"""Options and loading shared by the commands (not a command itself): gin flags (`train`, `compile`), model and
+sampling options (`generate`, `chat`, `eval`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import tempfile
 from pathlib import Path
 
 from sail_jax.inference.sampling import SamplingParams
+
+
+def add_gin_args(p: argparse.ArgumentParser) -> None:
+    """t5x-style gin flags; `--gin.NAME=VALUE` flags are also accepted (`accepts_gin_flags`)."""
+    p.add_argument("--gin_file", action="append", default=[], help="gin file; repeat to stack (later wins)")
+    p.add_argument("--gin_bindings", action="append", default=[], help="gin binding(s); applied after the files")
+    p.add_argument("--gin_search_path", action="append", default=[], help="extra directory for gin includes")
+    p.set_defaults(accepts_gin_flags=True)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

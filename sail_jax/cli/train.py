@@ -13,19 +13,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from sail_jax.cli._common import add_gin_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train with gin configs (see configs/)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gin_file", action="append", default=[], help="gin file; repeat to stack (later wins)")
-    p.add_argument("--gin_bindings", action="append", default=[], help="gin binding(s); applied after the files")
-    p.add_argument("--gin_search_path", action="append", default=[], help="extra directory for gin includes")
+    add_gin_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
     p.add_argument("--distributed", action="store_true", help="let JAX auto-detect the cluster (TPU pods, SLURM)")
-    p.set_defaults(func=run, accepts_gin_flags=True)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,14 +29,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sail_jax.layers.grouped_matmul import grouped_matmul
-from sail_jax.sharding import active_mesh_axes
+from sail_jax.sharding import active_mesh_axes, target_platform
 
 # Module attributes so the tests can run the ragged exchange on XLA:CPU through an emulation.
 _ragged_all_to_all = jax.lax.ragged_all_to_all
 
 
 def _ragged_all_to_all_available() -> bool:
-    return jax.default_backend() != "cpu"
+    return target_platform() != "cpu"
 
 
 def resolve_a2a(a2a: str) -> str:
@@ -45,7 +45,7 @@ def resolve_a2a(a2a: str) -> str:
         return "ragged" if _ragged_all_to_all_available() else "padded"
     if a2a == "ragged" and not _ragged_all_to_all_available():
         raise ValueError(
-            f"moe_a2a='ragged' needs jax.lax.ragged_all_to_all, which the {jax.default_backend()!r} backend does "
+            f"moe_a2a='ragged' needs jax.lax.ragged_all_to_all, which the {target_platform()!r} backend does "
             "not implement; use 'padded' or 'auto'"
         )
     if a2a not in ("ragged", "padded"):

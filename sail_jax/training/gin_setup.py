@@ -13,6 +13,7 @@ Gin files are parsed in order (later files override earlier ones), then `--gin_b
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,25 +99,55 @@ def rewrite_gin_args(args: Sequence[str]) -> list[str]:
     return bindings
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-    """Reset gin, parse the base bindings, the files and the bindings; check the required macros; finalize."""
+def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+          required: Sequence[str] = REQUIRED_MACROS, finalize: bool = True) -> None:
+    """Reset gin, parse the base bindings, the files and the bindings; check the `required` macros; finalize
+    (which also fails on any other `%gin.REQUIRED` left unset: skip it for commands that do not train)."""
     gin.clear_config()
     for p in (*search_paths, str(REPO_ROOT), str(Path.cwd())):
         gin.add_config_file_search_path(p)
     gin.parse_config(BASE_BINDINGS)
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
-    unset = [m for m in REQUIRED_MACROS if _is_required(m)]
+    unset = [m for m in required if _is_required(m)]
     if unset:
         raise ValueError(
             "required gin macro(s) not set: " + ", ".join(unset) + " (set them in a --gin_file or with "
             + " ".join(f"--gin.{m}=..." for m in unset) + ")"
         )
-    gin.finalize()
+    if finalize:
+        gin.finalize()
 
 
 def _is_required(macro: str) -> bool:
     """A macro still bound to `%gin.REQUIRED` (gin only notices it when a configurable is called)."""
     return repr(gin.query_parameter(f"%{macro}")) == "%gin.REQUIRED"
+
+
+def train_arguments(names: Sequence[str]) -> dict[str, Any]:
+    """The named keyword arguments of `train` as the parsed config gives them (its defaults where unbound), for
+    commands that build what `train` builds without running it; a `%gin.REQUIRED` one left unset is an error."""
+    params = inspect.signature(train).parameters
+    bound = gin.get_bindings("train")
+    out = {}
+    for name in names:
+        value = bound.get(name, params[name].default)
+        if value is gin.REQUIRED or value is inspect.Parameter.empty:
+            raise ValueError(f"train.{name} is not set (it is %gin.REQUIRED): add --gin.train.{name}=...")
+        out[name] = value
+    return out
+
+
+def data_option(name: str, default: Any) -> Any:
+    """An option of the configured `train.data` factory (e.g. `grain_data.max_tiles`): bound, else the
+    factory's own default, else `default`."""
+    factory = gin.get_bindings("train").get("data")
+    if factory is None or factory is gin.REQUIRED:
+        return default
+    param = inspect.signature(factory).parameters.get(name)
+    if param is not None and param.default is not inspect.Parameter.empty:
+        default = param.default
+    value = gin.get_bindings(factory).get(name, default)
+    return default if value is gin.REQUIRED else value
 
 
 def workdir() -> str:

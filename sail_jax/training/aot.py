@@ -1,0 +1,151 @@
+"""Ahead-of-time compilation of the train step, for devices this host may not have.
+
+A pod team sizes a run before it holds the slice: `compile_train_step` lowers and compiles the very jitted step
+that `train` runs (same model, optimizer, trainable groups, mesh, loss budget and batch shapes) against the
+devices of a mesh, which may be the compile-only devices of a named TPU topology (`topology_devices`, needs
+libtpu but no TPU), and reports what XLA will allocate on each device. Nothing is allocated: parameters,
+optimizer state and batch are `ShapeDtypeStruct`s carrying their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sail_jax.config import ModelConfig
+from sail_jax.params import parameter_counts
+from sail_jax.sharding import batch_sharding, mesh_from_spec, use_mesh
+from sail_jax.training.data import INT_KEYS
+from sail_jax.training.optim import OptimizerConfig, check_trainable
+from sail_jax.training.step import TrainState
+from sail_jax.training.trainer import _check_sizes, _compiled_step, _setup
+
+GIB = 1024**3
+# High-bandwidth memory per chip, matched as substrings of `device_kind.lower()` in order (public spec sheets).
+HBM_BYTES: tuple[tuple[str, int], ...] = (
+    ("v6 lite", 32 * GIB), ("v5 lite", 16 * GIB), ("v5p", 95 * GIB), ("v5", 95 * GIB), ("v4", 32 * GIB),
+    ("h200", 141 * 10**9), ("h100", 80 * GIB), ("a100", 80 * GIB),
+)
+LIBTPU_HINT = "describing a TPU topology needs libtpu (pip install 'libtpu==0.0.42.*', the release jax 0.10.2 pins)"
+
+
+def topology_devices(topology: str | None) -> list[jax.Device]:
+    """Compile-only devices of a TPU topology such as 'v5p:4x4x4' or 'v5e:4x8'; None: this process's devices."""
+    if not topology:
+        return jax.devices()
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # libtpu missing, or a name it does not know: say which, and how to fix it
+        raise ValueError(f"topology {topology!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
+                         f"{LIBTPU_HINT}") from e
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+    kind = device_kind.lower()
+    return next((v for k, v in HBM_BYTES if k in kind), None)
+
+
+def abstract_batch(cfg: ModelConfig, batch_size: int, seq_len: int, max_tiles: int, mesh: Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch `training.data.to_global` builds, as sharded shapes."""
+    v = cfg.vision
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {k: ((batch_size, seq_len), jnp.int32) for k in INT_KEYS}
+    shapes["pixel_values"] = ((batch_size, max_tiles, v.num_channels, v.image_size, v.image_size), jnp.float32)
+    shapes["tile_mask"] = ((batch_size, max_tiles), jnp.bool_)
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, s)) for k, (s, d) in shapes.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """Per-device figures of one compiled train step (bytes unless named otherwise)."""
+
+    device_kind: str
+    num_devices: int
+    mesh: dict[str, int]
+    parameters: int
+    argument_bytes: int  # parameters, optimizer state and batch shards held by one device
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated arguments (counted once)
+    temp_bytes: int  # activations, gradients and scratch at the step's peak
+    code_bytes: int
+    flops_per_device: float | None
+    hbm_bytes: int | None
+    compile_s: float
+
+    @property
+    def peak_bytes(self) -> int:
+        """What the step needs resident on one device: arguments + fresh outputs + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "peak_bytes": self.peak_bytes, "fits": self.fits}
+
+    def summary(self) -> str:
+        g = lambda b: f"{b / GIB:.2f} GiB"
+        fit = "fits" if self.fits else "DOES NOT FIT"
+        hbm = "" if self.hbm_bytes is None else f" of {g(self.hbm_bytes)} HBM ({fit})"
+        flops = "" if self.flops_per_device is None else f"; {self.flops_per_device / 1e12:.1f} TFLOP per device"
+        return (f"{self.num_devices} x {self.device_kind}, mesh {self.mesh}, {self.parameters / 1e9:.2f}B params: "
+                f"per device {g(self.peak_bytes)}{hbm} = arguments {g(self.argument_bytes)} + outputs "
+                f"{g(self.output_bytes)} - donated {g(self.alias_bytes)} + temporaries {g(self.temp_bytes)} + code "
+                f"{g(self.code_bytes)}{flops}; compiled in {self.compile_s:.0f} s")
+
+
+def compile_train_step(
+    *,
+    model: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    max_tiles: int,
+    devices: Sequence[jax.Device] | None = None,
+    trainable: Sequence[str] = ("vision", "adapter", "llm"),
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    mesh: dict[str, int] | None = None,
+    target_fraction: float = 1.0,
+    steps: int = 1,
+) -> tuple[jax.stages.Compiled, CompileReport]:
+    """Compile `train`'s step for `devices` (default: this process's) and measure it; arguments as `train`'s."""
+    trainable = check_trainable(trainable)
+    mesh_ = mesh_from_spec(mesh or {"fsdp": -1}, devices)
+    _check_sizes(mesh_, batch_size, steps)
+    if not 0 < target_fraction <= 1:
+        raise ValueError(f"target_fraction={target_fraction} must be in (0, 1]")
+    if max_tiles < 0:
+        raise ValueError(f"max_tiles={max_tiles} must be >= 0")
+    targets_per_row = max(1, math.ceil(target_fraction * seq_len))
+    t0 = time.perf_counter()
+    setup = _setup(model, optimizer, trainable, mesh_)  # outside the mesh context, as in `train`
+    with use_mesh(mesh_):
+        step_fn = _compiled_step(model, optimizer, trainable, targets_per_row, steps, mesh_)
+        state = TrainState(setup.abstract_params, setup.abstract_opt_state)
+        batch = abstract_batch(model, batch_size, seq_len, max_tiles, mesh_)
+        compiled = step_fn.lower(state, batch, np.int32(0), np.float32(1.0)).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    kind = mesh_.devices.flat[0].device_kind
+    report = CompileReport(
+        device_kind=kind, num_devices=mesh_.size, mesh={a: int(s) for a, s in mesh_.shape.items()},
+        parameters=parameter_counts(model)["total"],
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
+        hbm_bytes=hbm_bytes(kind), compile_s=seconds,
+    )
+    return compiled, report
