@@ -7,7 +7,7 @@ Each case is `sail-jax compile` of a stage config: the same jitted step `sail-ja
 (configs/stage/sft.gin: all parts trained, 512 rows x 8,192 tokens, half the positions in the loss budget; the
 model gin: bf16 compute, fp32 parameters and AdamW state, scanned layers, full remat), compiled by libtpu for
 the topology's compile-only devices. It prints what XLA allocates per device (arguments, temporaries, code)
-against the chip's HBM, and the compiler's FLOP count per device.
+against the chip's HBM, and the model FLOPs per device with the step time they take at the chip's peak.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from sail_jax.config import get_preset
 from sail_jax.sharding import make_mesh, target_platform, use_mesh
 from sail_jax.training import aot
 from sail_jax.training.data import to_global
+from sail_jax.training.metrics import CPU_NOMINAL_FLOPS, step_flops
 from sail_jax.training.optim import OptimizerConfig
 from sail_jax.training.step import TrainState
 from sail_jax.training.synthetic import synthetic_data
@@ -42,7 +43,10 @@ def test_compiled_step_is_the_trainers_step_and_its_memory_is_accounted():
     expected = _shard_bytes((setup.abstract_params, setup.abstract_opt_state, batch_spec)) + 8
     assert report.argument_bytes == expected
     assert report.alias_bytes > 0.9 * _shard_bytes((setup.abstract_params, setup.abstract_opt_state))  # donated
-    assert report.temp_bytes > 0 and report.flops_per_device > 0 and report.num_devices == 8
+    assert report.temp_bytes > 0 and report.num_devices == 8
+    flops = step_flops(CFG, tokens=ROWS * SEQ, targets=ROWS * 32, tiles=ROWS * TILES, seq_len=SEQ,
+                       trainable=("vision", "adapter", "llm"))
+    assert report.model_flops_per_device == flops / 8 and report.min_step_s == flops / 8 / CPU_NOMINAL_FLOPS
     assert report.mesh == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
     assert report.peak_bytes == (report.argument_bytes + report.output_bytes - report.alias_bytes
                                  + report.temp_bytes + report.code_bytes)
@@ -70,8 +74,9 @@ def test_hbm_table_and_fit():
     assert aot.hbm_bytes("TPU v6 lite") == 32 * aot.GIB and aot.hbm_bytes("cpu") is None
     r = aot.CompileReport(device_kind="TPU v5 lite", num_devices=4, mesh={}, parameters=1, argument_bytes=10 * aot.GIB,
                           output_bytes=10 * aot.GIB, alias_bytes=10 * aot.GIB, temp_bytes=7 * aot.GIB, code_bytes=0,
-                          flops_per_device=None, hbm_bytes=16 * aot.GIB, compile_s=1.0)
-    assert r.peak_bytes == 17 * aot.GIB and r.fits is False and "DOES NOT FIT" in r.summary()
+                          model_flops_per_device=394e12, peak_flops=197e12, hbm_bytes=16 * aot.GIB, compile_s=1.0)
+    assert r.peak_bytes == 17 * aot.GIB and r.fits is False and r.min_step_s == 2.0
+    assert "DOES NOT FIT" in r.summary() and "394 model TFLOP per device per step, >= 2 s at peak" in r.summary()
 
 
 def test_target_platform_follows_the_mesh():

@@ -32,11 +32,11 @@ CPU_NOMINAL_FLOPS = 1e11  # per device; an order of magnitude for one modern cor
 PARTS = ("vision", "adapter", "llm")
 
 
-def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from)."""
+def peak_flops_per_device(override: float | None = None, device_kind: str | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for `device_kind` (default: this process's devices)."""
     if override:
         return float(override), "override"
-    kind = jax.devices()[0].device_kind.lower()
+    kind = (device_kind or jax.devices()[0].device_kind).lower()
     for key, value in PEAK_FLOPS:
         if key in kind:
             return value, kind
