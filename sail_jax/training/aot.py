@@ -30,10 +30,10 @@ from sail_jax.training.step import TrainState
 from sail_jax.training.trainer import _check_sizes, _compiled_step, _setup
 
 GIB = 1024**3
-# High-bandwidth memory per chip, matched as substrings of `device_kind.lower()` in order (public spec sheets).
+# HBM per TPU chip, matched as substrings of `device_kind.lower()` in order (public spec sheets); attached
+# devices that report their memory (GPUs) use that instead.
 HBM_BYTES: tuple[tuple[str, int], ...] = (
     ("v6 lite", 32 * GIB), ("v5 lite", 16 * GIB), ("v5p", 95 * GIB), ("v5", 95 * GIB), ("v4", 32 * GIB),
-    ("h200", 141 * 10**9), ("h100", 80 * GIB), ("a100", 80 * GIB),
 )
 LIBTPU_HINT = "describing a TPU topology needs libtpu (pip install 'libtpu==0.0.42.*', the release jax 0.10.2 pins)"
 
@@ -51,7 +51,14 @@ def topology_devices(topology: str | None) -> list[jax.Device]:
                          f"{LIBTPU_HINT}") from e
 
 
-def hbm_bytes(device_kind: str) -> int | None:
+def hbm_bytes(device_kind: str, device: jax.Device | None = None) -> int | None:
+    """Memory of one device: what an attached device reports, else the TPU table, else None (e.g. CPU)."""
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit") if device is not None else None
+    except Exception:  # compile-only devices have no memory to report
+        limit = None
+    if limit:
+        return int(limit)
     kind = device_kind.lower()
     return next((v for k, v in HBM_BYTES if k in kind), None)
 
@@ -146,7 +153,8 @@ def compile_train_step(
         compiled = step_fn.lower(state, batch, np.int32(0), np.float32(1.0)).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    kind = mesh_.devices.flat[0].device_kind
+    device = mesh_.devices.flat[0]
+    kind = device.device_kind
     # XLA's own cost analysis counts a scanned layer stack once, so the model's FLOPs come from the config.
     flops = step_flops(model, tokens=batch_size * seq_len, targets=batch_size * targets_per_row,
                        tiles=batch_size * max_tiles, seq_len=seq_len, trainable=trainable)
@@ -157,6 +165,6 @@ def compile_train_step(
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
         model_flops_per_device=flops / mesh_.size, peak_flops=peak_flops_per_device(device_kind=kind)[0],
-        hbm_bytes=hbm_bytes(kind), compile_s=seconds,
+        hbm_bytes=hbm_bytes(kind, device), compile_s=seconds,
     )
     return compiled, report
