@@ -13,7 +13,6 @@ against the chip's HBM, and the model FLOPs per device with the step time they t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -40,25 +39,20 @@ def main() -> int:
     args = p.parse_args()
     os.chdir(REPO)
 
-    from sail_jax.cli.compile import TRAIN_ARGS
-    from sail_jax.training import aot, gin_setup
+    from sail_jax.cli.compile import compile_config, write_report
+    from sail_jax.training import aot
 
     devices = aot.topology_devices(args.topology)
     print(f"{args.topology}: {len(devices)} x {devices[0].device_kind}", flush=True)
     failed = False
     for name in args.cases.split(","):
         files, bindings = CASES[name][0], [*CASES[name][1], *args.bindings]
-        gin_setup.parse(files, bindings, required=("MODEL",), finalize=False)
-        kwargs = gin_setup.train_arguments(TRAIN_ARGS)
-        _, report = aot.compile_train_step(**kwargs, max_tiles=args.max_tiles, devices=devices)
-        print(f"{name}: {' + '.join(files)}, batch {kwargs['batch_size']} x {kwargs['seq_len']}, {args.max_tiles} "
+        what, report = compile_config(files, bindings, max_tiles=args.max_tiles, topology=args.topology)
+        print(f"{name}: {' + '.join(files)}, batch {what['batch_size']} x {what['seq_len']}, {args.max_tiles} "
               f"tiles per row: {report.summary()}", flush=True)
         failed |= report.fits is False
         if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"{name}.json").write_text(json.dumps(
-                {"topology": args.topology, "gin_files": files, "bindings": bindings, "max_tiles": args.max_tiles,
-                 **report.as_dict()}, indent=2) + "\n")
+            write_report(Path(args.out) / f"{name}.json", {**what, "gin_files": files, "bindings": bindings}, report)
     return 1 if failed else 0
 
 

@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sail_jax.cli._common import add_gin_args
 
@@ -34,34 +36,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def compile_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+                   max_tiles: int | None = None, topology: str | None = None) -> tuple[dict[str, Any], Any]:
+    """Parse gin as `train` does (data and workdir optional), compile its step; (what was compiled, report)."""
+    from sail_jax.data.pipeline import DataConfig
+    from sail_jax.training import aot, gin_setup
+
+    gin_setup.parse(gin_files, bindings, search_paths, required=("MODEL",), finalize=False)
+    kwargs = gin_setup.train_arguments(TRAIN_ARGS)
+    if max_tiles is None:
+        max_tiles = gin_setup.data_option("max_tiles", DataConfig.max_tiles)
+    _, report = aot.compile_train_step(**kwargs, max_tiles=int(max_tiles), devices=aot.topology_devices(topology))
+    what = {"topology": topology, "max_tiles": int(max_tiles), "batch_size": kwargs["batch_size"],
+            "seq_len": kwargs["seq_len"], "trainable": list(kwargs["trainable"])}
+    return what, report
+
+
+def write_report(path: str | Path, what: dict[str, Any], report: Any) -> None:
+    """The report as JSON, written under a temporary name and renamed (never half-written)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps({**what, **report.as_dict()}, indent=2) + "\n")
+    tmp.replace(out)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.topology and "JAX_PLATFORMS" not in os.environ:
         # The TPU devices are compile-only: keep JAX from also initialising a TPU backend on this host.
         import jax
 
         jax.config.update("jax_platforms", "cpu")
-    from sail_jax.data.pipeline import DataConfig
-    from sail_jax.training import aot, gin_setup
+    from sail_jax.training import gin_setup
 
-    overrides = gin_setup.rewrite_gin_args(args.gin_flags)
-    gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path, required=("MODEL",),
-                    finalize=False)
-    kwargs = gin_setup.train_arguments(TRAIN_ARGS)
-    max_tiles = args.max_tiles if args.max_tiles is not None else gin_setup.data_option(
-        "max_tiles", DataConfig.max_tiles)
-    devices = aot.topology_devices(args.topology)
-    _, report = aot.compile_train_step(**kwargs, max_tiles=int(max_tiles), devices=devices)
-    where = args.topology or "this host"
-    print(f"{where}: batch {kwargs['batch_size']} x {kwargs['seq_len']} tokens, {max_tiles} tile slots per row, "
-          f"trainable {list(kwargs['trainable'])}: {report.summary()}")
+    bindings = [*args.gin_bindings, *gin_setup.rewrite_gin_args(args.gin_flags)]
+    what, report = compile_config(args.gin_file, bindings, args.gin_search_path, args.max_tiles, args.topology)
+    print(f"{args.topology or 'this host'}: batch {what['batch_size']} x {what['seq_len']} tokens, "
+          f"{what['max_tiles']} tile slots per row, trainable {what['trainable']}: {report.summary()}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"topology": args.topology, "max_tiles": int(max_tiles),
-                                   "batch_size": kwargs["batch_size"], "seq_len": kwargs["seq_len"],
-                                   **report.as_dict()}, indent=2) + "\n")
-        tmp.replace(out)
+        write_report(args.out, what, report)
     if report.fits is False:
         print("sail-jax compile: the step does not fit the device memory", file=sys.stderr)
         return 1

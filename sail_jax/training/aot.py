@@ -10,7 +10,6 @@ optimizer state and batch are `ShapeDtypeStruct`s carrying their shardings.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,12 +21,12 @@ from jax.sharding import Mesh
 
 from sail_jax.config import ModelConfig
 from sail_jax.params import parameter_counts
-from sail_jax.sharding import batch_sharding, mesh_from_spec, use_mesh
+from sail_jax.sharding import batch_sharding, use_mesh
 from sail_jax.training.data import INT_KEYS
 from sail_jax.training.metrics import peak_flops_per_device, step_flops
 from sail_jax.training.optim import OptimizerConfig, check_trainable
 from sail_jax.training.step import TrainState
-from sail_jax.training.trainer import _check_sizes, _compiled_step, _setup
+from sail_jax.training.trainer import _compiled_step, _setup, run_layout
 
 GIB = 1024**3
 # HBM per TPU chip, matched as substrings of `device_kind.lower()` in order (public spec sheets); attached
@@ -137,13 +136,9 @@ def compile_train_step(
 ) -> tuple[jax.stages.Compiled, CompileReport]:
     """Compile `train`'s step for `devices` (default: this process's) and measure it; arguments as `train`'s."""
     trainable = check_trainable(trainable)
-    mesh_ = mesh_from_spec(mesh or {"fsdp": -1}, devices)
-    _check_sizes(mesh_, batch_size, steps)
-    if not 0 < target_fraction <= 1:
-        raise ValueError(f"target_fraction={target_fraction} must be in (0, 1]")
+    mesh_, targets_per_row = run_layout(mesh, batch_size, seq_len, steps, target_fraction, devices)
     if max_tiles < 0:
         raise ValueError(f"max_tiles={max_tiles} must be >= 0")
-    targets_per_row = max(1, math.ceil(target_fraction * seq_len))
     t0 = time.perf_counter()
     setup = _setup(model, optimizer, trainable, mesh_)  # outside the mesh context, as in `train`
     with use_mesh(mesh_):

@@ -110,15 +110,21 @@ def _compiled_step(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str,
     return jax.jit(fn, out_shardings=(setup.shardings, None), donate_argnums=0)
 
 
-def _check_sizes(mesh: Mesh, batch_size: int, steps: int) -> None:
-    shards = batch_shards(mesh)
+def run_layout(mesh: dict[str, int] | None, batch_size: int, seq_len: int, steps: int, target_fraction: float,
+               devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, int]:
+    """(mesh, target positions per row) of a run, with its sizes checked; shared by `train` and `aot`."""
+    mesh_ = mesh_from_spec(mesh or {"fsdp": -1}, devices)
+    shards = batch_shards(mesh_)
     if batch_size % shards or batch_size % jax.process_count():
         raise ValueError(
             f"batch_size={batch_size} must be divisible by the batch shards of the mesh ({shards} = "
-            f"{'*'.join(f'{a}:{mesh.shape[a]}' for a in BATCH_AXES)}) and by {jax.process_count()} processes"
+            f"{'*'.join(f'{a}:{mesh_.shape[a]}' for a in BATCH_AXES)}) and by {jax.process_count()} processes"
         )
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+    if not 0 < target_fraction <= 1:
+        raise ValueError(f"target_fraction={target_fraction} must be in (0, 1]")
+    return mesh_, max(1, math.ceil(target_fraction * seq_len))
 
 
 def train(
@@ -150,11 +156,7 @@ def train(
     """
     cfg = model
     trainable = check_trainable(trainable)
-    mesh_ = mesh_from_spec(mesh or {"fsdp": -1})
-    _check_sizes(mesh_, batch_size, steps)
-    if not 0 < target_fraction <= 1:
-        raise ValueError(f"target_fraction={target_fraction} must be in (0, 1]")
-    targets_per_row = max(1, math.ceil(target_fraction * seq_len))
+    mesh_, targets_per_row = run_layout(mesh, batch_size, seq_len, steps, target_fraction)
     workdir_ = Path(workdir).absolute()
     workdir_.mkdir(parents=True, exist_ok=True)
     setup = _setup(cfg, optimizer, trainable, mesh_)
