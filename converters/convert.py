@@ -22,6 +22,7 @@ import numpy as np
 from converters.core import ConversionError, check_source, leaf_dtypes, make_plan
 from converters.hf_checkpoint import SafetensorsCheckpoint
 from converters.hf_config import (
+    from_hf_config,
     generation_config_dict,
     llm_generation_config_dict,
     sailvl_config_dict,
@@ -38,7 +39,7 @@ from converters.orbax_io import (
     unflatten,
     write_step_metadata,
 )
-from sail_jax.config import ModelConfig, from_hf_config
+from sail_jax.config import ModelConfig
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json",

@@ -1,18 +1,32 @@
-"""config.json writers: the upstream SAIL-VL2 schema (read by the original remote code) and plain transformers
-Qwen3 / Qwen3-MoE configs (for `export-llm`).
+"""config.json, both ways: the upstream SAIL-VL2 schema (read by the original remote code) and plain transformers
+Qwen3 / Qwen3-MoE configs (for `export-llm`), written from and read into our ModelConfig in this one module, so the
+key names live in one place.
 
 The upstream layout follows the released 2B config.json field by field (as kept in tests/data/sailvl2-tiny), with
 the values that describe the model taken from our ModelConfig. Two deliberate differences from the release:
 `attn_implementation` is "eager" (the released "sdpa" makes the original Qwen3 code install an NPU-only kernel),
-and `tie_word_embeddings` is false, because we always store `language_model.lm_head.weight` and it is loaded
-untied (reference §8.3); a reader that honoured `true` would silently drop it.
+and `tie_word_embeddings` is false, because we always store `language_model.lm_head.weight` and the original code loads
+a stored lm_head untied (the released 2B says true yet stores one); a reader that honoured `true` would silently
+drop it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
-from sail_jax.config import PAD_TOKEN_ID, LLMConfig, ModelConfig
+from sail_jax.config import (
+    PAD_TOKEN_ID,
+    AdapterConfig,
+    ConfigError,
+    LLMConfig,
+    ModelConfig,
+    MoEConfig,
+    RuntimeConfig,
+    VisionConfig,
+)
 
 BOS_TOKEN_ID = 151643
 EOS_TOKEN_ID = 151645
@@ -129,3 +143,108 @@ def transformers_llm_config_dict(llm: LLMConfig, dtype: str) -> dict[str, Any]:
         "torch_dtype": dtype,
     })
     return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _need(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"{where}: missing key {key!r}")
+    return d[key]
+
+
+def _rope_theta(d: dict) -> float:
+    if "rope_theta" in d:
+        return float(d["rope_theta"])
+    params = d.get("rope_parameters") or {}
+    return float(params.get("rope_theta", 1e6))
+
+
+def llm_config_from_hf(d: dict, where: str = "llm_config") -> LLMConfig:
+    """Qwen3 / Qwen3-MoE `config.json` dict -> LLMConfig (the lm_head is always a separate tensor)."""
+    hidden = int(_need(d, "hidden_size", where))
+    heads = int(_need(d, "num_attention_heads", where))
+    moe = None
+    # Qwen3-MoE checkpoints say num_experts; transformers v5 `to_dict()` / save_pretrained say num_local_experts.
+    num_experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+    if num_experts > 0:
+        moe = MoEConfig(
+            num_experts=num_experts,
+            num_experts_per_tok=int(_need(d, "num_experts_per_tok", where)),
+            moe_intermediate_size=int(_need(d, "moe_intermediate_size", where)),
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(d.get("mlp_only_layers") or ()),
+            router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        )
+    return LLMConfig(
+        vocab_size=int(_need(d, "vocab_size", where)),
+        hidden_size=hidden,
+        intermediate_size=int(d.get("intermediate_size", 4 * hidden)),
+        num_layers=int(_need(d, "num_hidden_layers", where)),
+        num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(d.get("head_dim") or hidden // heads),
+        rope_theta=_rope_theta(d),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        # The original code loads a stored lm_head untied even under tie_word_embeddings=true (the released 2B);
+        # plain Qwen3 exports honour tying only if no lm_head is stored, which the loaders decide from the weights.
+        tie_word_embeddings=False,
+        max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
+        moe=moe,
+    )
+
+
+def vision_config_from_hf(d: dict, where: str = "vision_config") -> VisionConfig:
+    """SAIL-ViT `vision_config` dict -> VisionConfig."""
+    return VisionConfig(
+        hidden_size=int(_need(d, "hidden_size", where)),
+        intermediate_size=int(_need(d, "intermediate_size", where)),
+        num_layers=int(_need(d, "num_hidden_layers", where)),
+        num_heads=int(_need(d, "num_attention_heads", where)),
+        image_size=int(d.get("image_size", 448)),
+        patch_size=int(d.get("patch_size", 14)),
+        num_channels=int(d.get("num_channels", 3)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        qkv_bias=bool(d.get("qkv_bias", False)),
+        use_bias=bool(d.get("use_bias", False)),
+    )
+
+
+def from_hf_config(path: str | Path, runtime: RuntimeConfig | None = None) -> ModelConfig:
+    """Read an upstream SAIL-VL2 (or plain Qwen3 / Qwen3-MoE) `config.json`, file or directory, into a ModelConfig."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    model_type = d.get("model_type")
+    if model_type in ("qwen3", "qwen3_moe"):  # a plain language-model export
+        return ModelConfig(llm=llm_config_from_hf(d, str(p)), runtime=runtime or RuntimeConfig())
+    if model_type != "sailvl":
+        raise ConfigError(f"{p}: model_type={model_type!r}; expected 'sailvl', 'qwen3' or 'qwen3_moe'")
+    ps_version = d.get("ps_version", "v1")
+    if ps_version != "v2":
+        raise ConfigError(f"{p}: ps_version={ps_version!r} is not supported (released checkpoints use 'v2')")
+    force = d.get("force_image_size")
+    vision = vision_config_from_hf(_need(d, "vision_config", str(p)), f"{p}: vision_config")
+    if force and int(force) != vision.image_size:
+        vision = dataclasses.replace(vision, image_size=int(force))
+    return ModelConfig(
+        vision=vision,
+        adapter=AdapterConfig(downsample_ratio=float(d.get("downsample_ratio", 0.5)), ps_version=ps_version),
+        llm=llm_config_from_hf(_need(d, "llm_config", str(p)), f"{p}: llm_config"),
+        runtime=runtime or RuntimeConfig(),
+        # The upstream config class defaults to -4, but the releases set it (-1); read it, never assume.
+        select_layer=int(d.get("select_layer", -4)),
+        max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
+        min_dynamic_patch=int(d.get("min_dynamic_patch", 1)),
+        use_thumbnail=bool(d.get("use_thumbnail", True)),
+        template=str(d.get("template", "univl-chat")),
+    )

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from converters.core import import_params
 from converters.hf_checkpoint import SafetensorsCheckpoint
+from converters.hf_config import from_hf_config
 from converters.mapping import model_entries
-from sail_jax.config import ModelConfig, RuntimeConfig, from_hf_config
+from sail_jax.config import ModelConfig, RuntimeConfig
 
 
 def load_sailvl_checkpoint(
@@ -18,7 +19,7 @@ def load_sailvl_checkpoint(
 ) -> tuple[ModelConfig, dict]:
     """(config, {"params": ...}) from an upstream directory; arrays are host numpy in the param dtype.
 
-    lm_head is always read as its own tensor (upstream never ties it, ref §8.3).
+    lm_head is always read as its own tensor: the original code loads a stored lm_head untied.
     """
     from sail_jax.params import abstract_model_params
 

@@ -1,9 +1,11 @@
-"""Our checkpoint layout and its readers/writers.
+"""Our model checkpoint layout and its readers/writers (the converters' output, and the model half of a trainer step).
 
 A checkpoint directory D holds two Orbax items, exactly as a trainer step directory does:
   D/params/        the unboxed param tree, restorable with `ocp.StandardCheckpointer().restore(D / "params", target)`
-  D/model_config/  a JSON item with `sail_jax.config.to_dict(cfg)`
-plus D/_CHECKPOINT_METADATA naming the two items' handlers, as `ocp.CheckpointManager` writes for a step.
+  D/model_config/  a JSON item with `converters.model_config.model_config_to_dict(cfg)`
+plus D/_CHECKPOINT_METADATA naming the two items' handlers, as `ocp.CheckpointManager` writes for a step. The
+trainer's CheckpointManager writes and checks its `params` / `model_config` items through `model_save_args`,
+`params_restore_args` and `check_compatible` here, so both kinds of directory stay one format.
 
 Streaming writer. Orbax's `save` serialises a whole in-memory tree, and a scanned layout stacks layers (and
 experts) into arrays far larger than any single upstream tensor. `ParamsWriter` therefore writes each array
@@ -37,8 +39,9 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from converters.core import ConversionError, Leaf
-from sail_jax.config import ModelConfig, model_config_from_dict, to_dict
+from converters.core import ConversionError, Leaf, flat_abstract
+from converters.model_config import config_differences, model_config_from_dict, model_config_to_dict
+from sail_jax.config import ModelConfig
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -64,14 +67,29 @@ def save_model_config(directory: Path, cfg: ModelConfig) -> None:
     """D/model_config as the JSON item a trainer's CheckpointManager writes (`ocp.args.JsonSave`)."""
     item = directory / MODEL_CONFIG
     item.mkdir(parents=True)
-    ocp.JsonCheckpointHandler().save(epath.Path(item), args=ocp.args.JsonSave(to_dict(cfg)))
+    ocp.JsonCheckpointHandler().save(epath.Path(item), args=ocp.args.JsonSave(model_config_to_dict(cfg)))
 
 
-def load_model_config(directory: str | Path) -> ModelConfig:
+def read_model_config_dict(directory: str | Path) -> dict:
+    """D/model_config as the stored dict (not yet a ModelConfig: a comparison can name fields it does not know)."""
     item = Path(directory) / MODEL_CONFIG
     if not item.is_dir():
         raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG}/ item (not a sail-jax checkpoint)")
-    return model_config_from_dict(ocp.JsonCheckpointHandler().restore(epath.Path(item), args=ocp.args.JsonRestore()))
+    return ocp.JsonCheckpointHandler().restore(epath.Path(item), args=ocp.args.JsonRestore())
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    return model_config_from_dict(read_model_config_dict(directory))
+
+
+def model_save_args(cfg: ModelConfig, params: Any) -> dict[str, ocp.args.CheckpointArgs]:
+    """The `params` + `model_config` items for an `ocp.args.Composite` save (a trainer step)."""
+    return {PARAMS: ocp.args.StandardSave(params), MODEL_CONFIG: ocp.args.JsonSave(model_config_to_dict(cfg))}
+
+
+def params_restore_args(abstract_params: Any) -> dict[str, ocp.args.CheckpointArgs]:
+    """The `params` item for an `ocp.args.Composite` restore into `abstract_params`' shapes, dtypes, shardings."""
+    return {PARAMS: ocp.args.StandardRestore(abstract_params)}
 
 
 def write_step_metadata(directory: Path) -> None:
@@ -110,6 +128,36 @@ def stored_arrays(directory: str | Path) -> dict[tuple[str, ...], jax.ShapeDtype
     return _arrays(_tree_metadata(directory))
 
 
+def shape_differences(directory: str | Path, abstract_params: Any) -> list[str]:
+    """Arrays of D/params that are missing, extra or of another shape than in `abstract_params` (boxed or not),
+    read from metadata only."""
+    a = {p: tuple(s.shape) for p, s in stored_arrays(directory).items()}
+    b = {p: shape for p, (shape, _) in flat_abstract(abstract_params).items()}
+    name = "/".join
+    out = [f"{name(k)}: only in the checkpoint" for k in sorted(set(a) - set(b))]
+    out += [f"{name(k)}: missing from the checkpoint" for k in sorted(set(b) - set(a))]
+    out += [f"{name(k)}: shape {a[k]} (checkpoint) vs {b[k]} (model)" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+    return out
+
+
+def check_compatible(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> None:
+    """Raise ValueError naming every config field (architecture and layout) or else every parameter shape by which
+    D differs from the model `cfg` / `abstract_params` a caller wants to restore it into."""
+    diffs = config_differences(read_model_config_dict(directory), cfg) or shape_differences(directory, abstract_params)
+    if diffs:
+        shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+        raise ValueError(f"checkpoint {directory} does not match the configured model:\n  {shown}")
+
+
+def restore_model_params(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> Any:
+    """Params of D, checked against `cfg`, restored into the shardings and dtypes of `abstract_params`
+    (ShapeDtypeStructs with shardings): what `init_from` seeds training with."""
+    d = Path(directory).absolute()
+    check_compatible(d, cfg, abstract_params)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(epath.Path(d / PARAMS), abstract_params)
+
+
 def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     """{path tuple: leaf} -> nested dict."""
     out: dict = {}
@@ -131,16 +179,13 @@ def restore_params(
     """
     stored = stored_arrays(directory)
     if cfg is not None:
-        from converters.core import flat_abstract
         from sail_jax.params import abstract_model_params
 
-        want = {p: s for p, (s, _) in flat_abstract(abstract_model_params(cfg)["params"]).items()}
-        have = {p: a.shape for p, a in stored.items()}
-        if want != have:
-            diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+        diffs = shape_differences(directory, abstract_model_params(cfg)["params"])
+        if diffs:
             raise ConversionError(
                 f"{directory}: stored params do not match the model config (scan_layers="
-                f"{cfg.runtime.scan_layers}); first differences (path, shape): {diff}"
+                f"{cfg.runtime.scan_layers}); first differences: {'; '.join(diffs[:4])}"
             )
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -1,15 +1,14 @@
-"""Model configuration: frozen dataclasses, the published presets, and the upstream config.json reader.
+"""Model configuration: frozen dataclasses, their validation, and the published presets.
 
 Architecture (what the model *is*) lives in `VisionConfig`, `AdapterConfig`, `LLMConfig` / `MoEConfig`;
 how it *runs* (dtypes, kernels, scan, remat) lives in `RuntimeConfig`, so one checkpoint can be run many ways.
-Every value of the presets is taken from the upstream release (../shared/docs/sailvl2-reference.md §2).
+Every value of the presets is taken from the released config.json files. Reading and writing config.json and our
+checkpoints' `model_config/` item belong to `converters/` (hf_config.py, model_config.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 IMG_CONTEXT_TOKEN_ID = 151671
@@ -205,12 +204,12 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Presets (values from the upstream config.json files; reference doc §2 and §8)
+# Presets (values from the upstream config.json files)
 
 _SAIL_VIT_HUGE = VisionConfig()
 _QWEN3_1_7B = LLMConfig(
     hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-    # config.json says tie_word_embeddings=true, but upstream loads the stored lm_head untied (§8.3).
+    # config.json says tie_word_embeddings=true, but the checkpoint stores an lm_head and upstream loads it untied.
     tie_word_embeddings=False,
 )
 _QWEN3_8B = LLMConfig(
@@ -229,7 +228,7 @@ PRESETS: dict[str, ModelConfig] = {
     "sailvl2-2b": ModelConfig(vision=_SAIL_VIT_HUGE, llm=_QWEN3_1_7B),
     "sailvl2-8b": ModelConfig(vision=_SAIL_VIT_HUGE, llm=_QWEN3_8B),
     "sailvl2-a3b": ModelConfig(vision=_SAIL_VIT_HUGE, llm=_QWEN3_30B_A3B),
-    # Same shapes as ../shared/fixtures/sailvl2-tiny (the checkpoint made by the original code).
+    # Same shapes as tests/data/sailvl2-tiny (the checkpoint made by the original code).
     "tiny": ModelConfig(vision=_TINY_VIT, llm=_TINY_LLM),
     "tiny-moe": ModelConfig(
         vision=_TINY_VIT,
@@ -247,137 +246,3 @@ def get_preset(name: str, **runtime: Any) -> ModelConfig:
         raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     cfg = PRESETS[name]
     return cfg.with_runtime(**runtime) if runtime else cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Upstream config.json
-
-
-def _need(d: dict, key: str, where: str) -> Any:
-    if key not in d:
-        raise ConfigError(f"{where}: missing key {key!r}")
-    return d[key]
-
-
-def _rope_theta(d: dict) -> float:
-    if "rope_theta" in d:
-        return float(d["rope_theta"])
-    params = d.get("rope_parameters") or {}
-    return float(params.get("rope_theta", 1e6))
-
-
-def llm_config_from_hf(d: dict, where: str = "llm_config") -> LLMConfig:
-    """Qwen3 / Qwen3-MoE `config.json` dict -> LLMConfig (the lm_head is always a separate tensor)."""
-    hidden = int(_need(d, "hidden_size", where))
-    heads = int(_need(d, "num_attention_heads", where))
-    moe = None
-    # Qwen3-MoE checkpoints say num_experts; transformers v5 `to_dict()` / save_pretrained say num_local_experts.
-    num_experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
-    if num_experts > 0:
-        moe = MoEConfig(
-            num_experts=num_experts,
-            num_experts_per_tok=int(_need(d, "num_experts_per_tok", where)),
-            moe_intermediate_size=int(_need(d, "moe_intermediate_size", where)),
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
-            mlp_only_layers=tuple(d.get("mlp_only_layers") or ()),
-            router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
-        )
-    return LLMConfig(
-        vocab_size=int(_need(d, "vocab_size", where)),
-        hidden_size=hidden,
-        intermediate_size=int(d.get("intermediate_size", 4 * hidden)),
-        num_layers=int(_need(d, "num_hidden_layers", where)),
-        num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
-        rope_theta=_rope_theta(d),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        # Upstream SAIL-VL2 ignores tying (§8.3); plain Qwen3 exports honour it only if no lm_head is stored,
-        # which the loaders decide from the weights, not from this flag.
-        tie_word_embeddings=False,
-        max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
-        moe=moe,
-    )
-
-
-def vision_config_from_hf(d: dict, where: str = "vision_config") -> VisionConfig:
-    return VisionConfig(
-        hidden_size=int(_need(d, "hidden_size", where)),
-        intermediate_size=int(_need(d, "intermediate_size", where)),
-        num_layers=int(_need(d, "num_hidden_layers", where)),
-        num_heads=int(_need(d, "num_attention_heads", where)),
-        image_size=int(d.get("image_size", 448)),
-        patch_size=int(d.get("patch_size", 14)),
-        num_channels=int(d.get("num_channels", 3)),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        qkv_bias=bool(d.get("qkv_bias", False)),
-        use_bias=bool(d.get("use_bias", False)),
-    )
-
-
-def from_hf_config(path: str | Path, runtime: RuntimeConfig | None = None) -> ModelConfig:
-    """Read an upstream SAIL-VL2 `config.json` (file or checkpoint directory) into a ModelConfig."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    model_type = d.get("model_type")
-    if model_type in ("qwen3", "qwen3_moe"):  # a plain language-model export
-        return ModelConfig(llm=llm_config_from_hf(d, str(p)), runtime=runtime or RuntimeConfig())
-    if model_type != "sailvl":
-        raise ConfigError(f"{p}: model_type={model_type!r}; expected 'sailvl', 'qwen3' or 'qwen3_moe'")
-    ps_version = d.get("ps_version", "v1")
-    if ps_version != "v2":
-        raise ConfigError(f"{p}: ps_version={ps_version!r} is not supported (released checkpoints use 'v2')")
-    force = d.get("force_image_size")
-    vision = vision_config_from_hf(_need(d, "vision_config", str(p)), f"{p}: vision_config")
-    if force and int(force) != vision.image_size:
-        vision = dataclasses.replace(vision, image_size=int(force))
-    return ModelConfig(
-        vision=vision,
-        adapter=AdapterConfig(downsample_ratio=float(d.get("downsample_ratio", 0.5)), ps_version=ps_version),
-        llm=llm_config_from_hf(_need(d, "llm_config", str(p)), f"{p}: llm_config"),
-        runtime=runtime or RuntimeConfig(),
-        # The class default is -4, but every release sets it; read it, never assume (§13).
-        select_layer=int(d.get("select_layer", -4)),
-        max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
-        min_dynamic_patch=int(d.get("min_dynamic_patch", 1)),
-        use_thumbnail=bool(d.get("use_thumbnail", True)),
-        template=str(d.get("template", "univl-chat")),
-    )
-
-
-def to_dict(cfg: Any) -> dict:
-    """JSON-friendly dict of any config dataclass (used when a checkpoint stores its config)."""
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """Inverse of `to_dict` for ModelConfig; unknown keys are an error naming the key."""
-
-    def build(cls, sub: dict, where: str):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(sub) - set(fields)
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        kwargs = {}
-        for k, v in sub.items():
-            if k == "moe":
-                kwargs[k] = None if v is None else build(MoEConfig, v, f"{where}.moe")
-            elif isinstance(v, list):
-                kwargs[k] = tuple(v)
-            else:
-                kwargs[k] = v
-        return cls(**kwargs)
-
-    parts = {"vision": VisionConfig, "adapter": AdapterConfig, "llm": LLMConfig, "runtime": RuntimeConfig}
-    unknown = set(d) - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        raise ConfigError(f"model config: unknown keys {sorted(unknown)}")
-    return ModelConfig(**{k: build(parts[k], v, k) if k in parts else v for k, v in d.items()})

@@ -1,6 +1,7 @@
 """Converters on the upstream fixture (tests/data/sailvl2-tiny, made by the original code): HF -> Orbax -> HF is
 byte-identical in both layouts, plain Orbax restores what we stream, the converted checkpoint reproduces the
-fixture logits through `sail-jax forward`, and every failure is reported by key and leaves nothing behind."""
+fixture logits through `sail-jax forward`, every failure is reported by key and leaves nothing behind, and the
+`model_config/` item round-trips every preset."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from safetensors.numpy import save_file
 from converters.convert import hf_to_orbax, orbax_to_hf
 from converters.core import ConversionError
 from converters.load import load_sailvl_checkpoint
+from converters.model_config import model_config_from_dict, model_config_to_dict
 from converters.orbax_io import ParamsWriter, load_model_config, stored_arrays
 from sail_jax.cli import main
-from sail_jax.config import RuntimeConfig, to_dict
+from sail_jax.config import PRESETS, ConfigError, RuntimeConfig, get_preset
 from sail_jax.params import abstract_model_params
 from sail_jax.sharding import make_mesh, tree_shardings
 from tests.conftest import DATA
@@ -100,7 +102,7 @@ def test_plain_orbax_restores_streamed_params(layout, request):
     embed = restored["language_model"]["embed_tokens"]["embedding"]
     assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # the target's shards
     config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(d / "model_config")
-    assert config == to_dict(cfg)
+    assert config == model_config_to_dict(cfg)
     step_meta = json.loads((d / "_CHECKPOINT_METADATA").read_text())
     assert set(step_meta["item_handlers"]) == {"params", "model_config"}
 
@@ -309,3 +311,11 @@ def test_restore_params_onto_shardings_and_config_check(scanned, unscanned):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, want)
     with pytest.raises(ConversionError, match=r"do not match the model config \(scan_layers=False\)"):
         restore_params(scanned, load_model_config(unscanned))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_config_dict_round_trip(name):
+    cfg = get_preset(name, dtype="bfloat16")
+    assert model_config_from_dict(json.loads(json.dumps(model_config_to_dict(cfg)))) == cfg
+    with pytest.raises(ConfigError, match=r"llm: unknown keys \['hidden'\]"):
+        model_config_from_dict({"llm": {"hidden": 3}})

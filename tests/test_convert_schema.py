@@ -1,6 +1,6 @@
 """Schema level, no weights allocated: for the 2B, 8B and A3B presets the converters' plan produces exactly the
-upstream key set and shapes of reference §8.2 in both layouts, and the config.json writers read back as the
-same model."""
+upstream key set and shapes in both layouts, the config.json writers read back as the same model, and the
+config.json reader takes the fixture's file and names what is wrong with a bad one."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import pytest
 import transformers
 
 from converters.core import make_plan
-from converters.hf_config import sailvl_config_dict, transformers_llm_config_dict
+from converters.hf_config import from_hf_config, sailvl_config_dict, transformers_llm_config_dict
 from converters.mapping import model_entries
-from sail_jax.config import ModelConfig, from_hf_config, get_preset
+from sail_jax.config import ConfigError, ModelConfig, get_preset
 from sail_jax.params import abstract_model_params
+from tests.conftest import DATA
 from tests.convert_helpers import abstract_params_for
 
 
 def upstream_schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Reference §8.2 written out: every upstream key and its PyTorch shape."""
+    """The upstream checkpoint's schema written out: every key and its PyTorch shape."""
     v, llm = cfg.vision, cfg.llm
     c, d, hd = v.hidden_size, llm.hidden_size, llm.head_dim
     out = {
@@ -117,3 +118,35 @@ def test_plan_rejects_a_tree_of_another_layout_or_model():
     extra = {**scanned, "extra": {"kernel": scanned["mlp1"]["linear_1"]["kernel"]}}
     with pytest.raises(ConversionError, match=r"our params \['extra/kernel'\] are not covered by the mapping table"):
         make_plan(model_entries(cfg, scanned=True), extra)
+
+
+def test_fixture_config_equals_tiny_preset():
+    cfg = from_hf_config(DATA / "sailvl2-tiny" / "checkpoint")
+    tiny = get_preset("tiny")
+    assert cfg.vision == tiny.vision and cfg.llm == tiny.llm and cfg.adapter == tiny.adapter
+    assert cfg.select_layer == -1 and cfg.tokens_per_tile == 256
+
+
+def test_reader_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "sailvl",\n "vision_config": {,}}')
+    with pytest.raises(ConfigError, match="invalid JSON at line 2"):
+        from_hf_config(bad)
+    bad.write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ConfigError, match="model_type='llava'"):
+        from_hf_config(bad)
+    bad.write_text(json.dumps({"model_type": "sailvl", "ps_version": "v2", "vision_config": {}, "llm_config": {}}))
+    with pytest.raises(ConfigError, match="vision_config: missing key 'hidden_size'"):
+        from_hf_config(bad)
+
+
+def test_qwen_moe_config_reader(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 8, "mlp_only_layers": [1], "norm_topk_prob": True,
+        "rope_parameters": {"rope_theta": 5000.0, "rope_type": "default"},
+    }))
+    llm = from_hf_config(tmp_path).llm
+    assert llm.rope_theta == 5000.0 and llm.moe.mlp_only_layers == (1,)
+    assert [llm.is_moe_layer(i) for i in range(3)] == [True, False, True]

@@ -12,8 +12,9 @@ import pytest
 import torch
 import transformers
 
+from converters.hf_config import vision_config_from_hf
 from converters.load import load_sailvl_checkpoint
-from sail_jax.config import RuntimeConfig, get_preset, vision_config_from_hf
+from sail_jax.config import RuntimeConfig, get_preset
 from sail_jax.models.sail_vit import SailViT
 from sail_jax.sharding import abstract_params
 from tests.conftest import DATA

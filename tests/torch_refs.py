@@ -11,7 +11,7 @@ from sail_jax.config import LLMConfig, ModelConfig
 
 
 def llm_config_from_torch(hf_cfg) -> LLMConfig:
-    from sail_jax.config import llm_config_from_hf
+    from converters.hf_config import llm_config_from_hf
 
     return llm_config_from_hf(hf_cfg.to_dict())
 

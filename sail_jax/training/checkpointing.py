@@ -1,10 +1,9 @@
-"""Sharded Orbax checkpoints with everything an exact resume needs.
+"""The train-state manager: a run's Orbax CheckpointManager, with everything an exact resume needs.
 
 Each step directory holds the items
-- `params`: the unboxed parameter tree {"vision_model", "mlp1", "language_model"} (StandardSave), and
-  `model_config`: `sail_jax.config.to_dict(cfg)` (JsonSave). This pair is the project's model checkpoint
-  layout: any directory with these two items (a step directory, or a converter's output) can seed training
-  through `init_from`.
+- `params` + `model_config`: the model, in the layout `converters/orbax_io.py` owns (written and checked through
+  its functions), so any step directory is also a model checkpoint that `init_from`, the converters and
+  `sail-jax chat` / `eval` read;
 - `opt_state` (StandardSave), `train_state` (JSON: step, skip counters, AdaLRS controller state),
 - `data_iter`: the data iterator position, one JSON file per process (Grain's own handler for Grain
   iterators, `IteratorSave` for any other iterator with `get_state`/`set_state`),
@@ -24,10 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sail_jax.config import ModelConfig, to_dict
-
-# Runtime fields that change the parameter tree's layout (the others only change how it runs).
-LAYOUT_RUNTIME_FIELDS = ("scan_layers",)
+from converters.orbax_io import check_compatible, model_save_args, params_restore_args
+from sail_jax.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,52 +86,6 @@ def _iter_restore_args(it: Any) -> ocp.args.CheckpointArgs:
     return IteratorRestore(it)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(saved: dict, cfg: ModelConfig) -> list[str]:
-    """Architecture fields (plus layout-changing runtime fields) that differ, as 'key: saved -> current'."""
-    keep = lambda k: not k.startswith("runtime.") or k.split(".", 1)[1] in LAYOUT_RUNTIME_FIELDS
-    a = {k: v for k, v in _flat(saved).items() if keep(k)}
-    b = {k: v for k, v in _flat(json.loads(json.dumps(to_dict(cfg)))).items() if keep(k)}
-    return [f"{k}: {a.get(k, '<absent>')!r} (checkpoint) vs {b.get(k, '<absent>')!r} (config)"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def shape_differences(saved_meta: Any, abstract_params: Any) -> list[str]:
-    a, b = _shapes(saved_meta), _shapes(abstract_params)
-    out = [f"{k}: only in the checkpoint" for k in sorted(set(a) - set(b))]
-    out += [f"{k}: missing from the checkpoint" for k in sorted(set(b) - set(a))]
-    out += [f"{k}: shape {a[k]} (checkpoint) vs {b[k]} (model)" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
-    return out
-
-
-def check_compatible(where: str, saved_config: dict, saved_params_meta: Any, cfg: ModelConfig,
-                     abstract_params: Any) -> None:
-    """Raise naming every differing config field / parameter shape."""
-    diffs = config_differences(saved_config, cfg) or shape_differences(saved_params_meta, abstract_params)
-    if diffs:
-        shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
-        raise ValueError(f"{where} does not match the configured model:\n  {shown}")
-
-
-def params_metadata(step_dir: Path) -> Any:
-    """Shapes and dtypes of the stored `params` item (no array is read)."""
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.metadata(step_dir / "params").item_metadata
-
-
 class Checkpointer:
     """The workdir's `checkpoints/` manager."""
 
@@ -158,8 +109,7 @@ class Checkpointer:
         if not force and step % self.every_steps:
             return False
         items = {
-            "params": ocp.args.StandardSave(params),
-            "model_config": ocp.args.JsonSave(to_dict(cfg)),
+            **model_save_args(cfg, params),
             "opt_state": ocp.args.StandardSave(opt_state),
             "train_state": ocp.args.JsonSave(train_state),
             "data_iter": _iter_save_args(data_iter),
@@ -173,11 +123,9 @@ class Checkpointer:
                 data_iter: Any) -> tuple[Any, Any, dict, tuple[Any, Any] | None]:
         """(params, opt_state, train_state, snapshot or None); the data iterator is positioned in place."""
         step_dir = self.directory / str(step)
-        saved_config = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-        check_compatible(f"checkpoint {step_dir}", saved_config["model_config"], params_metadata(step_dir), cfg,
-                         abstract_params)
+        check_compatible(step_dir, cfg, abstract_params)
         items = {
-            "params": ocp.args.StandardRestore(abstract_params),
+            **params_restore_args(abstract_params),
             "opt_state": ocp.args.StandardRestore(abstract_opt_state),
             "train_state": ocp.args.JsonRestore(),
             "data_iter": _iter_restore_args(data_iter),
@@ -195,24 +143,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def load_model_checkpoint(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> Any:
-    """Params from a `params/` + `model_config/` directory, checked against `cfg`, restored into the shardings
-    and dtypes of `abstract_params` (ShapeDtypeStructs with shardings)."""
-    d = Path(directory).absolute()
-    for item in ("params", "model_config"):
-        if not (d / item).is_dir():
-            raise FileNotFoundError(f"{d}: no {item}/ item (expected a sail-jax model checkpoint directory)")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        saved = ckptr.restore(d, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
-        check_compatible(f"checkpoint {d}", saved, params_metadata(d), cfg, abstract_params)
-        return ckptr.restore(d, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
-
-
-def save_model_checkpoint(directory: str | Path, cfg: ModelConfig, params: Any) -> None:
-    """Write the `params/` + `model_config/` pair (what converters produce and `init_from` reads)."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(Path(directory).absolute(), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(to_dict(cfg))))
-

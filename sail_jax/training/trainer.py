@@ -23,13 +23,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from converters.orbax_io import restore_model_params
 from sail_jax.config import ModelConfig
 from sail_jax.models.sail_vl import SailVL
 from sail_jax.params import abstract_model_params, dummy_inputs
 from sail_jax.sharding import mesh_from_spec, tree_shardings, use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
-from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer, load_model_checkpoint
+from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
 from sail_jax.training.data import DataFactory, check_batch, to_global
 from sail_jax.training.metrics import MetricsWriter, peak_flops_per_device, step_flops
 from sail_jax.training.optim import OptimizerConfig, check_trainable, make_optimizer, make_schedule
@@ -177,7 +178,7 @@ def train(
                 state, start = run.restore(latest, setup.abstract_params, setup.abstract_opt_state)
             else:
                 if init_from:
-                    params = load_model_checkpoint(init_from, cfg, setup.abstract_params)
+                    params = restore_model_params(init_from, cfg, setup.abstract_params)
                 else:
                     params = setup.init_params(jax.random.PRNGKey(seed))
                 state, start = TrainState(params, setup.init_opt_state(params)), 0

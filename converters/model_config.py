@@ -1,0 +1,74 @@
+"""Our `model_config/` item: the JSON dict a checkpoint stores beside its `params/`, and which of its fields a config
+must match to use those params.
+
+The dict is `dataclasses.asdict(ModelConfig)`: every field by name, sub-configs nested, tuples as JSON lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from sail_jax.config import (
+    AdapterConfig,
+    ConfigError,
+    LLMConfig,
+    ModelConfig,
+    MoEConfig,
+    RuntimeConfig,
+    VisionConfig,
+)
+
+# Runtime fields that change the parameter tree's layout (the others only change how it runs).
+LAYOUT_RUNTIME_FIELDS = ("scan_layers",)
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """The JSON-friendly dict stored as `model_config/`."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of `model_config_to_dict`; unknown keys are an error naming the key."""
+
+    def build(cls, sub: dict, where: str):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(sub) - set(fields)
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        kwargs = {}
+        for k, v in sub.items():
+            if k == "moe":
+                kwargs[k] = None if v is None else build(MoEConfig, v, f"{where}.moe")
+            elif isinstance(v, list):
+                kwargs[k] = tuple(v)
+            else:
+                kwargs[k] = v
+        return cls(**kwargs)
+
+    parts = {"vision": VisionConfig, "adapter": AdapterConfig, "llm": LLMConfig, "runtime": RuntimeConfig}
+    unknown = set(d) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"model config: unknown keys {sorted(unknown)}")
+    return ModelConfig(**{k: build(parts[k], v, k) if k in parts else v for k, v in d.items()})
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, cfg: ModelConfig) -> list[str]:
+    """Architecture fields (plus layout-changing runtime fields) that differ, as 'key: saved (checkpoint) vs
+    current (config)'. Compares dicts, so a stored config from another version still reports field by field."""
+    keep = lambda k: not k.startswith("runtime.") or k.split(".", 1)[1] in LAYOUT_RUNTIME_FIELDS
+    a = {k: v for k, v in _flat(saved).items() if keep(k)}
+    b = {k: v for k, v in _flat(json.loads(json.dumps(model_config_to_dict(cfg)))).items() if keep(k)}
+    return [f"{k}: {a.get(k, '<absent>')!r} (checkpoint) vs {b.get(k, '<absent>')!r} (config)"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
