@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.attention import packed_attention
-from pallas_kernels.attention.reference import reference_attention
 from pallas_kernels.moe import gmm, route
 from pallas_kernels.moe.reference import reference_gmm, reference_route
+from sail_jax.layers.attention import xla_attention
 
 
 def bench(fn: Callable, *args, steps: int) -> float:
@@ -72,7 +72,7 @@ def attention_section(on_cpu: bool, steps: int) -> None:
     seg = jnp.asarray(packed_segments(rng, b, t, 4, 4 if on_cpu else 30))
     real = np.asarray(seg) > 0
     ours = lambda q, k, v: packed_attention(q, k, v, segment_ids=seg)[0]
-    xla = lambda q, k, v: reference_attention(q, k, v, segment_ids=seg)[0]
+    xla = lambda q, k, v: xla_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)[0]
     # jax.nn's API has no segment ids: the packed mask must be dense [B,1,T,T] (what the kernel avoids)
     jnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense_mask(seg, True),
                                                        implementation=None if on_cpu else "cudnn")

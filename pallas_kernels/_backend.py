@@ -1,10 +1,10 @@
 """Backend selection shared by every kernel: which lowering (Mosaic/Triton) and whether to interpret.
 
-`backend=None` follows the devices of the current mesh, else the default device
-(`sail_jax.sharding.target_platform`: an ahead-of-time compile for a TPU topology from a CPU host picks Mosaic):
-TPU -> "mosaic", GPU -> "triton". On CPU nothing compiles, so the kernels run in interpret mode; there `backend`
-picks which kernel body is interpreted ("triton" by default: the generic interpreter is the faster one, "mosaic"
-runs under TPU interpret mode, which simulates VMEM/SMEM and DMAs).
+`backend=None` follows `platform`, the platform the traced code will run on: callers that compile for a mesh pass
+its devices' platform (an ahead-of-time compile for a TPU topology from a CPU host must pick Mosaic), and None means
+`jax.default_backend()`. TPU -> "mosaic", GPU -> "triton". On CPU nothing compiles, so the kernels run in interpret
+mode; there `backend` picks which kernel body is interpreted ("triton" by default: the generic interpreter is the
+faster one, "mosaic" runs under TPU interpret mode, which simulates VMEM/SMEM and DMAs).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
-
-from sail_jax.sharding import target_platform
 
 BACKENDS: tuple[str, ...] = ("mosaic", "triton")
 _PLATFORM_BACKEND = {"tpu": "mosaic", "gpu": "triton", "cuda": "triton", "rocm": "triton"}
@@ -44,14 +42,14 @@ class Target:
         return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def resolve(backend: str | None, interpret: bool | None) -> Target:
+def resolve(backend: str | None, interpret: bool | None, platform: str | None) -> Target:
     """Pick the lowering from the target platform unless told; on CPU interpret unless told not to.
 
     `interpret=False` on a CPU host is allowed on purpose: it is how the kernels are lowered ahead of time for a
     TPU/GPU target (`jit(...).trace(...).lower(lowering_platforms=("tpu",))`), which the tests use to check that
     both lowerings accept the kernels. Running such a call on CPU fails in Pallas ("only interpret mode").
     """
-    platform = target_platform()
+    platform = platform or jax.default_backend()
     if backend is None:
         backend = _PLATFORM_BACKEND.get(platform, "triton")
     if backend not in BACKENDS:

@@ -19,8 +19,9 @@ IM_END_TOKEN_ID = 151645
 PAD_TOKEN_ID = 151643
 
 ATTENTION_IMPLS = ("xla", "pallas")
-# Grouped matmul of the MoE experts (sail_jax/layers/grouped_matmul.py): jax.lax.ragged_dot, a tiled XLA form, or
-# the Pallas gmm/tgmm kernels (pallas_kernels/moe).
+# MoE kernels: the experts' grouped matmul (sail_jax/layers/grouped_matmul.py) is jax.lax.ragged_dot, a tiled XLA
+# form, or the Pallas gmm/tgmm kernels; "pallas" also takes the router's top-k from the Pallas routing kernel
+# (pallas_kernels/moe; the others route in jnp).
 MOE_IMPLS = ("ragged_dot", "tiled", "pallas")
 # Expert-parallel token exchange: "auto" picks ragged_all_to_all except on XLA:CPU, which lacks it.
 MOE_A2A = ("auto", "ragged", "padded")

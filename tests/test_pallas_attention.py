@@ -1,4 +1,5 @@
-"""Packed flash attention kernels vs the jnp reference, in interpret mode on CPU.
+"""Packed flash attention kernels vs the model's XLA attention and the kernel's jnp reference, in interpret mode on
+CPU.
 
 The Triton body runs under the generic interpreter, the Mosaic body under TPU interpret mode (simulated VMEM/SMEM
 and DMAs); both are also lowered for their real targets ("tpu", "cuda") to check the lowerings accept them.
@@ -14,10 +15,16 @@ from jax.experimental.pallas.ops.gpu import attention as jax_gpu_attention
 
 from pallas_kernels.attention import packed_attention
 from pallas_kernels.attention.blocks import Blocks, block_meta, choose_blocks
-from pallas_kernels.attention.reference import dense_reference, reference_attention
+from pallas_kernels.attention.reference import reference_attention
+from sail_jax.layers.attention import xla_attention
 from tests.pallas_testing import assert_close, interpret_jit
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def xla_reference(q, k, v, *, segment_ids, causal: bool = True):
+    """The model's XLA attention (what the kernel replaces), called like `packed_attention`."""
+    return xla_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=causal)
 
 
 def packed_segments(rng: np.random.Generator, b: int, t: int) -> np.ndarray:
@@ -58,7 +65,7 @@ def check_against_reference(q, k, v, seg, w, wl, *, causal, tol, **kw):
                          q, k, v, w, wl)
     # the reference runs in f32 on the same (possibly bf16-rounded) inputs
     up = lambda x: x.astype(F32)
-    ref = out_lse_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg, causal=causal),
+    ref = out_lse_grads(lambda q, k, v: xla_reference(q, k, v, segment_ids=seg, causal=causal),
                         up(q), up(k), up(v), w, wl)
     o, lse, (dq, dk, dv) = ours
     ro, rlse, (rdq, rdk, rdv) = ref
@@ -125,7 +132,7 @@ def test_masked_blocks_are_never_read(backend, causal):
     run = interpret_jit(lambda q, k, v: packed_attention(q, k, v, segment_ids=seg, causal=causal, backend=backend,
                                                          interpret=True, block_q=block, block_k=block)[0])
     o = run(q, poisoned(k), poisoned(v))
-    ref, _ = reference_attention(q, k, v, segment_ids=seg, causal=causal)
+    ref, _ = xla_reference(q, k, v, segment_ids=seg, causal=causal)
     assert_close("unpoisoned half", o[:, :half], ref[:, :half], 1e-5)
     assert np.isnan(np.asarray(o[:, half:])).all()  # the poison is real, and NaN inputs are not hidden
 
@@ -147,8 +154,8 @@ def test_block_metadata_skips_what_it_should():
 def test_references_agree():
     q, k, v, seg, _, _ = make_inputs(3, 2, 40, 4, 2, 16, F32)
     for causal in (True, False):
-        o1, l1 = interpret_jit(reference_attention, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
-        o2, l2 = interpret_jit(dense_reference, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
+        o1, l1 = interpret_jit(xla_reference, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
+        o2, l2 = interpret_jit(reference_attention, static_argnames="causal")(q, k, v, segment_ids=seg, causal=causal)
         assert_close("out", o1, o2, 1e-5)
         np.testing.assert_array_equal(np.isneginf(l1), np.isneginf(l2))
         assert_close("lse", jnp.where(jnp.isfinite(l1), l1, 0), jnp.where(jnp.isfinite(l2), l2, 0), 1e-5)

@@ -91,16 +91,18 @@ def packed_attention(
     block_k: int | None = None,
     backend: str | None = None,
     interpret: bool | None = None,
+    platform: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fused attention over packed rows.
 
     q [B,T,Hq,D], k/v [B,T,Hkv,D] (Hq a multiple of Hkv; k/v never repeated), segment_ids [B,T] (0 = padding).
     A query sees a key iff both have the same non-zero segment id and, if `causal`, key index <= query index.
     Returns (out [B,T,Hq,D] in q.dtype, lse [B,T,Hq] float32); rows with no visible key give 0 and -inf.
-    Differentiable in q, k, v (and through lse). `backend`/`interpret`: see `pallas_kernels._backend.resolve`.
+    Differentiable in q, k, v (and through lse). `backend`/`interpret`/`platform` (where the code will run, None:
+    `jax.default_backend()`): see `pallas_kernels._backend.resolve`.
     """
     _validate(q, k, v, segment_ids)
-    target = resolve(backend, interpret)
+    target = resolve(backend, interpret, platform)
     t = q.shape[1]
     blocks = choose_blocks(target.backend, t, block_q, block_k)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)

@@ -1,8 +1,5 @@
-"""Pure-jnp references for `packed_attention`.
-
-`reference_attention` is the project's own XLA path (`sail_jax.layers.attention.xla_attention`), which is what the
-kernel replaces; `dense_reference` is an independent, deliberately naive masked softmax over a repeated-kv [T, T]
-score matrix, so the two references also check each other.
+"""Pure-jnp reference for `packed_attention`: a deliberately naive masked softmax over a repeated-kv [T, T] score
+matrix in float32, independent of the kernel's tiling, online softmax and GQA indexing (small shapes only).
 """
 
 from __future__ import annotations
@@ -10,17 +7,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sail_jax.layers.attention import xla_attention
-
 
 def reference_attention(q, k, v, *, segment_ids, causal: bool = True, sm_scale: float | None = None):
-    """(out, lse) from the model's XLA attention, same signature/conventions as `packed_attention`."""
-    return xla_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=causal,
-                         scale=sm_scale)
-
-
-def dense_reference(q, k, v, *, segment_ids, causal: bool = True, sm_scale: float | None = None):
-    """Naive masked softmax in float32 with k/v repeated per query head (small shapes only)."""
+    """(out, lse) with the same signature and conventions as `packed_attention` (rows with no key: 0, -inf)."""
     b, t, hq, d = q.shape
     g = hq // k.shape[2]
     scale = d**-0.5 if sm_scale is None else sm_scale

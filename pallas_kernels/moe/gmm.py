@@ -1,4 +1,4 @@
-"""Grouped matmul: `gmm` (a differentiable drop-in for `jax.lax.ragged_dot`) and `tgmm` (its weight gradient).
+"""Grouped matmul: `gmm`, a differentiable drop-in for `jax.lax.ragged_dot` (tgmm kernels: its weight gradient).
 
 gmm(lhs [M,K], rhs [G,K,N], group_sizes [G]) -> [M,N]: rows of lhs are grouped contiguously, group g multiplies
 rhs[g]; rows past sum(group_sizes) give 0. Gradients: dlhs = gmm(dout, rhs^T) (the kernel reads rhs transposed, no
@@ -118,41 +118,16 @@ def gmm(
     tiling: tuple[int, int, int] | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
+    platform: str | None = None,
 ) -> jax.Array:
     """`jax.lax.ragged_dot(lhs, rhs, group_sizes)` as a Pallas kernel, differentiable in lhs and rhs.
 
     lhs [M,K], rhs [G,K,N], group_sizes [G] int -> [M,N] in `preferred_element_type` (default: the promoted input
-    dtype), accumulated in float32. tiling = (tm, tk, tn) overrides the backend default.
+    dtype), accumulated in float32. tiling = (tm, tk, tn) overrides the backend default. `backend`/`interpret`/
+    `platform` (where the code will run, None: `jax.default_backend()`): see `pallas_kernels._backend.resolve`.
     """
     _validate(lhs, rhs, group_sizes)
-    target = resolve(backend, interpret)
+    target = resolve(backend, interpret, platform)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     cfg = _Config(out_dtype, choose_tiling(target.backend, lhs.shape[0], lhs.shape[1], rhs.shape[2], tiling), target)
     return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), cfg)
-
-
-def tgmm(
-    lhs: jax.Array,
-    dout: jax.Array,
-    group_sizes: jax.Array,
-    *,
-    preferred_element_type: Any = None,
-    tiling: tuple[int, int, int] | None = None,
-    interpret: bool | None = None,
-    backend: str | None = None,
-) -> jax.Array:
-    """Per-group lhs^T @ dout: lhs [M,K], dout [M,N], group_sizes [G] -> [G,K,N] (the rhs gradient of gmm).
-
-    Empty groups give zeros; rows past sum(group_sizes) are ignored.
-    """
-    if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
-        raise ValueError(f"tgmm expects lhs [M,K] and dout [M,N]; got {lhs.shape} and {dout.shape}")
-    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be a 1-D integer array, got {group_sizes.shape} {group_sizes.dtype}")
-    check_float_dtype("lhs", lhs)
-    check_float_dtype("dout", dout)
-    target = resolve(backend, interpret)
-    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, dout.dtype))
-    til = choose_tiling(target.backend, lhs.shape[0], lhs.shape[1], dout.shape[1], tiling)
-    return _tgmm_padded(lhs, dout, group_sizes.astype(jnp.int32), num_groups=group_sizes.shape[0],
-                        out_dtype=out_dtype, tiling=til, target=target)

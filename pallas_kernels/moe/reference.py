@@ -13,7 +13,8 @@ def reference_gmm(lhs, rhs, group_sizes, *, preferred_element_type=None):
 
 
 def reference_tgmm(lhs, dout, group_sizes):
-    """Per-group lhs^T @ dout via a masked einsum over all groups (independent of ragged_dot's own VJP)."""
+    """What gmm's weight gradient (tgmm) must equal: per-group lhs^T @ dout via a masked einsum over all groups
+    (independent of ragged_dot's own VJP)."""
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
     rows = jnp.arange(lhs.shape[0])

@@ -7,17 +7,21 @@ a [E, bt] @ [bt, bt] strictly-upper-triangular matmul on the MXU / tensor cores)
 k experts are distinct, so "earlier assignment" = "earlier token" and the ranks reproduce a stable sort of the
 flattened (token, slot) ids. The one-hot lives only in VMEM/registers; outside the kernel only O(T*k + blocks*E)
 integers are combined (block offsets and the inverse-permutation scatter).
+
+The backward (custom VJP) is plain jnp: only the weights are differentiable, and their gradient w.r.t. the logits
+is that of softmax -> gather of the chosen experts -> renormalise, recomputed from the saved logits and ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._backend import next_pow2, resolve, round_up
+from pallas_kernels._backend import Target, next_pow2, resolve, round_up
 
 
 def _route_kernel(logits_ref, w_ref, ids_ref, rank_ref, counts_ref, *, k: int, num_tokens: int, norm: bool):
@@ -61,35 +65,19 @@ def _route_kernel(logits_ref, w_ref, ids_ref, rank_ref, counts_ref, *, k: int, n
     counts_ref[...] = jnp.sum(chosen, axis=1, keepdims=True).astype(jnp.int32)
 
 
-def route(
-    router_logits: jax.Array,
-    k: int,
-    *,
-    norm_topk_prob: bool,
-    block_tokens: int | None = None,
-    backend: str | None = None,
-    interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """router_logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32, group_sizes [E] int32,
-    sort_indices [T*k] int32), where sort_indices is the stable argsort of expert_ids.reshape(-1)."""
-    if router_logits.ndim != 2:
-        raise ValueError(f"router_logits must be [T, E], got {router_logits.shape}")
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    k: int
+    norm: bool
+    block_tokens: int
+    experts_padded: int
+    slots: int
+    target: Target
+
+
+def _route_call(router_logits: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     t, e = router_logits.shape
-    if not 0 < k <= e:
-        raise ValueError(f"k={k} must be in [1, num_experts={e}]")
-    if not jnp.issubdtype(router_logits.dtype, jnp.floating):
-        raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
-    target = resolve(backend, interpret)
-    if target.backend == "mosaic":
-        bt = block_tokens or min(512, round_up(t, 128))
-        ep, kp = round_up(e, 8), k
-        if bt % 128:
-            raise ValueError(f"mosaic routing block_tokens={bt} must be a multiple of 128")
-    else:
-        bt = block_tokens or min(32, max(16, next_pow2(t)))
-        ep, kp = max(16, next_pow2(e)), next_pow2(k)
-        if bt < 16 or bt & (bt - 1):
-            raise ValueError(f"triton routing block_tokens={bt} must be a power of two >= 16")
+    k, bt, ep, kp = cfg.k, cfg.block_tokens, cfg.experts_padded, cfg.slots
     tp = round_up(t, bt)
     nb = tp // bt
     # expert-major; padded experts get -inf logits (probability 0, higher index: never picked before a real one)
@@ -97,14 +85,14 @@ def route(
     logits = jnp.pad(logits, ((0, 0), (0, tp - t)))
     slot = pl.BlockSpec((kp, bt), lambda i: (0, i))
     w, ids, rank, counts = pl.pallas_call(
-        functools.partial(_route_kernel, k=k, num_tokens=t, norm=norm_topk_prob),
+        functools.partial(_route_kernel, k=k, num_tokens=t, norm=cfg.norm),
         grid=(nb,),
         in_specs=[pl.BlockSpec((ep, bt), lambda i: (0, i))],
         out_specs=[slot, slot, slot, pl.BlockSpec((None, ep, 1), lambda i: (i, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((kp, tp), jnp.float32), jax.ShapeDtypeStruct((kp, tp), jnp.int32),
                    jax.ShapeDtypeStruct((kp, tp), jnp.int32), jax.ShapeDtypeStruct((nb, ep, 1), jnp.int32)],
-        compiler_params=target.compiler_params(dimension_semantics=("parallel",)),
-        interpret=target.interpret_arg(),
+        compiler_params=cfg.target.compiler_params(dimension_semantics=("parallel",)),
+        interpret=cfg.target.interpret_arg(),
         name="moe_route",
     )(logits)
     weights, expert_ids, rank = w[:k, :t].T, ids[:k, :t].T, rank[:k, :t].T
@@ -116,3 +104,73 @@ def route(
     sort_indices = jnp.zeros((t * k,), jnp.int32).at[position.reshape(-1)].set(
         jnp.arange(t * k, dtype=jnp.int32), unique_indices=True)
     return weights, expert_ids, group_sizes.astype(jnp.int32), sort_indices
+
+
+def _chosen_weights(router_logits: jax.Array, expert_ids: jax.Array, norm: bool) -> jax.Array:
+    """The top-k weights as a jnp function of the logits for fixed expert ids: softmax in float32, the chosen
+    entries, optional renormalisation. Its VJP is the gradient of softmax -> top_k (whose VJP scatters into the
+    chosen entries) -> renormalise, i.e. of the plain-jnp routing."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights = jnp.take_along_axis(probs, expert_ids, axis=-1)
+    if norm:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _route(router_logits: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return _route_call(router_logits, cfg)
+
+
+def _route_fwd(router_logits: jax.Array, cfg: _Config):
+    out = _route_call(router_logits, cfg)
+    return out, (router_logits, out[1])
+
+
+def _route_bwd(cfg: _Config, res: tuple[jax.Array, jax.Array], cotangents: tuple):
+    # Only the weights are differentiable (ids, counts and order are integers): recompute the softmax in jnp,
+    # which costs O(T*E), and pull the weights' cotangent back through it.
+    router_logits, expert_ids = res
+    _, vjp = jax.vjp(lambda x: _chosen_weights(x, expert_ids, cfg.norm), router_logits)
+    return vjp(cotangents[0].astype(jnp.float32))
+
+
+_route.defvjp(_route_fwd, _route_bwd)
+
+
+def route(
+    router_logits: jax.Array,
+    k: int,
+    *,
+    norm_topk_prob: bool,
+    block_tokens: int | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """router_logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32, group_sizes [E] int32,
+    sort_indices [T*k] int32), where sort_indices is the stable argsort of expert_ids.reshape(-1).
+
+    Differentiable in router_logits through the weights (custom VJP, the gradient of the plain-jnp routing).
+    `backend`/`interpret`/`platform` (where the code will run, None: `jax.default_backend()`): see
+    `pallas_kernels._backend.resolve`.
+    """
+    if router_logits.ndim != 2:
+        raise ValueError(f"router_logits must be [T, E], got {router_logits.shape}")
+    t, e = router_logits.shape
+    if not 0 < k <= e:
+        raise ValueError(f"k={k} must be in [1, num_experts={e}]")
+    if not jnp.issubdtype(router_logits.dtype, jnp.floating):
+        raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
+    target = resolve(backend, interpret, platform)
+    if target.backend == "mosaic":
+        bt = block_tokens or min(512, round_up(t, 128))
+        ep, kp = round_up(e, 8), k
+        if bt % 128:
+            raise ValueError(f"mosaic routing block_tokens={bt} must be a multiple of 128")
+    else:
+        bt = block_tokens or min(32, max(16, next_pow2(t)))
+        ep, kp = max(16, next_pow2(e)), next_pow2(k)
+        if bt < 16 or bt & (bt - 1):
+            raise ValueError(f"triton routing block_tokens={bt} must be a power of two >= 16")
+    return _route(router_logits, _Config(k, bool(norm_topk_prob), bt, ep, kp, target))

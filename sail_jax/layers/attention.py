@@ -106,10 +106,12 @@ def _pallas_self_attention(q, k, v, segment_ids, causal: bool, scale: float | No
     from jax.sharding import PartitionSpec as P
 
     from pallas_kernels.attention import packed_attention
-    from sail_jax.sharding import active_mesh_axes
+    from sail_jax.sharding import active_mesh_axes, target_platform
+
+    platform = target_platform()  # the mesh's: a CPU host compiling for a TPU mesh gets the Mosaic lowering
 
     def call(q, k, v, seg):
-        return packed_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale)[0]
+        return packed_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale, platform=platform)[0]
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:

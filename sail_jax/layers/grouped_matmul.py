@@ -46,9 +46,11 @@ def grouped_matmul(
         return _tiled_gmm(lhs, rhs, group_sizes, max(1, min(int(tile_rows), lhs.shape[0])))
     if impl == "pallas":
         from pallas_kernels.moe import gmm
+        from sail_jax.sharding import target_platform
 
-        lhs, rhs = _vary_like(lhs, rhs, group_sizes), _vary_like(rhs, lhs, group_sizes)
-        return gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+        # No `_vary_like` here: the dispatch's shard_map runs this impl with check_vma=False (pallas_call outputs
+        # carry no varying-axes type, and interpret mode cannot mix varying and invariant operands).
+        return gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype, platform=target_platform())
     raise ValueError(f"grouped_matmul impl {impl!r} is not available; implemented: {GROUPED_MATMUL_IMPLS}")
 
 

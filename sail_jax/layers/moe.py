@@ -1,5 +1,8 @@
 """Qwen3-MoE sparse block: linear router, fp32 softmax top-k, dropless SwiGLU experts (transformers v5 numerics).
 
+`RuntimeConfig.moe_impl="pallas"` selects both Pallas MoE kernels: the routing kernel (top-k here) and the grouped
+matmul (the experts, in `moe_dispatch`).
+
 Param tree (names fixed by converters/mapping.py): `gate/kernel` [D,E] (the router), `experts/gate_proj` and
 `experts/up_proj` [E,D,I], `experts/down_proj` [E,I,D].
 
@@ -24,16 +27,46 @@ MOE_ACT = ("activation_batch_moe", "activation_length", "activation_embed")
 AUX_KEYS = ("expert_counts", "router_prob_sum", "num_tokens", "router_z_sum", "dropped")
 
 
-def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(
+    logits: jax.Array, top_k: int, norm_topk_prob: bool, impl: str = "ragged_dot"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Router logits [...,E] -> (fp32 probabilities, top-k weights in the logits' dtype, top-k expert ids).
 
     As transformers: softmax in float32, top-k of the probabilities, optional renormalisation, then a cast.
+    `impl="pallas"` (the `moe_impl`) takes the top-k from the routing kernel, whose VJP is this jnp routing's
+    gradient; the probabilities (for the load-balancing statistics) stay jnp either way.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top_w, top_idx = jax.lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    if impl == "pallas":
+        top_w, top_idx = _pallas_top_k(logits, top_k, norm_topk_prob)
+    else:
+        top_w, top_idx = jax.lax.top_k(probs, top_k)
+        if norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     return probs, top_w.astype(logits.dtype), top_idx.astype(jnp.int32)
+
+
+def _pallas_top_k(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """Top-k weights (f32) and ids from `pallas_kernels.moe.route`. Under a mesh it runs per batch shard inside
+    `jax.shard_map` (routing is per token), since XLA cannot partition a Pallas call and would gather the logits."""
+    from jax.sharding import PartitionSpec as P
+
+    from pallas_kernels.moe import route as route_kernel
+    from sail_jax.sharding import active_mesh_axes, target_platform
+
+    platform = target_platform()  # the mesh's: a CPU host compiling for a TPU mesh gets the Mosaic lowering
+
+    def call(x):
+        w, ids, _, _ = route_kernel(x.reshape(-1, x.shape[-1]), top_k, norm_topk_prob=norm_topk_prob,
+                                    platform=platform)
+        return w.reshape(*x.shape[:-1], top_k), ids.reshape(*x.shape[:-1], top_k)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or logits.ndim < 2:
+        return call(logits)
+    spec = P(active_mesh_axes("activation_batch_moe", mesh, logits.shape[0]) or None, *[None] * (logits.ndim - 1))
+    # check_vma=False: pallas_call outputs carry no varying-axes annotation; every shard is independent here.
+    return jax.shard_map(call, in_specs=(spec,), out_specs=(spec, spec), check_vma=False)(logits)
 
 
 def routing_sums(
@@ -99,7 +132,7 @@ class MoEBlock(nn.Module):
         token_mask = token_mask.astype(bool)
         logits = dense(e, ("embed", None), name="gate", dtype=rt.dtype, param_dtype=rt.param_dtype)(x)
         logits = constrain(logits, ("activation_batch_moe", "activation_length", None))
-        probs, top_w, top_idx = route(logits, k, moe.norm_topk_prob)
+        probs, top_w, top_idx = route(logits, k, moe.norm_topk_prob, rt.moe_impl)
         w_gate, w_up, w_down = MoEExperts(
             e, d, moe.moe_intermediate_size, param_dtype=rt.param_dtype, name="experts"
         )()
