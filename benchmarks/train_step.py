@@ -34,11 +34,11 @@ import transformers  # noqa: E402
 
 from sail_jax import host_malloc  # noqa: E402
 from sail_jax.config import AdapterConfig, LLMConfig, ModelConfig, VisionConfig  # noqa: E402
-from sail_jax.sharding import make_mesh, use_mesh  # noqa: E402
-from sail_jax.training.data import to_global  # noqa: E402
+from sail_jax.data.batch import to_global  # noqa: E402
+from sail_jax.sharding import use_mesh  # noqa: E402
 from sail_jax.training.optim import OptimizerConfig  # noqa: E402
+from sail_jax.training.program import build_program  # noqa: E402
 from sail_jax.training.step import TrainState  # noqa: E402
-from sail_jax.training.trainer import _compiled_step, _setup  # noqa: E402
 
 TRAINABLE = ("vision", "adapter", "llm")
 SIDES = {"hf": "pytorch, transformers loss", "torch": "pytorch, lm_head at targets", "jax": "sail-jax"}
@@ -163,18 +163,20 @@ def time_torch(cfg, batch, steps: int, hf_loss: bool) -> tuple[list[float], floa
 
 
 def time_jax(cfg, batch, steps: int) -> tuple[list[float], float]:
-    mesh = make_mesh(devices=jax.devices()[:1])
-    opt = OptimizerConfig(learning_rate=1e-4)
-    setup = _setup(cfg, opt, TRAINABLE, mesh)
+    rows, seq = batch["input_ids"].shape
     per_row = int(batch["loss_mask"][:, 1:].sum(1).max())  # the static lm_head budget = the targets per row
-    step_fn = _compiled_step(cfg, opt, TRAINABLE, per_row, 1000, mesh)
+    program = build_program(model=cfg, batch_size=rows, seq_len=seq, steps=1000, trainable=TRAINABLE,
+                            optimizer=OptimizerConfig(learning_rate=1e-4), target_fraction=(per_row - 0.5) / seq,
+                            devices=jax.devices()[:1])
+    assert program.targets_per_row == per_row
+    mesh = program.mesh
     with use_mesh(mesh):
-        params = setup.init_params(jax.random.PRNGKey(0))
-        state = [TrainState(params, setup.init_opt_state(params))]
-        gbatch = to_global(batch, mesh, batch["input_ids"].shape[0])
+        params = program.init_params(jax.random.PRNGKey(0))
+        state = [TrainState(params, program.init_opt_state(params))]
+        gbatch = to_global(batch, mesh, rows)
 
         def step() -> None:
-            state[0], m = step_fn(state[0], gbatch, np.int32(1), np.float32(1.0))
+            state[0], m = program.step(state[0], gbatch, np.int32(1), np.float32(1.0))
             float(m["loss"])
 
         return _timed(step, steps)

@@ -13,14 +13,14 @@ import pytest
 
 from sail_jax.cli import main
 from sail_jax.config import get_preset
+from sail_jax.data.batch import abstract_batch, to_global
 from sail_jax.sharding import make_mesh, target_platform, use_mesh
 from sail_jax.training import aot
-from sail_jax.training.data import to_global
 from sail_jax.training.metrics import CPU_NOMINAL_FLOPS, step_flops
 from sail_jax.training.optim import OptimizerConfig
+from sail_jax.training.program import build_program
 from sail_jax.training.step import TrainState
 from sail_jax.training.synthetic import synthetic_data
-from sail_jax.training.trainer import _compiled_step, _setup
 
 CFG = get_preset("tiny").replace(llm=dataclasses.replace(get_preset("tiny").llm, vocab_size=512),
                                  img_context_token_id=511)
@@ -36,13 +36,16 @@ def _shard_bytes(tree) -> int:
 def test_compiled_step_is_the_trainers_step_and_its_memory_is_accounted():
     compiled, report = aot.compile_train_step(model=CFG, batch_size=ROWS, seq_len=SEQ, max_tiles=TILES,
                                               optimizer=OPT, mesh=MESH, target_fraction=0.5, steps=10)
-    mesh = make_mesh(**MESH)
-    setup = _setup(CFG, OPT, ("vision", "adapter", "llm"), mesh)
-    batch_spec = aot.abstract_batch(CFG, ROWS, SEQ, TILES, mesh)
+    # the program `train` builds with the same arguments
+    program = build_program(model=CFG, batch_size=ROWS, seq_len=SEQ, steps=10, optimizer=OPT, mesh=MESH,
+                            target_fraction=0.5)
+    mesh = program.mesh
+    assert mesh == make_mesh(**MESH) and program.targets_per_row == 32
+    batch_spec = abstract_batch(CFG, ROWS, SEQ, TILES, mesh)
     # Arguments: one device's shards of parameters, optimizer state and batch, plus the two scalars.
-    expected = _shard_bytes((setup.abstract_params, setup.abstract_opt_state, batch_spec)) + 8
+    expected = _shard_bytes((program.abstract_state, batch_spec)) + 8
     assert report.argument_bytes == expected
-    assert report.alias_bytes > 0.9 * _shard_bytes((setup.abstract_params, setup.abstract_opt_state))  # donated
+    assert report.alias_bytes > 0.9 * _shard_bytes(program.abstract_state)  # donated
     assert report.temp_bytes > 0 and report.num_devices == 8
     flops = step_flops(CFG, tokens=ROWS * SEQ, targets=ROWS * 32, tiles=ROWS * TILES, seq_len=SEQ,
                        trainable=("vision", "adapter", "llm"))
@@ -59,11 +62,10 @@ def test_compiled_step_is_the_trainers_step_and_its_memory_is_accounted():
     with use_mesh(mesh):
         batch = to_global(local, mesh, ROWS)
         assert batch["input_ids"].sharding.spec == batch_spec["input_ids"].sharding.spec
-        params = setup.init_params(jax.random.PRNGKey(0))
-        make = lambda: TrainState(jax.tree.map(jax.numpy.copy, params), setup.init_opt_state(params))
+        params = program.init_params(jax.random.PRNGKey(0))
+        make = lambda: TrainState(jax.tree.map(jax.numpy.copy, params), program.init_opt_state(params))
         ours, m_ours = compiled(make(), batch, np.int32(3), np.float32(1.0))
-        jitted = _compiled_step(CFG, OPT, ("vision", "adapter", "llm"), 32, 10, mesh)
-        ref, m_ref = jitted(make(), batch, np.int32(3), np.float32(1.0))
+        ref, m_ref = program.step(make(), batch, np.int32(3), np.float32(1.0))
     assert float(m_ours["loss"]) == float(m_ref["loss"]) and np.isfinite(float(m_ours["loss"]))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -117,7 +119,7 @@ def test_compile_cli_errors(capsys):
 def test_batch_must_split_over_the_mesh():
     with pytest.raises(ValueError, match="batch_size=6 must be divisible by the batch shards"):
         aot.compile_train_step(model=CFG, batch_size=6, seq_len=SEQ, max_tiles=TILES, mesh={"fsdp": 4})
-    spec = aot.abstract_batch(CFG, 8, SEQ, 0, make_mesh(data=2, fsdp=4))
+    spec = abstract_batch(CFG, 8, SEQ, 0, make_mesh(data=2, fsdp=4))
     size = CFG.vision.image_size
     assert spec["pixel_values"].shape == (8, 0, 3, size, size)
     assert spec["tile_mask"].sharding.shard_shape((8, 0)) == (1, 0)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from sail_jax.config import get_preset
+from sail_jax.data.batch import check_batch
 from sail_jax.data.demo_data import make_demo_data
 from sail_jax.data.pipeline import grain_data
 from sail_jax.evaluation.qa_jsonl import evaluate_qa, read_qa_jsonl
 from sail_jax.inference.engine import Completion
-from sail_jax.training.data import check_batch
 
 TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
 

@@ -9,15 +9,15 @@ import grain
 import numpy as np
 import pytest
 
+from sail_jax.data.batch import KEYS
 from sail_jax.data.packing import (
-    BATCH_KEYS,
     SkipBadSamplesIterDataset,
     VisualBatchIterDataset,
     balance_rows,
     batch_stats,
     pack_rows,
-    skip_counts,
 )
+from tests.data_utils import skip_counts
 
 S = 4  # tile side: the packer only moves tiles around
 
@@ -70,7 +70,7 @@ def test_batches_have_static_shapes_and_padding_rows():
     batches = list(VisualBatchIterDataset(pack_rows(stream(samples), 32, 4, 2, 0), 4, 2, pad_id=7))
     assert len(batches) == 2
     for b in batches:
-        assert tuple(b) == BATCH_KEYS
+        assert tuple(b) == KEYS
         assert b["input_ids"].shape == b["segment_ids"].shape == b["positions"].shape == (4, 32)
         assert b["pixel_values"].shape == (4, 4, 3, S, S) and b["tile_mask"].shape == (4, 4)
         assert b["input_ids"].dtype == np.int32 and b["tile_mask"].dtype == bool

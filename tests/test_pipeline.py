@@ -1,5 +1,5 @@
 """The whole pipeline on demo data: batch contract, bad input end to end, mixtures, per-process shards, exact
-checkpoint/restore (Grain state, Orbax with a model item, worker processes) and global-batch assembly."""
+checkpoint/restore (Grain state, Orbax with a model item, worker processes)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import json
 import logging
 
 import grain
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from sail_jax.config import IMG_CONTEXT_TOKEN_ID
+from sail_jax.data.batch import DTYPES, KEYS
 from sail_jax.data.demo_data import make_demo_data
-from sail_jax.data.packing import BATCH_KEYS, SkipBadSamplesIterDataset, skip_counts
-from sail_jax.data.pipeline import DataConfig, DatasetSpec, build_dataset, make_global_batch, sample_dataset
-from sail_jax.sharding import make_mesh
+from sail_jax.data.packing import SkipBadSamplesIterDataset
+from sail_jax.data.pipeline import DataConfig, DatasetSpec, build_dataset, sample_dataset
+from tests.data_utils import skip_counts
 
 TILE, TOKENS_PER_TILE = 56, 4
 
@@ -53,7 +53,7 @@ def test_batches_follow_the_contract(data_dir, demo):
     batches = list(it)
     samples = 0
     for b in batches:
-        assert tuple(b) == BATCH_KEYS
+        assert tuple(b) == KEYS and all(b[k].dtype == d for k, d in DTYPES.items())
         assert all(b[k].shape == (4, 512) and b[k].dtype == np.int32
                    for k in ("input_ids", "segment_ids", "positions", "loss_mask"))
         assert b["pixel_values"].shape == (4, 8, 3, TILE, TILE) and b["pixel_values"].dtype == np.float32
@@ -168,20 +168,3 @@ def test_state_is_exact_with_worker_processes(data_dir, demo):
         assert_same(take(restored, 2), expected)
     finally:
         restored.close()
-
-
-def test_make_global_batch_on_eight_devices():
-    assert jax.device_count() == 8
-    rng = np.random.default_rng(0)
-    local = {"input_ids": rng.integers(0, 99, (8, 16)).astype(np.int32),
-             "pixel_values": rng.normal(size=(8, 2, 3, 4, 4)).astype(np.float32),
-             "tile_mask": rng.random((8, 2)) < 0.5}
-    mesh = make_mesh(data=8)
-    out = make_global_batch(local, mesh)
-    for key, value in local.items():
-        assert out[key].shape == value.shape and out[key].sharding.spec[0] == ("data", "fsdp", "expert")
-        assert len(out[key].sharding.device_set) == 8
-        assert out[key].addressable_shards[3].data.shape == (1, *value.shape[1:])
-        np.testing.assert_array_equal(np.asarray(out[key]), value)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    np.testing.assert_array_equal(np.asarray(make_global_batch(local, sharding)["tile_mask"]), local["tile_mask"])

@@ -17,15 +17,15 @@ from jax.sharding import PartitionSpec as P
 from sail_jax.config import PRESETS
 from sail_jax.models.sail_vl import SailVL
 from sail_jax.params import abstract_model_params
-from sail_jax.sharding import batch_sharding, make_mesh, use_mesh
+from sail_jax.sharding import batch_sharding, use_mesh
 from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
 from sail_jax.training.fused_ce import fused_linear_cross_entropy
 from sail_jax.training.loss import chunked_cross_entropy
 from sail_jax.training.metrics import part_multipliers, step_flops
 from sail_jax.training.optim import OptimizerConfig, decay_mask, group_labels, make_optimizer, make_schedule
+from sail_jax.training.program import build_program
 from sail_jax.training.step import make_loss_fn
 from sail_jax.training.synthetic import SyntheticSource, synthetic_data
-from sail_jax.training.trainer import _setup
 
 BASE = PRESETS["tiny"]
 CFG = BASE.replace(llm=dataclasses.replace(BASE.llm, vocab_size=512, num_layers=1),
@@ -78,10 +78,10 @@ def test_lr_scales_multiply_a_groups_update():
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    setup = _setup(CFG, OptimizerConfig(), ("adapter", "llm"), mesh)
-    params = leaves_by_name(setup.shardings.params)
-    opt = leaves_by_name(setup.shardings.opt_state)
+    program = build_program(model=CFG, batch_size=4, seq_len=32, steps=1, trainable=("adapter", "llm"),
+                            mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    params = leaves_by_name(program.shardings.params)
+    opt = leaves_by_name(program.shardings.opt_state)
     head = "['language_model']['lm_head']['kernel']"
     assert params[head].spec == P("fsdp", "tensor")
     moments = [k for k in opt if k.endswith(head)]
@@ -124,10 +124,11 @@ def reference_loss(params, batch, budget: int | None = None, group_rows: int = 1
 
 def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
     # the trainer's cached sharded initialisation (the same key as tests/test_trainer.py, compiled once)
-    mesh = make_mesh(data=2, fsdp=2)
-    setup = _setup(CFG, OptimizerConfig(learning_rate=3e-3), ("adapter", "llm"), mesh)
+    program = build_program(model=CFG, batch_size=4, seq_len=32, steps=1, trainable=("adapter", "llm"),
+                            optimizer=OptimizerConfig(learning_rate=3e-3), mesh={"data": 2, "fsdp": 2})
+    mesh = program.mesh
     with use_mesh(mesh):
-        sharded_params = setup.init_params(jax.random.PRNGKey(0))
+        sharded_params = program.init_params(jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), sharded_params)
     batch = text_batch()
     loss, m = jax.jit(make_loss_fn(CFG, targets_per_row=32))(params, batch)

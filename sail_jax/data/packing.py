@@ -22,13 +22,13 @@ from typing import Any
 import grain
 import numpy as np
 
+from sail_jax.data.batch import DTYPES
 from sail_jax.data.transforms import SKIP_REASONS
 
 log = logging.getLogger("sail_jax.data")
 
 PACKERS = {"best_fit": grain.experimental.BestFitPackIterDataset,
            "first_fit": grain.experimental.FirstFitPackIterDataset}
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "pixel_values", "tile_mask")
 
 
 class _SkipBadSamplesIterator(grain.DatasetIterator):
@@ -76,7 +76,11 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
 
 
 class SkipBadSamplesIterDataset(grain.IterDataset):
-    """Filters skip markers with per-dataset, per-reason counts (see module docstring)."""
+    """Filters skip markers with per-dataset, per-reason counts (see module docstring).
+
+    Its iterator state is `{"parent": ..., "skip_counts": {"seen": [...], "truncated": [...], REASON: [...]}}`,
+    one count per dataset; a packed pipeline's state holds it as of its restart point (the packer replays its
+    current bins on restore), i.e. up to one set of packing bins behind the live counts."""
 
     def __init__(self, parent: grain.IterDataset, files: Sequence[str], max_skip_fraction: float = 0.05,
                  min_samples: int = 100):
@@ -87,18 +91,6 @@ class SkipBadSamplesIterDataset(grain.IterDataset):
 
     def __iter__(self) -> _SkipBadSamplesIterator:
         return _SkipBadSamplesIterator(self._parent.__iter__(), self._files, self._max_fraction, self._min_samples)
-
-
-def skip_counts(state: Mapping[str, Any]) -> dict[str, list[int]] | None:
-    """The sample counters inside a (nested) pipeline state, per dataset: "seen" (records read), "truncated" (kept
-    after truncation) and one list per skip reason. A packed pipeline's state holds them as of its restart point
-    (the packer replays its current bins on restore), i.e. up to one set of packing bins behind the live counts."""
-    if "skip_counts" in state:
-        return {k: list(v) for k, v in state["skip_counts"].items()}
-    for value in state.values():
-        if isinstance(value, Mapping) and (found := skip_counts(value)) is not None:
-            return found
-    return None
 
 
 def pack_rows(parent: grain.IterDataset, seq_len: int, max_tiles: int, num_bins: int, seed: int,
@@ -175,15 +167,16 @@ class _VisualBatchIterator(grain.DatasetIterator):
             rows += [self._empty_row(rows[0])] * (self._batch_size - len(rows))
         order = balance_rows([int((r["pixel_values_segment_ids"] > 0).sum()) for r in rows], self._n_devices)
         rows = [rows[i] for i in order]
-        stack = lambda key, dtype: np.stack([r[key] for r in rows]).astype(dtype, copy=False)
-        segment_ids = stack("input_ids_segment_ids", np.int32)
-        return {
-            "input_ids": np.where(segment_ids > 0, stack("input_ids", np.int32), np.int32(self._pad_id)),
+        stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
+        segment_ids = stack("input_ids_segment_ids", "segment_ids")
+        pad = DTYPES["input_ids"](self._pad_id)
+        return {  # the batch contract of `data.batch`, in its key order
+            "input_ids": np.where(segment_ids > 0, stack("input_ids", "input_ids"), pad),
             "segment_ids": segment_ids,
-            "positions": stack("input_ids_positions", np.int32),
-            "loss_mask": stack("loss_mask", np.int32),
-            "pixel_values": stack("pixel_values", np.float32),
-            "tile_mask": stack("pixel_values_segment_ids", np.int32) > 0,
+            "positions": stack("input_ids_positions", "positions"),
+            "loss_mask": stack("loss_mask", "loss_mask"),
+            "pixel_values": stack("pixel_values", "pixel_values"),
+            "tile_mask": stack("pixel_values_segment_ids", "segment_ids") > 0,
         }
 
     @staticmethod

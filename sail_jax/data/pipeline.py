@@ -10,8 +10,9 @@
     VisualBatchIterDataset                        batch_size rows, tile-balanced over the local devices
     ThreadPrefetchIterDataset                     a few batches ahead, in a thread
 
-Each step yields the process-local part of the global batch: input_ids, segment_ids, positions, loss_mask [B,T]
-int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask [B,max_tiles] bool. The iterator is a Grain
+Each step yields the process-local part of the global batch, as the batch contract (`data.batch`) defines it:
+input_ids, segment_ids, positions, loss_mask [B,T] int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask
+[B,max_tiles] bool. The iterator is a Grain
 `DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
 apply to records as read, i.e. before bad samples are skipped.
 """
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
-from sail_jax.config import PAD_TOKEN_ID
+from sail_jax.config import PAD_TOKEN_ID, ModelConfig
+from sail_jax.data.batch import local_rows
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
 from sail_jax.data.transforms import SampleTransform
@@ -170,30 +171,9 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
     return ds
 
 
-def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """Assemble the global batch from every process's local part: `jax.make_array_from_process_local_data`.
-
-    `sharding` is a `jax.sharding.Sharding` for every array, or a Mesh, for which each array's leading (batch)
-    axis goes over the data-parallel axes by the model's `activation_batch` rule (`sharding.batch_sharding`)."""
-    import jax
-
-    from sail_jax.sharding import batch_sharding
-
-    out = {}
-    for key, local in batch.items():
-        if isinstance(sharding, jax.sharding.Mesh):
-            global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-            s = batch_sharding(sharding, global_shape)
-        else:
-            s = sharding
-        out[key] = jax.make_array_from_process_local_data(s, local)
-    return out
-
-
-
 def grain_data(
     *,
-    cfg: Any,
+    cfg: ModelConfig,
     global_batch_size: int,
     seq_len: int,
     process_index: int,
@@ -203,15 +183,14 @@ def grain_data(
     tokenizer_dir: str,
     **options: Any,
 ) -> grain.DatasetIterator:
-    """The trainer's data factory (`training.data.DataFactory`) over this pipeline.
+    """The trainer's data factory (`data.batch.DataFactory`) over this pipeline.
 
     The model config fixes the tile size; `datasets` is a sequence of `DatasetSpec`s or dicts
     (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as keyword options (e.g. from gin).
     """
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
     data_cfg = DataConfig(
         datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
-        batch_size=global_batch_size // process_count, image_size=cfg.vision.image_size, seed=seed, **options,
+        batch_size=local_rows(global_batch_size, process_count), image_size=cfg.vision.image_size, seed=seed,
+        **options,
     )
     return iter(build_dataset(data_cfg, process_index, process_count))

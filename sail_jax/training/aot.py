@@ -15,18 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from sail_jax.config import ModelConfig
+from sail_jax.data.batch import abstract_batch
 from sail_jax.params import parameter_counts
-from sail_jax.sharding import batch_sharding, use_mesh
-from sail_jax.training.data import INT_KEYS
+from sail_jax.sharding import use_mesh
 from sail_jax.training.metrics import peak_flops_per_device, step_flops
-from sail_jax.training.optim import OptimizerConfig, check_trainable
-from sail_jax.training.step import TrainState
-from sail_jax.training.trainer import _compiled_step, _setup, run_layout
+from sail_jax.training.optim import OptimizerConfig
+from sail_jax.training.program import build_program
 
 GIB = 1024**3
 # HBM per TPU chip, matched as substrings of `device_kind.lower()` in order (public spec sheets); attached
@@ -60,16 +57,6 @@ def hbm_bytes(device_kind: str, device: jax.Device | None = None) -> int | None:
         return int(limit)
     kind = device_kind.lower()
     return next((v for k, v in HBM_BYTES if k in kind), None)
-
-
-def abstract_batch(cfg: ModelConfig, batch_size: int, seq_len: int, max_tiles: int, mesh: Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch `training.data.to_global` builds, as sharded shapes."""
-    v = cfg.vision
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {k: ((batch_size, seq_len), jnp.int32) for k in INT_KEYS}
-    shapes["pixel_values"] = ((batch_size, max_tiles, v.num_channels, v.image_size, v.image_size), jnp.float32)
-    shapes["tile_mask"] = ((batch_size, max_tiles), jnp.bool_)
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, s)) for k, (s, d) in shapes.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +121,17 @@ def compile_train_step(
     target_fraction: float = 1.0,
     steps: int = 1,
 ) -> tuple[jax.stages.Compiled, CompileReport]:
-    """Compile `train`'s step for `devices` (default: this process's) and measure it; arguments as `train`'s."""
-    trainable = check_trainable(trainable)
-    mesh_, targets_per_row = run_layout(mesh, batch_size, seq_len, steps, target_fraction, devices)
+    """Compile `train`'s step (`program.build_program`) for `devices` (default: this process's) and measure it;
+    arguments as `train`'s, `max_tiles` the tile slots per row."""
     if max_tiles < 0:
         raise ValueError(f"max_tiles={max_tiles} must be >= 0")
     t0 = time.perf_counter()
-    setup = _setup(model, optimizer, trainable, mesh_)  # outside the mesh context, as in `train`
+    program = build_program(model=model, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
+                            optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, devices=devices)
+    mesh_, targets_per_row, trainable = program.mesh, program.targets_per_row, program.trainable
     with use_mesh(mesh_):
-        step_fn = _compiled_step(model, optimizer, trainable, targets_per_row, steps, mesh_)
-        state = TrainState(setup.abstract_params, setup.abstract_opt_state)
         batch = abstract_batch(model, batch_size, seq_len, max_tiles, mesh_)
-        compiled = step_fn.lower(state, batch, np.int32(0), np.float32(1.0)).compile()
+        compiled = program.step.lower(program.abstract_state, batch, np.int32(0), np.float32(1.0)).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     device = mesh_.devices.flat[0]

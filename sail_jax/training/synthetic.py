@@ -1,4 +1,4 @@
-"""A deterministic synthetic data source with the trainer's batch interface (for tests and development).
+"""A deterministic synthetic data source following the batch contract (`data.batch`), for tests and development.
 
 Each global batch is a pure function of (seed, step, row), so any process can build exactly its own rows, a
 restored iterator continues with the same batches, and a 1-process run sees the same global batch as an
@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from sail_jax.config import ModelConfig
-
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "pixel_values", "tile_mask")
+from sail_jax.data.batch import DTYPES, KEYS, local_rows
 
 
 class SyntheticSource:
@@ -41,10 +40,7 @@ class SyntheticSource:
         process_count: int = 1,
         nan_at_steps: Sequence[int] = (),
     ):
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by {process_count} processes"
-            )
+        self.local_rows = local_rows(global_batch_size, process_count)
         if pattern_mod + 2 > vocab_size:
             raise ValueError(f"pattern_mod={pattern_mod} needs a vocabulary of at least {pattern_mod + 2} tokens")
         if 1 <= img_context_id <= pattern_mod:
@@ -52,7 +48,6 @@ class SyntheticSource:
         if nan_at_steps and max_tiles == 0:
             raise ValueError("nan_at_steps needs image tiles to poison (max_tiles > 0)")
         self.global_batch_size = global_batch_size
-        self.local_rows = global_batch_size // process_count
         self.row_offset = process_index * self.local_rows
         self.seq_len = seq_len
         self.img_context_id = img_context_id
@@ -84,7 +79,7 @@ class SyntheticSource:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """The process-local rows of global batch `step`."""
         rows = [self._row(step, self.row_offset + r) for r in range(self.local_rows)]
-        batch = {k: np.stack([row[k] for row in rows]) for k in BATCH_KEYS}
+        batch = {k: np.stack([row[k] for row in rows]).astype(DTYPES[k], copy=False) for k in KEYS}
         if step in self.nan_at_steps:
             batch["pixel_values"][:] = np.nan
         return batch

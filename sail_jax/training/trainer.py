@@ -9,123 +9,30 @@ Non-finite steps are skipped by the step itself; `max_consecutive_skips` in a ro
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from converters.orbax_io import restore_model_params
 from sail_jax.config import ModelConfig
-from sail_jax.models.sail_vl import SailVL
-from sail_jax.params import abstract_model_params, dummy_inputs
-from sail_jax.sharding import mesh_from_spec, tree_shardings, use_mesh
+from sail_jax.data.batch import DataFactory, check_batch, local_rows, to_global
+from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
 from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
-from sail_jax.training.data import DataFactory, check_batch, to_global
 from sail_jax.training.metrics import MetricsWriter, peak_flops_per_device, step_flops
-from sail_jax.training.optim import OptimizerConfig, check_trainable, make_optimizer, make_schedule
-from sail_jax.training.step import TrainState, make_train_step
-
-BATCH_AXES = ("data", "fsdp", "expert")
+from sail_jax.training.optim import OptimizerConfig
+from sail_jax.training.program import build_program
+from sail_jax.training.step import TrainState
 
 
 class TrainingAborted(RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps in a row); the message says why."""
-
-
-def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Optimizer leaves mirroring a parameter (Adam moments) take its sharding; the rest is replicated.
-
-    A leaf mirrors a parameter when its key path ends with that parameter's key path.
-    """
-    by_path = {tuple(map(str, p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        keys = tuple(map(str, path))
-        for start in range(len(keys)):
-            if keys[start:] in by_path:
-                return by_path[keys[start:]]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-    """Everything derived from (model, optimizer, trainable groups, mesh), built once per process."""
-
-    abstract_params: Any
-    abstract_opt_state: Any
-    shardings: TrainState
-    tx: optax.GradientTransformation
-    init_params: Any  # jitted: rng -> sharded params
-    init_opt_state: Any  # jitted: params -> sharded optimizer state
-    copy_state: Any  # jitted: state -> a copy (AdaLRS snapshot)
-
-
-@functools.lru_cache(maxsize=8)
-def _setup(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], mesh: Mesh) -> _Setup:
-    boxed = abstract_model_params(cfg)["params"]
-    param_sh = tree_shardings(boxed, mesh)
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    abstract_params = jax.tree.map(with_sharding, nn.unbox(boxed), param_sh)
-    tx = make_optimizer(opt, abstract_params, trainable)
-    opt_abstract = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = opt_state_shardings(opt_abstract, param_sh, mesh)
-    state_sh = TrainState(param_sh, opt_sh)
-    model, (ids, pix) = SailVL(cfg), dummy_inputs(cfg)
-    return _Setup(
-        abstract_params=abstract_params,
-        abstract_opt_state=jax.tree.map(with_sharding, opt_abstract, opt_sh),
-        shardings=state_sh,
-        tx=tx,
-        init_params=jax.jit(lambda rng: nn.unbox(model.init(rng, ids, pix))["params"], out_shardings=param_sh),
-        init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
-        copy_state=jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_sh),
-    )
-
-
-def batch_shards(mesh: Mesh) -> int:
-    """How many ways the batch rows are split: the product of the data-parallel axes."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_step(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], targets_per_row: int,
-                   total_steps: int, mesh: Mesh):
-    """One jitted step per configuration, so repeated `train` calls in a process reuse the compilation."""
-    setup = _setup(cfg, opt, trainable, mesh)
-    fn = make_train_step(cfg, setup.tx, make_schedule(opt, total_steps), trainable, targets_per_row,
-                         batch_shards(mesh))
-    return jax.jit(fn, out_shardings=(setup.shardings, None), donate_argnums=0)
-
-
-def run_layout(mesh: dict[str, int] | None, batch_size: int, seq_len: int, steps: int, target_fraction: float,
-               devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, int]:
-    """(mesh, target positions per row) of a run, with its sizes checked; shared by `train` and `aot`."""
-    mesh_ = mesh_from_spec(mesh or {"fsdp": -1}, devices)
-    shards = batch_shards(mesh_)
-    if batch_size % shards or batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size={batch_size} must be divisible by the batch shards of the mesh ({shards} = "
-            f"{'*'.join(f'{a}:{mesh_.shape[a]}' for a in BATCH_AXES)}) and by {jax.process_count()} processes"
-        )
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
-    if not 0 < target_fraction <= 1:
-        raise ValueError(f"target_fraction={target_fraction} must be in (0, 1]")
-    return mesh_, max(1, math.ceil(target_fraction * seq_len))
 
 
 def train(
@@ -156,11 +63,10 @@ def train(
     pooled over the rows of each batch shard).
     """
     cfg = model
-    trainable = check_trainable(trainable)
-    mesh_, targets_per_row = run_layout(mesh, batch_size, seq_len, steps, target_fraction)
+    program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
+                            optimizer=optimizer, mesh=mesh, target_fraction=target_fraction)
     workdir_ = Path(workdir).absolute()
     workdir_.mkdir(parents=True, exist_ok=True)
-    setup = _setup(cfg, optimizer, trainable, mesh_)
     ckpt = Checkpointer(workdir_, checkpoint)
     try:
         latest = ckpt.latest_step()
@@ -169,23 +75,23 @@ def train(
                              f"(train.resume=True) to continue, or use another workdir")
         data_iter = data(cfg=cfg, global_batch_size=batch_size, seq_len=seq_len,
                          process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
-        run = _Run(cfg=cfg, mesh=mesh_, ckpt=ckpt, data_iter=data_iter, steps=steps, batch_size=batch_size,
-                   seq_len=seq_len, trainable=trainable, targets_per_row=targets_per_row,
+        run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps, batch_size=batch_size,
+                   seq_len=seq_len, trainable=program.trainable, targets_per_row=program.targets_per_row,
                    max_consecutive_skips=max_consecutive_skips,
                    controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
-        with use_mesh(mesh_):
+        with use_mesh(program.mesh):
             if resume and latest is not None:
-                state, start = run.restore(latest, setup.abstract_params, setup.abstract_opt_state)
+                state, start = run.restore(latest, program.abstract_state)
             else:
                 if init_from:
-                    params = restore_model_params(init_from, cfg, setup.abstract_params)
+                    params = restore_model_params(init_from, cfg, program.abstract_state.params)
                 else:
-                    params = setup.init_params(jax.random.PRNGKey(seed))
-                state, start = TrainState(params, setup.init_opt_state(params)), 0
-            step_fn = _compiled_step(cfg, optimizer, trainable, targets_per_row, steps, mesh_)
+                    params = program.init_params(jax.random.PRNGKey(seed))
+                state, start = TrainState(params, program.init_opt_state(params)), 0
             writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0, log_every=log_every)
             try:
-                return run.loop(state, start, step_fn, setup.copy_state, writer, peak_flops_per_device(peak_flops))
+                return run.loop(state, start, program.step, program.copy_state, writer,
+                                peak_flops_per_device(peak_flops))
             finally:
                 writer.close()
     finally:
@@ -212,9 +118,9 @@ class _Run:
     skipped_total: int = 0
     consecutive_skips: int = 0
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt: Any) -> tuple[TrainState, int]:
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, int]:
         params, opt_state, saved, snapshot = self.ckpt.restore(
-            step, cfg=self.cfg, abstract_params=abstract_params, abstract_opt_state=abstract_opt,
+            step, cfg=self.cfg, abstract_params=abstract_state.params, abstract_opt_state=abstract_state.opt_state,
             data_iter=self.data_iter)
         self.skipped_total, self.consecutive_skips = int(saved["skipped_total"]), int(saved["consecutive_skips"])
         if self.controller is not None and saved.get("adalrs") is not None:
@@ -228,11 +134,11 @@ class _Run:
         writer.message(f"steps {start}..{self.steps}; mesh {dict(self.mesh.shape)}; trainable "
                        f"{list(self.trainable)}; peak FLOP/s per device {peak[0]:.3g} ({peak[1]})")
         last: dict[str, float] = {}
-        local_rows = self.batch_size // jax.process_count()
+        rows = local_rows(self.batch_size, jax.process_count())
         with distributed.PreemptionFlag() as preempt:
             for step in range(start, self.steps):
                 local = next(self.data_iter)
-                check_batch(local, local_rows, self.seq_len, self.cfg)
+                check_batch(local, rows, self.seq_len, self.cfg)
                 batch = to_global(local, self.mesh, self.batch_size)
                 scale = self.controller.lr_scale() if self.controller is not None else 1.0
                 t0 = time.perf_counter()
