@@ -29,7 +29,7 @@ bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: venv
-	$(VENV)/bin/ruff check sail_jax converters pallas_kernels tests benchmarks
+	$(VENV)/bin/ruff check sail_jax converters pallas_kernels tests benchmarks setup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

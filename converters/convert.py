@@ -40,6 +40,7 @@ from converters.orbax_io import (
     write_step_metadata,
 )
 from sail_jax.config import ModelConfig
+from sail_jax.files import apply_umask
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json",
@@ -100,6 +101,7 @@ def atomic_destination(dst: str | Path, overwrite: bool) -> Iterator[Path]:
         raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    apply_umask(tmp)  # mkdtemp creates 0700; the destination gets the user's ordinary permissions
     try:
         yield tmp
     except BaseException:

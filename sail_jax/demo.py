@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_GIN = REPO / "configs" / "demo.gin"
-TOKENIZER = REPO / "assets" / "tokenizer"
+from sail_jax.resources import CONFIGS_DIR, TOKENIZER_DIR
+
+DEMO_GIN = CONFIGS_DIR / "demo.gin"
+TOKENIZER = TOKENIZER_DIR
 
 
 def _evaluate(cfg: Any, params: Any, processor: Any, rows: list[dict], label: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 TUNABLES = (
     ("glibc.malloc.hugetlb", "1"),  # madvise(MADV_HUGEPAGE) on the heap: 512x fewer first-touch faults
@@ -55,10 +56,26 @@ def wanted(env: Mapping[str, str]) -> bool:
     return not any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES)
 
 
+def reexec_command(argv: Sequence[str]) -> list[str]:
+    """The command line that re-runs `sail-jax ARGV` with the package that is running now.
+
+    Not `python -m sail_jax`: that puts the working directory first on sys.path, so started from another checkout it
+    would run that checkout's code. `-P` leaves the working directory out, and the directory this package was
+    imported from (with `converters` and `pallas_kernels` beside it) goes first unless it is on sys.path already
+    (then the order, and so every import, is the one this process had).
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    boot = (f"import sys; root = {root!r}\n"
+            "if root not in sys.path: sys.path.insert(0, root)\n"
+            "from sail_jax.cli import main; sys.exit(main())")
+    return [sys.executable, "-P", "-c", boot, *argv]
+
+
 def reexec_if_wanted(argv: Sequence[str]) -> None:
-    """Replace this process by `python -m sail_jax ARGV` with the tunables, when `wanted`; else return."""
+    """Replace this process by `reexec_command(ARGV)` with the tunables, when `wanted`; else return."""
     if not wanted(os.environ):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "sail_jax", *argv], tuned_env(os.environ))
+    command = reexec_command(argv)
+    os.execve(command[0], command, tuned_env(os.environ))

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,12 +45,32 @@ def test_cli_reexecs_itself_once_with_the_tunables(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main()
     (exe, args, env), = calls
-    assert exe == sys.executable and args == [sys.executable, "-m", "sail_jax", "plot", "--workdir", "w"]
+    assert exe == sys.executable and args == host_malloc.reexec_command(["plot", "--workdir", "w"])
+    assert args[:2] == [sys.executable, "-P"] and args[-3:] == ["plot", "--workdir", "w"]
     assert "glibc.malloc.mmap_max=0" in env["GLIBC_TUNABLES"]
     calls.clear()
     # called from Python with explicit arguments: runs here (a clear error for the missing workdir), no re-exec
     assert cli.main(["plot", "--workdir", "/nonexistent/run"]) == 2
     assert not calls
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc Linux only")
+def test_reexec_runs_this_package_not_one_in_the_working_directory(tmp_path):
+    """Started (like the console script: no working directory on sys.path) from a directory holding another
+    `sail_jax`, the re-executed process runs the package that started, not that directory's."""
+    decoy = tmp_path / "sail_jax"
+    decoy.mkdir()
+    for name in ("__init__.py", "__main__.py"):
+        (decoy / name).write_text("raise SystemExit('decoy sail_jax imported')\n")
+    root = Path(host_malloc.__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "SAIL_JAX_MALLOC_TUNED"}
+    env |= {"SAIL_JAX_MALLOC_TUNING": "1", "PYTHONPATH": str(root)}
+    assert host_malloc.wanted(env)
+    start = "import sys; from sail_jax.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-P", "-c", start, "--version"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "decoy" not in out.stderr, out.stderr
+    assert out.stdout.startswith("sail-jax ")
 
 
 _PROBE = """

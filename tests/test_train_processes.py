@@ -121,7 +121,7 @@ def test_two_processes_reach_the_losses_of_one(reference, cache, tmp_path):
     w = tmp_path / "multihost"
     w.mkdir()
     # 2 processes x 2 CPU devices = the reference's 4-device {data: 2, fsdp: 2} mesh; each feeds 2 of 4 rows.
-    procs = [start(w, cache, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+    procs = [start(w, cache, f"--coordinator-address=localhost:{port}", "--num-processes=2", f"--process-id={i}",
                    devices=2) for i in range(2)]
     results = [finish(p) for p in procs]
     for rc, log in results:

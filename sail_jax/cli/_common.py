@@ -4,9 +4,6 @@ sampling options (`generate`, `chat`, `eval`)."""
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 
 from sail_jax.inference.sampling import SamplingParams
 
@@ -31,12 +28,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens generated per answer")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature > 0)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def sampling_from_args(args: argparse.Namespace, max_new_tokens: int | None = None) -> SamplingParams:
@@ -64,16 +61,3 @@ def load_engine(args: argparse.Namespace):
     mesh = make_mesh(tensor=args.tensor_parallel) if args.tensor_parallel > 1 else None
     return Engine(SailVL(cfg), params, mesh=mesh, decode_steps=args.decode_steps), processor
 
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write beside `path` and rename over it: an interrupted run never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,7 +1,7 @@
 """`sail-jax compile`: compile the train step of a gin config ahead of time and print its memory per device.
 
     sail-jax compile --gin_file=configs/stage/sft.gin --gin_file=configs/model/8b.gin --gin.train.steps=1000 \\
-        --topology=v5p:8x8x4 [--gin.train.mesh="{'fsdp': -1, 'tensor': 4}"] [--max_tiles 16] [--out report.json]
+        --topology=v5p:8x8x4 [--gin.train.mesh="{'fsdp': -1, 'tensor': 4}"] [--max-tiles 16] [--out report.json]
 
 It reads the same gin files as `train` and compiles the same jitted step (model, optimizer, trainable groups,
 mesh, loss budget, batch shapes), so a run can be sized before the slice is held. `--topology` names a TPU
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_gin_args(p)
     p.add_argument("--topology", default=None,
                    help="TPU topology to compile for, e.g. v5p:4x4x4, v5e:4x8, v6e:8x8 (needs libtpu)")
-    p.add_argument("--max_tiles", type=int, default=None,
+    p.add_argument("--max-tiles", type=int, default=None,
                    help="tile slots per row (default: the data factory's max_tiles)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=run)

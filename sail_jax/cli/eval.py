@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from sail_jax.cli._common import add_model_args, load_engine, write_text_atomic
+from sail_jax.cli._common import add_model_args, load_engine
 from sail_jax.evaluation.scoring import KINDS
+from sail_jax.files import write_text_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="append the thinking instruction and score the \\boxed{} answer")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 1024, 4096 with --thinking (VLMEvalKit)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
     p.add_argument("--out", required=True, help="results .json (summary, per-category accuracy, per-item records)")
     p.set_defaults(func=run)
 

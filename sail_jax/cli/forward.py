@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="upstream SAIL-VL2 checkpoint directory (or ours)")
     p.add_argument("--inputs", required=True, help=".npz with input_ids [1,N] and pixel_values [T,3,448,448]")
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter/compute dtype")
     p.add_argument("--positions", default=None, help="comma-separated positions for full logits (default: last 4)")
     p.set_defaults(func=run)
 

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args, write_text_atomic
+from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args
+from sail_jax.files import write_text_atomic
 from sail_jax.jsonl import iter_jsonl
 
 

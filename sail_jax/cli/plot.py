@@ -10,7 +10,7 @@ from sail_jax.jsonl import iter_jsonl
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="plot the training loss (and learning rate) of a workdir to a PNG")
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="training workdir (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="output PNG (default: WORKDIR/loss.png)")
     p.set_defaults(func=run)
 

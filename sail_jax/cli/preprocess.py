@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sail_jax.files import apply_umask
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -36,9 +38,7 @@ def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        apply_umask(tmp)  # mkstemp creates 0600; give the file the user's ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -3,7 +3,7 @@
     sail-jax train --gin_file=configs/stage/sft.gin --gin_file=configs/model/2b.gin \\
         --gin.DATA=@synthetic_data --gin.WORKDIR=\\"/tmp/run\\" [--gin_bindings='train.steps = 10'] [--resume]
 
-Multi-host: every host runs the same command with --coordinator_address/--num_processes/--process_id (or the
+Multi-host: every host runs the same command with --coordinator-address/--num-processes/--process-id (or the
 JAX_* environment variables, or --distributed for JAX's cluster auto-detection).
 """
 
@@ -21,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
-    p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
-    p.add_argument("--num_processes", type=int, default=None)
-    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--distributed", action="store_true", help="let JAX auto-detect the cluster (TPU pods, SLURM)")
     p.set_defaults(func=run)
 

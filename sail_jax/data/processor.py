@@ -20,7 +20,7 @@ from PIL import Image
 from sail_jax.config import IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID, IMG_START_TOKEN_ID
 from sail_jax.data import chat
 from sail_jax.data.images import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, load_image, preprocess_image
-from sail_jax.data.tokenizer import SailTokenizer
+from sail_jax.data.tokenizer import SailTokenizer, find_tokenizer_dir
 
 ImageInput = str | os.PathLike | Image.Image
 _IMAGE_TOKEN_IDS = np.array([IMG_START_TOKEN_ID, IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID])
@@ -54,7 +54,7 @@ class SailProcessor:
     @classmethod
     def from_dir(cls, tokenizer_dir: str | Path, **overrides: Any) -> SailProcessor:
         """Tokenizer and settings from a model/tokenizer directory; keyword overrides (None = keep) win."""
-        directory = Path(tokenizer_dir)
+        directory = find_tokenizer_dir(tokenizer_dir)
         proc = cls(SailTokenizer.from_dir(directory))
         config_path = directory / "preprocessor_config.json"
         if config_path.is_file():

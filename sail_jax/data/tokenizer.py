@@ -1,7 +1,7 @@
 """SAIL-VL2 tokenizer (Qwen3 byte-level BPE) on the `tokenizers` library, built from the released data files.
 
-The release ships no usable `tokenizer.json` (reference §6), so the fast tokenizer is assembled the way transformers'
-Qwen2 tokenizer is: BPE over vocab.json + merges.txt, NFC, the Qwen2 split regex, byte-level mapping and decoder, no
+The release ships no usable `tokenizer.json`, so the fast tokenizer is assembled the way transformers' Qwen2
+tokenizer is: BPE over vocab.json + merges.txt, NFC, the Qwen2 split regex, byte-level mapping and decoder, no
 BOS; then the added tokens with their own `special` flags (`<think>`/`</think>` are not special and so survive
 `skip_special_tokens`). A `tokenizer.json` in the directory is used as is.
 """
@@ -14,10 +14,23 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from sail_jax.resources import DATA_ROOT
+
 PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+
+
+def find_tokenizer_dir(directory: str | Path) -> Path:
+    """`directory` as given; but a relative one that does not exist from the working directory and does exist in the
+    shipped data (`assets/tokenizer`, the bundled tokenizer) is the shipped copy, so such a path works outside a
+    checkout, as gin's `configs/...` paths do."""
+    directory = Path(directory)
+    shipped = DATA_ROOT / directory
+    if not directory.is_absolute() and not directory.exists() and shipped.is_dir():
+        return shipped
+    return directory
 
 
 def _read_json(path: Path) -> dict:
@@ -109,7 +122,7 @@ class SailTokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> SailTokenizer:
-        directory = Path(directory)
+        directory = find_tokenizer_dir(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {directory}")
         if (directory / "tokenizer.json").is_file():

@@ -35,7 +35,7 @@ def initialize(
         return False
     if any(v is None for v in explicit):
         raise ValueError(
-            "multi-host needs all of --coordinator_address, --num_processes and --process_id (or the "
+            "multi-host needs all of --coordinator-address, --num-processes and --process-id (or the "
             f"JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); got {explicit}"
         )
     if not 0 <= process_id < num_processes:

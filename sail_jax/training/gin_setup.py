@@ -22,6 +22,7 @@ import gin
 
 from sail_jax.config import ConfigError, ModelConfig, get_preset
 from sail_jax.data.pipeline import grain_data
+from sail_jax.resources import DATA_ROOT
 from sail_jax.training.adalrs import AdaLRSConfig
 from sail_jax.training.checkpointing import CheckpointConfig
 from sail_jax.training.optim import OptimizerConfig
@@ -37,7 +38,7 @@ BASE_BINDINGS = (
     "train.optimizer = @OptimizerConfig()",
     "train.checkpoint = @CheckpointConfig()",
 )
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = DATA_ROOT  # holds configs/: the checkout, or the installed package (sail_jax/resources.py)
 
 
 def _replace(obj: Any, changes: dict | None, where: str) -> Any:

@@ -1,0 +1,15 @@
+"""Where the shipped data lives: `configs/` (gin files) and `assets/` (the bundled tokenizer).
+
+In a source checkout (or its editable install) they are top-level folders beside the `sail_jax` package; a built
+wheel ships them inside it as `sail_jax/configs` and `sail_jax/assets`. Lookups go through `DATA_ROOT`, so a path
+like `configs/stage/sft.gin` or `assets/tokenizer` means the same files in both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DATA_ROOT = PACKAGE_DIR if (PACKAGE_DIR / "configs").is_dir() else PACKAGE_DIR.parent
+CONFIGS_DIR = DATA_ROOT / "configs"
+TOKENIZER_DIR = DATA_ROOT / "assets" / "tokenizer"
