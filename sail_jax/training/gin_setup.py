@@ -85,14 +85,15 @@ def model_config(preset: str) -> ModelConfig:
 
 
 def _override(obj: Any, name: str, **parts: Any) -> Any:
-    return dataclasses.replace(obj, **checked_bindings(name, type(obj)), **parts)
+    """`obj` with the fields bound on `name` replaced (gin lists become tuples: the configs are frozen, hashable)."""
+    changes = {k: _as_tuples(v) if isinstance(v, list) else v for k, v in checked_bindings(name, type(obj)).items()}
+    return dataclasses.replace(obj, **changes, **parts)
 
 
 def checked_bindings(name: str, target: Any, allow_required: bool = False) -> dict[str, Any]:
-    """The bindings of configurable `name`, each checked against `target`'s type hints (lists become tuples where
-    a tuple fits); a `%gin.REQUIRED` one left unset is an error unless `allow_required` (then it is returned)."""
+    """The bindings of configurable `name`, each checked against `target`'s type hints; a `%gin.REQUIRED` one left
+    unset is an error unless `allow_required` (then it is returned as `gin.REQUIRED`)."""
     hints = typing.get_type_hints(target)
-    out = {}
     with _one_line_errors(None):  # resolving a reference calls its configurable, which gin errors wrap
         bindings = gin.get_bindings(name)
     for key, value in bindings.items():
@@ -102,8 +103,7 @@ def checked_bindings(name: str, target: Any, allow_required: bool = False) -> di
         elif not _matches(value, hints.get(key, Any)):
             raise ValueError(
                 f"{name}.{key} = {value!r}: expected {_type_name(hints[key])}, got {type(value).__name__}")
-        out[key] = _as_tuples(value) if isinstance(value, list) and _matches((), hints.get(key, Any)) else value
-    return out
+    return bindings
 
 
 def _matches(value: Any, hint: Any) -> bool:
