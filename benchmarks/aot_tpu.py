@@ -34,7 +34,7 @@ def main() -> int:
     p.add_argument("--cases", default="8b,a3b", help=f"comma-separated, from {sorted(CASES)}")
     p.add_argument("--max_tiles", type=int, default=16, help="tile slots per row (448-px tiles)")
     p.add_argument("--bindings", action="append", default=[],
-                   help="extra gin binding for every case, e.g. \"model_config.runtime = {...}\"")
+                   help="extra gin binding for every case, e.g. \"RuntimeConfig.remat_policy = 'full'\"")
     p.add_argument("--out", default=None, help="write one JSON report per case into this directory")
     args = p.parse_args()
     os.chdir(REPO)

@@ -34,7 +34,7 @@ def demo_model(init_std: float | None, seed: int):
     """(config, params) of configs/demo.gin's model at its random init."""
     bindings = ["WORKDIR='unused'", "grain_data.datasets=[]", "grain_data.tokenizer_dir='assets/tokenizer'"]
     if init_std is not None:
-        bindings.append(f"model_config.adapter = {{'init_std': {init_std}}}")
+        bindings.append(f"AdapterConfig.init_std = {init_std}")
     gin_setup.parse([str(REPO / "configs/demo.gin")], bindings)
     cfg = gin_setup.model_config(**gin.get_bindings("model_config"))
     tile = np.zeros((1, 3, cfg.vision.image_size, cfg.vision.image_size), np.float32)

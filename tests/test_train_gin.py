@@ -51,7 +51,8 @@ def test_gin_flags_are_rewritten_and_later_sources_win():
     assert bound("train.batch_size") == 8  # synthetic_demo.gin (later) beats sft.gin
 
 
-# (stage, trainable, learning rate, batch, seq len, AdaLRS) from reference doc §9.1-9.3 (or marked our choice)
+# (stage, trainable, learning rate, batch, seq len, AdaLRS): the paper's training stages (or our choice, marked in
+# the stage file)
 STAGES = [
     ("vit_warmup", ("adapter",), 2e-4, 1920, 8192, False),
     ("vit_alignment", ("vision", "adapter"), 2e-5, 512, 8192, False),
@@ -77,7 +78,7 @@ def test_stage_configs(stage, trainable, lr, batch, seq, adalrs):
 
 @pytest.mark.parametrize("stage", ["vit_alignment", "sft"])
 def test_stages_without_a_published_length_require_steps(stage):
-    with pytest.raises(ValueError, match=r"train.steps set to `%gin.REQUIRED`"):
+    with pytest.raises(ValueError, match=r"train.steps is not set \(it is %gin.REQUIRED\): add --gin.train.steps="):
         gin_setup.parse([f"configs/stage/{stage}.gin", "configs/model/tiny.gin"], MACROS)
 
 
@@ -103,10 +104,33 @@ def test_demo_config_is_complete_and_consistent():
     assert (batch["input_ids"] == cfg.img_context_token_id).sum() == batch["tile_mask"].sum() * cfg.tokens_per_tile
 
 
-def test_model_config_overrides_are_checked():
-    with pytest.raises(ConfigError, match=r"model_config.llm: unknown keys \['hidden'\]"):
-        gin_setup.model_config("tiny", llm={"hidden": 3})
-    with pytest.raises(ConfigError, match="preset 'tiny' has no MoE layers"):
-        gin_setup.model_config("tiny", moe={"num_experts": 4})
-    cfg = gin_setup.model_config("tiny-moe", moe={"num_experts": 4}, runtime={"remat_policy": "full"})
-    assert cfg.llm.moe.num_experts == 4 and cfg.runtime.remat_policy == "full"
+def test_a_later_binding_overrides_one_field_and_keeps_the_preset_file_values():
+    """The issue's case: 8b.gin sets bf16, scan and full remat; a flag naming one RuntimeConfig field keeps them."""
+    flags = gin_setup.rewrite_gin_args(["--gin.RuntimeConfig.attention_impl='pallas'"])
+    gin_setup.parse(["configs/model/8b.gin"], [*MACROS, *flags])
+    rt = gin_setup.model_config("sailvl2-8b").runtime
+    assert (rt.attention_impl, rt.dtype, rt.param_dtype, rt.scan_layers, rt.remat_policy) == (
+        "pallas", "bfloat16", "float32", True, "full")
+
+
+def test_model_parts_are_bound_field_by_field_over_the_preset():
+    gin_setup.parse(["configs/model/tiny-moe.gin"], [*MACROS, "LLMConfig.num_layers = 3", "MoEConfig.num_experts = 4",
+                                                     "VisionConfig.image_size = 56", "ModelConfig.select_layer = -2",
+                                                     "MoEConfig.mlp_only_layers = [0]"])
+    cfg = gin_setup.model_config("tiny-moe")
+    ref = get_preset("tiny-moe")
+    assert cfg.llm.num_layers == 3 and cfg.llm.hidden_size == ref.llm.hidden_size  # the preset's other fields stay
+    assert cfg.llm.moe.num_experts == 4 and cfg.llm.moe.num_experts_per_tok == ref.llm.moe.num_experts_per_tok
+    assert cfg.llm.moe.mlp_only_layers == (0,) and cfg.vision.image_size == 56 and cfg.select_layer == -2
+    assert cfg.vision.hidden_size == ref.vision.hidden_size and cfg.adapter == ref.adapter
+
+
+def test_model_part_bindings_are_checked():
+    gin_setup.parse(["configs/model/tiny.gin"], [*MACROS, "MoEConfig.num_experts = 4"])
+    with pytest.raises(ConfigError, match="MoEConfig.num_experts is bound but preset 'tiny' has no MoE layers"):
+        gin_setup.model_config("tiny")
+    gin_setup.parse(["configs/model/tiny.gin"], [*MACROS, "LLMConfig.num_layers = 2.5"])
+    with pytest.raises(ValueError, match="LLMConfig.num_layers = 2.5: expected int, got float"):
+        gin_setup.model_config("tiny")
+    with pytest.raises(ValueError, match="Configurable 'ModelConfig' has denylisted kwarg 'runtime'"):
+        gin_setup.parse(["configs/model/tiny.gin"], [*MACROS, "ModelConfig.runtime = None"])

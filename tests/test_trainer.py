@@ -99,10 +99,10 @@ def test_workdir_with_checkpoints_needs_resume_and_a_matching_model(runs):
     with pytest.raises(ValueError, match="already holds checkpoints .latest step 6.; pass --resume"):
         run_train(runs["base"])
     with pytest.raises(ValueError, match=re.escape("llm.hidden_size: 32 (checkpoint) vs 64 (config)")):
-        run_train(runs["base"], "model_config.llm = {'vocab_size': 512, 'num_layers': 1, 'hidden_size': 64}",
+        run_train(runs["base"], "LLMConfig.hidden_size = 64",
                   resume=True)
     with pytest.raises(ValueError, match=re.escape("runtime.scan_layers: False (checkpoint) vs True (config)")):
-        run_train(runs["base"], "model_config.runtime = {'scan_layers': True}", resume=True)
+        run_train(runs["base"], "RuntimeConfig.scan_layers = True", resume=True)
 
 
 def test_resume_of_a_finished_run_does_nothing(runs):
@@ -117,4 +117,4 @@ def test_init_from_a_model_checkpoint(runs, tmp_path):
     assert metrics(tmp_path / "ok")[0]["loss"] < metrics(runs["base"])[0]["loss"] - 0.05
     with pytest.raises(ValueError, match=re.escape("llm.vocab_size: 512 (checkpoint) vs 256 (config)")):
         run_train(tmp_path / "bad", f"train.init_from = '{source}'",
-                  "model_config.llm = {'vocab_size': 256, 'num_layers': 1}", "model_config.img_context_token_id = 255")
+                  "LLMConfig.vocab_size = 256", "ModelConfig.img_context_token_id = 255")

@@ -9,10 +9,14 @@ from sail_jax.inference.sampling import SamplingParams
 
 
 def add_gin_args(p: argparse.ArgumentParser) -> None:
-    """t5x-style gin flags; `--gin.NAME=VALUE` flags are also accepted (`accepts_gin_flags`)."""
-    p.add_argument("--gin_file", action="append", default=[], help="gin file; repeat to stack (later wins)")
-    p.add_argument("--gin_bindings", action="append", default=[], help="gin binding(s); applied after the files")
-    p.add_argument("--gin_search_path", action="append", default=[], help="extra directory for gin includes")
+    """gin flags; the t5x spellings (`--gin_file`, `--gin_bindings`, `--gin_search_path`) are accepted too, and so
+    are `--gin.NAME=VALUE` flags (`accepts_gin_flags`)."""
+    p.add_argument("--gin-file", "--gin_file", dest="gin_file", action="append", default=[], metavar="FILE",
+                   help="gin file; repeat to stack (later wins)")
+    p.add_argument("--gin-bindings", "--gin_bindings", dest="gin_bindings", action="append", default=[],
+                   metavar="BINDINGS", help="gin binding(s), e.g. 'train.steps = 10'; applied after the files")
+    p.add_argument("--gin-search-path", "--gin_search_path", dest="gin_search_path", action="append", default=[],
+                   metavar="DIR", help="extra directory where gin files and includes are looked up")
     p.set_defaults(accepts_gin_flags=True)
 
 

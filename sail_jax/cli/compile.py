@@ -1,12 +1,13 @@
 """`sail-jax compile`: compile the train step of a gin config ahead of time and print its memory per device.
 
-    sail-jax compile --gin_file=configs/stage/sft.gin --gin_file=configs/model/8b.gin --gin.train.steps=1000 \\
+    sail-jax compile --gin-file=configs/stage/sft.gin --gin-file=configs/model/8b.gin --gin.train.steps=1000 \\
         --topology=v5p:8x8x4 [--gin.train.mesh="{'fsdp': -1, 'tensor': 4}"] [--max-tiles 16] [--out report.json]
 
 It reads the same gin files as `train` and compiles the same jitted step (model, optimizer, trainable groups,
 mesh, loss budget, batch shapes), so a run can be sized before the slice is held. `--topology` names a TPU
 topology; its devices are compile-only, so this needs libtpu but no TPU (without it: this host's devices).
-The data and workdir need not be set. Exit code 1 when the step does not fit the devices' HBM.
+The data and workdir need not be set. Exit code 1 when the step does not fit the devices' HBM. `--dry-run`
+resolves and checks the config and prints it (model, runtime, optimizer, data, mesh) without compiling.
 """
 
 from __future__ import annotations
@@ -33,23 +34,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tiles", type=int, default=None,
                    help="tile slots per row (default: the data factory's max_tiles)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument("--dry-run", action="store_true", help="resolve and check the config, print it; compile nothing")
     p.set_defaults(func=run)
 
 
-def compile_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
-                   max_tiles: int | None = None, topology: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Parse gin as `train` does (data and workdir optional), compile its step; (what was compiled, report)."""
+def resolve_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+                   max_tiles: int | None = None) -> tuple[dict[str, Any], int]:
+    """Parse gin as `train` does (data and workdir optional); (the checked `train` arguments compiled, tile slots)."""
     from sail_jax.data.pipeline import DataConfig
-    from sail_jax.training import aot, gin_setup
+    from sail_jax.training import gin_setup
 
     gin_setup.parse(gin_files, bindings, search_paths, required=("MODEL",), finalize=False)
     kwargs = gin_setup.train_arguments(TRAIN_ARGS)
     if max_tiles is None:
         max_tiles = gin_setup.data_option("max_tiles", DataConfig.max_tiles)
-    _, report = aot.compile_train_step(**kwargs, max_tiles=int(max_tiles), devices=aot.topology_devices(topology))
-    what = {"topology": topology, "max_tiles": int(max_tiles), "batch_size": kwargs["batch_size"],
+    return kwargs, int(max_tiles)
+
+
+def compile_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+                   max_tiles: int | None = None, topology: str | None = None) -> tuple[dict[str, Any], Any]:
+    """Parse gin as `train` does, compile its step; (what was compiled, report)."""
+    from sail_jax.training import aot
+
+    kwargs, max_tiles = resolve_config(gin_files, bindings, search_paths, max_tiles)
+    _, report = aot.compile_train_step(**kwargs, max_tiles=max_tiles, devices=aot.topology_devices(topology))
+    what = {"topology": topology, "max_tiles": max_tiles, "batch_size": kwargs["batch_size"],
             "seq_len": kwargs["seq_len"], "trainable": list(kwargs["trainable"])}
     return what, report
+
+
+def dry_run(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+            max_tiles: int | None = None, topology: str | None = None) -> str:
+    """The operative config `compile` would compile, with its mesh laid out on the target devices."""
+    from sail_jax.training import aot, gin_setup
+    from sail_jax.training.trainer import run_layout
+
+    kwargs, max_tiles = resolve_config(gin_files, bindings, search_paths, max_tiles)
+    mesh, _ = run_layout(*(kwargs[k] for k in ("mesh", "batch_size", "seq_len", "steps", "target_fraction")),
+                         devices=aot.topology_devices(topology))
+    return (gin_setup.describe(kwargs, dict(mesh.shape))
+            + f"\ncompile: topology={topology or 'this host'}, max_tiles={max_tiles}")
 
 
 def write_report(path: str | Path, what: dict[str, Any], report: Any) -> None:
@@ -70,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     from sail_jax.training import gin_setup
 
     bindings = [*args.gin_bindings, *gin_setup.rewrite_gin_args(args.gin_flags)]
+    if args.dry_run:
+        print(dry_run(args.gin_file, bindings, args.gin_search_path, args.max_tiles, args.topology))
+        return 0
     what, report = compile_config(args.gin_file, bindings, args.gin_search_path, args.max_tiles, args.topology)
     print(f"{args.topology or 'this host'}: batch {what['batch_size']} x {what['seq_len']} tokens, "
           f"{what['max_tiles']} tile slots per row, trainable {what['trainable']}: {report.summary()}")

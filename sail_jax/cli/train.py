@@ -1,7 +1,10 @@
 """`sail-jax train`: gin-configured training (t5x-style flags).
 
-    sail-jax train --gin_file=configs/stage/sft.gin --gin_file=configs/model/2b.gin \\
-        --gin.DATA=@synthetic_data --gin.WORKDIR=\\"/tmp/run\\" [--gin_bindings='train.steps = 10'] [--resume]
+    sail-jax train --gin-file=configs/stage/sft.gin --gin-file=configs/model/2b.gin \\
+        --gin.DATA=@synthetic_data --gin.WORKDIR=\\"/tmp/run\\" [--gin-bindings='train.steps = 10'] [--resume]
+
+A later file or binding overrides one field and keeps the rest: --gin.RuntimeConfig.attention_impl="'pallas'".
+`--dry-run` resolves and checks the config, prints it (model, runtime, optimizer, data, mesh) and creates nothing.
 
 Multi-host: every host runs the same command with --coordinator-address/--num-processes/--process-id (or the
 JAX_* environment variables, or --distributed for JAX's cluster auto-detection).
@@ -21,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check the config, print it, create nothing (no workdir) and exit")
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -38,10 +43,16 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from sail_jax.training import gin_setup
-    from sail_jax.training.trainer import TrainingAborted
+    from sail_jax.training.trainer import TrainingAborted, run_layout
 
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
     gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path)
+    # Every binding is checked (and the mesh laid out) before the workdir exists.
+    resolved = gin_setup.train_arguments()
+    mesh, _ = run_layout(*(resolved[k] for k in ("mesh", "batch_size", "seq_len", "steps", "target_fraction")))
+    if args.dry_run:
+        print(gin_setup.describe(resolved, dict(mesh.shape)))
+        return 0
     workdir = Path(gin_setup.workdir())
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)

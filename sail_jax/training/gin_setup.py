@@ -7,20 +7,40 @@ base bindings declare the required macros and wire them into `train`:
     DATA = %gin.REQUIRED      # a data factory, @grain_data or @synthetic_data (not called: the trainer calls it)
     WORKDIR = %gin.REQUIRED   # checkpoints, metrics.jsonl, tensorboard/, config.gin
 
-Gin files are parsed in order (later files override earlier ones), then `--gin_bindings` and `--gin.NAME=VALUE`.
+The model is configured field by field: `model_config.preset` gives the base, and each field bound on
+`VisionConfig`, `AdapterConfig`, `LLMConfig`, `MoEConfig`, `RuntimeConfig` or `ModelConfig` (its scalar fields)
+replaces that one field of the preset, so a later file or flag changes one field and keeps the rest.
+
+Gin files are parsed in order (later files override earlier ones), then `--gin-bindings` and `--gin.NAME=VALUE`.
+Every gin error comes out as one ValueError line naming the file and line, or the binding.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
-from collections.abc import Sequence
+import logging
+import re
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import gin
 
-from sail_jax.config import ConfigError, ModelConfig, get_preset
+from sail_jax.config import (
+    AdapterConfig,
+    ConfigError,
+    LLMConfig,
+    ModelConfig,
+    MoEConfig,
+    RuntimeConfig,
+    VisionConfig,
+    get_preset,
+)
 from sail_jax.data.pipeline import grain_data
 from sail_jax.resources import DATA_ROOT
 from sail_jax.training.adalrs import AdaLRSConfig
@@ -40,50 +60,91 @@ BASE_BINDINGS = (
 )
 REPO_ROOT = DATA_ROOT  # holds configs/: the checkout, or the installed package (sail_jax/resources.py)
 
+# The model's parts, bound field by field; a field holding another part is set through that part's own name.
+MODEL_PARTS: dict[str, type] = {
+    "VisionConfig": VisionConfig, "AdapterConfig": AdapterConfig, "LLMConfig": LLMConfig, "MoEConfig": MoEConfig,
+    "RuntimeConfig": RuntimeConfig, "ModelConfig": ModelConfig,
+}
+NESTED_PARTS = {"LLMConfig": ["moe"], "ModelConfig": ["vision", "adapter", "llm", "runtime"]}
+# Configurables `train` calls (their bindings are type-checked against their fields).
+RUN_PARTS: dict[str, type] = {
+    "OptimizerConfig": OptimizerConfig, "AdaLRSConfig": AdaLRSConfig, "CheckpointConfig": CheckpointConfig,
+}
 
-def _replace(obj: Any, changes: dict | None, where: str) -> Any:
-    if not changes:
-        return obj
-    fields = {f.name for f in dataclasses.fields(obj)}
-    unknown = sorted(set(changes) - fields)
-    if unknown:
-        raise ConfigError(f"model_config.{where}: unknown keys {unknown}; known: {sorted(fields)}")
-    return dataclasses.replace(obj, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+
+def model_config(preset: str) -> ModelConfig:
+    """The preset (`sail_jax.config.PRESETS`) with each field bound on a model part replacing that field."""
+    base = get_preset(preset)
+    llm = _override(base.llm, "LLMConfig")
+    moe_bound = sorted(gin.get_bindings("MoEConfig"))
+    if moe_bound:
+        if llm.moe is None:
+            raise ConfigError(f"MoEConfig.{moe_bound[0]} is bound but preset {preset!r} has no MoE layers")
+        llm = dataclasses.replace(llm, moe=_override(llm.moe, "MoEConfig"))
+    return _override(base, "ModelConfig", vision=_override(base.vision, "VisionConfig"), llm=llm,
+                     adapter=_override(base.adapter, "AdapterConfig"), runtime=_override(base.runtime, "RuntimeConfig"))
 
 
-def model_config(
-    preset: str,
-    *,
-    vision: dict | None = None,
-    adapter: dict | None = None,
-    llm: dict | None = None,
-    moe: dict | None = None,
-    runtime: dict | None = None,
-    img_context_token_id: int | None = None,
-) -> ModelConfig:
-    """A preset from `sail_jax.config.PRESETS` with per-part overrides (dicts of field -> value)."""
-    cfg = get_preset(preset)
-    llm_cfg = _replace(cfg.llm, llm, "llm")
-    if moe:
-        if llm_cfg.moe is None:
-            raise ConfigError(f"model_config.moe: preset {preset!r} has no MoE layers")
-        llm_cfg = dataclasses.replace(llm_cfg, moe=_replace(llm_cfg.moe, moe, "moe"))
-    cfg = cfg.replace(
-        vision=_replace(cfg.vision, vision, "vision"), adapter=_replace(cfg.adapter, adapter, "adapter"),
-        llm=llm_cfg, runtime=_replace(cfg.runtime, runtime, "runtime"),
-    )
-    if img_context_token_id is not None:
-        cfg = cfg.replace(img_context_token_id=img_context_token_id)
-    return cfg
+def _override(obj: Any, name: str, **parts: Any) -> Any:
+    """`obj` with the fields bound on `name` replaced (gin lists become tuples: the configs are frozen, hashable)."""
+    changes = {k: _as_tuples(v) if isinstance(v, list) else v for k, v in checked_bindings(name, type(obj)).items()}
+    return dataclasses.replace(obj, **changes, **parts)
+
+
+def checked_bindings(name: str, target: Any, allow_required: bool = False) -> dict[str, Any]:
+    """The bindings of configurable `name`, each checked against `target`'s type hints; a `%gin.REQUIRED` one left
+    unset is an error unless `allow_required` (then it is returned as `gin.REQUIRED`)."""
+    hints = typing.get_type_hints(target)
+    with _one_line_errors(None):  # resolving a reference calls its configurable, which gin errors wrap
+        bindings = gin.get_bindings(name)
+    for key, value in bindings.items():
+        if value is gin.REQUIRED:
+            if not allow_required:
+                raise ValueError(f"{name}.{key} is not set (it is %gin.REQUIRED): add --gin.{name}.{key}=...")
+        elif not _matches(value, hints.get(key, Any)):
+            raise ValueError(
+                f"{name}.{key} = {value!r}: expected {_type_name(hints[key])}, got {type(value).__name__}")
+    return bindings
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits `hint` (scalars, None, unions, tuples, sequences, dicts; other hints accept anything)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # an int is a fine float; a bool is neither
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin is tuple or origin is collections.abc.Sequence:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("collections.abc.", "")
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 train_using_gin = gin.configurable("train")(train)
 gin.external_configurable(model_config, "model_config")
 gin.external_configurable(synthetic_data, "synthetic_data")
 gin.external_configurable(grain_data, "grain_data")
-gin.external_configurable(OptimizerConfig, "OptimizerConfig")
-gin.external_configurable(AdaLRSConfig, "AdaLRSConfig")
-gin.external_configurable(CheckpointConfig, "CheckpointConfig")
+for _name, _cls in {**MODEL_PARTS, **RUN_PARTS}.items():
+    gin.external_configurable(_cls, _name, denylist=NESTED_PARTS.get(_name, ()))
 
 
 def rewrite_gin_args(args: Sequence[str]) -> list[str]:
@@ -108,15 +169,73 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
     for p in (*search_paths, str(REPO_ROOT), str(Path.cwd())):
         gin.add_config_file_search_path(p)
     gin.parse_config(BASE_BINDINGS)
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+    for f in gin_files:
+        with _one_line_errors(f"gin file {f}", file_lookup=True):
+            gin.parse_config_file(f)
+    for b in bindings:
+        with _one_line_errors(f"binding {b.strip()!r}"):
+            gin.parse_config(b)
     unset = [m for m in required if _is_required(m)]
     if unset:
         raise ValueError(
-            "required gin macro(s) not set: " + ", ".join(unset) + " (set them in a --gin_file or with "
+            "required gin macro(s) not set: " + ", ".join(unset) + " (set them in a --gin-file or with "
             + " ".join(f"--gin.{m}=..." for m in unset) + ")"
         )
     if finalize:
-        gin.finalize()
+        with _one_line_errors(None):
+            gin.finalize()
+
+
+_GIN_LOCATION = re.compile(r'In file "(?P<file>[^"]+)", line (?P<line>\d+)|In bindings string line (?P<bline>\d+)')
+_UNPARSED_TOKEN = re.compile(r"Failed to parse token '([^']*)'")
+_UNSET_REQUIRED = re.compile(r"(\S+) set to `%gin.REQUIRED` but not subsequently overridden")
+
+
+@contextmanager
+def _one_line_errors(source: str | None, file_lookup: bool = False) -> Iterator[None]:
+    """Turn gin's multi-line errors (message, location, statement) into one ValueError line naming where.
+
+    With `file_lookup`, a TypeError is a file gin could not find: its package-resource lookup fails that way for a
+    relative name whose first folder is an importable namespace package (e.g. `configs/` beside the checkout)."""
+    logging.disable(logging.ERROR)  # gin logs "Path not found" for every search path it tries
+    try:
+        yield
+    except (ValueError, OSError, SyntaxError) as e:
+        raise ValueError(_describe_gin_error(e, source)) from None
+    except TypeError as e:
+        if not file_lookup:
+            raise
+        raise ValueError(_describe_gin_error(e, source)) from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _describe_gin_error(e: Exception, source: str | None) -> str:
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "^"]
+    where, stmt = source, ""
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f"{e.filename}, line {e.lineno}: {(e.text or '').strip()}"
+    for i, ln in enumerate(lines[1:], 1):
+        m = _GIN_LOCATION.match(ln)
+        if m:
+            stmt = lines[i + 1] if i + 1 < len(lines) else ""
+            where = f"{m['file']}, line {m['line']}: {stmt}" if m["file"] else f"binding {stmt!r}"
+            break
+    token, unset = _UNPARSED_TOKEN.search(text), _UNSET_REQUIRED.match(text)
+    include = re.fullmatch(r"include\s+['\"](.+)['\"]", stmt)
+    if unset:
+        message = f"{unset[1]} is not set (it is %gin.REQUIRED): add --gin.{unset[1]}=..."
+    elif token:  # a bare word where gin expects a Python literal or @/% reference
+        message = f"cannot parse value {token.group(1)!r} (strings need quotes: '{token.group(1)}')"
+    elif isinstance(e, (OSError, TypeError)) and (include or source and source.startswith("gin file ")):
+        missing = include[1] if include else source.removeprefix("gin file ")
+        message = (f"gin file {missing} not found (relative names are looked up in --gin-search-path, the "
+                   "repository root and the current directory)")
+        where = where if include else None
+    else:
+        message = lines[0] if lines else type(e).__name__
+    return f"{message} (in {where})" if where else message
 
 
 def _is_required(macro: str) -> bool:
@@ -124,18 +243,37 @@ def _is_required(macro: str) -> bool:
     return repr(gin.query_parameter(f"%{macro}")) == "%gin.REQUIRED"
 
 
-def train_arguments(names: Sequence[str]) -> dict[str, Any]:
-    """The named keyword arguments of `train` as the parsed config gives them (its defaults where unbound), for
-    commands that build what `train` builds without running it; a `%gin.REQUIRED` one left unset is an error."""
+def train_arguments(names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The named keyword arguments of `train` (all but `resume` when None) as the parsed config gives them (its
+    defaults where unbound), every binding checked: the model is built (`model_config`), each configurable's
+    values match their types, and a `%gin.REQUIRED` one left unset is an error naming the binding."""
     params = inspect.signature(train).parameters
-    bound = gin.get_bindings("train")
+    names = [n for n in params if n != "resume"] if names is None else list(names)
+    for name, cls in {**MODEL_PARTS, **RUN_PARTS}.items():
+        checked_bindings(name, cls)
+    bound = checked_bindings("train", train, allow_required=True)
     out = {}
     for name in names:
         value = bound.get(name, params[name].default)
         if value is gin.REQUIRED or value is inspect.Parameter.empty:
             raise ValueError(f"train.{name} is not set (it is %gin.REQUIRED): add --gin.train.{name}=...")
         out[name] = value
+    if bound.get("data", gin.REQUIRED) is not gin.REQUIRED:
+        _check_data_factory(bound["data"], complete="data" in names)
     return out
+
+
+def _check_data_factory(factory: Any, complete: bool) -> None:
+    """Its bindings have the right types and, when `complete`, each argument the trainer does not pass is set."""
+    name = factory.__name__
+    bound = checked_bindings(name, factory, allow_required=not complete)
+    if not complete:
+        return
+    passed = inspect.signature(typing.get_type_hints(train)["data"].__call__).parameters
+    for param in inspect.signature(factory).parameters.values():
+        if (param.default is inspect.Parameter.empty and param.kind is not param.VAR_KEYWORD
+                and param.name not in passed and param.name not in bound):
+            raise ValueError(f"{name}.{param.name} is not set: add --gin.{name}.{param.name}=...")
 
 
 def data_option(name: str, default: Any) -> Any:
@@ -153,3 +291,28 @@ def data_option(name: str, default: Any) -> Any:
 
 def workdir() -> str:
     return str(gin.query_parameter("%WORKDIR"))
+
+
+def describe(args: dict[str, Any], mesh_shape: dict[str, int]) -> str:
+    """The operative config of a run (what `--dry-run` prints): model, runtime, run, optimizer, data, mesh."""
+    out = []
+    if "model" in args:
+        cfg = args["model"]
+        top = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if f.name not in NESTED_PARTS["ModelConfig"]}
+        out += [f"model.vision: {cfg.vision}", f"model.adapter: {cfg.adapter}", f"model.llm: {cfg.llm}",
+                f"model: {_kwargs(top)}", f"runtime: {cfg.runtime}"]
+    run = {k: v for k, v in args.items() if k not in ("model", "data", "optimizer", "adalrs", "checkpoint", "mesh")}
+    out.append(f"train: {_kwargs(run)}")
+    out += [f"{k}: {args[k]}" for k in ("optimizer", "adalrs", "checkpoint") if k in args]
+    if "data" in args:
+        factory = args["data"]
+        options = {n: p.default for n, p in inspect.signature(factory).parameters.items()
+                   if p.default is not inspect.Parameter.empty}
+        out.append(f"data: {factory.__name__}({_kwargs({**options, **gin.get_bindings(factory)})})")
+    out.append(f"mesh: {_kwargs(mesh_shape)} (train.mesh = {args.get('mesh')})")
+    return "\n".join(out)
+
+
+def _kwargs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())

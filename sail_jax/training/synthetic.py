@@ -142,7 +142,7 @@ def synthetic_data(
     if cfg.img_context_token_id >= cfg.llm.vocab_size:
         raise ValueError(
             f"img_context_token_id={cfg.img_context_token_id} is outside the vocabulary "
-            f"({cfg.llm.vocab_size}); set model_config.img_context_token_id for small-vocabulary models"
+            f"({cfg.llm.vocab_size}); set ModelConfig.img_context_token_id for small-vocabulary models"
         )
     return SyntheticSource(
         global_batch_size=global_batch_size, seq_len=seq_len, vocab_size=cfg.llm.vocab_size,
