@@ -67,7 +67,7 @@ def dry_run(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seq
             max_tiles: int | None = None, topology: str | None = None) -> str:
     """The operative config `compile` would compile, with its mesh laid out on the target devices."""
     from sail_jax.training import aot, gin_setup
-    from sail_jax.training.trainer import run_layout
+    from sail_jax.training.program import run_layout
 
     kwargs, max_tiles = resolve_config(gin_files, bindings, search_paths, max_tiles)
     mesh, _ = run_layout(*(kwargs[k] for k in ("mesh", "batch_size", "seq_len", "steps", "target_fraction")),

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from sail_jax.training import gin_setup
-    from sail_jax.training.trainer import TrainingAborted, run_layout
+    from sail_jax.training.program import run_layout
+    from sail_jax.training.trainer import TrainingAborted
 
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
     gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path)
