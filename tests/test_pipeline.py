@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from sail_jax.config import IMG_CONTEXT_TOKEN_ID
-from sail_jax.data.demo_data import make_demo_data
 from sail_jax.data.packing import BATCH_KEYS, SkipBadSamplesIterDataset, skip_counts
 from sail_jax.data.pipeline import DataConfig, DatasetSpec, build_dataset, make_global_batch, sample_dataset
+from sail_jax.evaluation.demo import make_demo_data
 from sail_jax.sharding import make_mesh
 
 TILE, TOKENS_PER_TILE = 56, 4
