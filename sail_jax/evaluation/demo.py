@@ -146,7 +146,7 @@ def _turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
 
 
-def make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One LLaVA record of the given kind and its eval items (direct single-answer questions only)."""
     rng = w.rng
     if kind == "text":
@@ -213,7 +213,7 @@ def make_demo_data(out: str | Path, n: int, seed: int = 0, n_heldout: int | None
         blocks = -(-count // len(KIND_CYCLE))
         kinds = [k for _ in range(blocks) for k in w.rng.permutation(KIND_CYCLE)]
         for i in range(count):
-            record, items = make_sample(w, f"{split}-{i:05d}", str(kinds[i]))
+            record, items = _make_sample(w, f"{split}-{i:05d}", str(kinds[i]))
             records.append(record)
             evals += items
         _write_jsonl(out / f"{split}.jsonl", records)
