@@ -1,6 +1,6 @@
 """Linear probe: how much of a demo image's colour / position / shape the adapter outputs carry.
 
-Draws fresh one-shape scenes with the demo generator (`sail_jax.data.demo_data`), runs them through the ViT +
+Draws fresh one-shape scenes with the demo generator (`sail_jax.evaluation.demo`), runs them through the ViT +
 pixel-shuffle adapter of `configs/demo.gin` (random init at the configured `init_std`, or a trained checkpoint),
 and fits ridge classifiers on the LLM-space features pooled three ways (mean, max, all tokens flattened). It is
 what shows that the demo's random ViT already separates the three properties, so the LLM's readout, not the ViT,
@@ -21,13 +21,13 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sail_jax.data import demo_data  # noqa: E402
 from sail_jax.data.processor import SailProcessor  # noqa: E402
+from sail_jax.evaluation.demo import COLORS, POSITIONS, SHAPES, draw_scene, random_scene  # noqa: E402
 from sail_jax.models.sail_vl import SailVL  # noqa: E402
 from sail_jax.training import gin_setup  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PROPERTIES = {"color": list(demo_data.COLORS), "position": list(demo_data.POSITIONS), "shape": list(demo_data.SHAPES)}
+PROPERTIES = {"color": list(COLORS), "position": list(POSITIONS), "shape": list(SHAPES)}
 
 
 def demo_model(init_std: float | None, seed: int):
@@ -51,8 +51,8 @@ def features(cfg, params, ns: tuple[int, ...], rng: np.random.Generator) -> list
 def _scene_features(proc, extract, params, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     images, labels = [], {k: [] for k in PROPERTIES}
     for _ in range(n):
-        scene = demo_data._scene(rng, 1, True)
-        images.append(demo_data.draw_scene(scene))
+        scene = random_scene(rng, 1, True)
+        images.append(draw_scene(scene))
         shape = scene["shapes"][0]
         for key, value in (("color", shape["color"]), ("position", scene["position"]), ("shape", shape["shape"])):
             labels[key].append(PROPERTIES[key].index(value))

@@ -20,9 +20,9 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from sail_jax.data.demo_data import make_demo_data
 from sail_jax.data.packing import VisualBatchIterDataset, batch_stats, pack_rows
 from sail_jax.data.pipeline import DataConfig, DatasetSpec, build_dataset
+from sail_jax.evaluation.demo import make_demo_data
 
 TOKENS_PER_TILE = 256
 REPO = Path(__file__).resolve().parents[1]

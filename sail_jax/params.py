@@ -1,31 +1,19 @@
-"""Parameter trees without allocation: abstract init, counts, and dummy inputs for any config."""
+"""Parameter trees without allocation: abstract init and counts for any config (`dummy_inputs` is the model's)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from sail_jax.config import ModelConfig
+from sail_jax.models.sail_vl import SailVL, dummy_inputs
 from sail_jax.sharding import count_params
-
-
-def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> tuple[jax.Array, jax.Array]:
-    """Inputs that touch every parameter: token ids and one tile of pixels."""
-    v = cfg.vision
-    return (
-        jnp.zeros((batch, seq), jnp.int32),
-        jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32),
-    )
 
 
 def abstract_model_params(cfg: ModelConfig) -> Any:
     """Boxed ShapeDtypeStruct tree of `SailVL(cfg).init(...)` (no memory, works for 30B models)."""
-    from sail_jax.models.sail_vl import SailVL
-
-    ids, pix = dummy_inputs(cfg)
-    return jax.eval_shape(lambda: SailVL(cfg).init(jax.random.PRNGKey(0), ids, pix))
+    return jax.eval_shape(lambda: SailVL(cfg).init(jax.random.PRNGKey(0), *dummy_inputs(cfg)))
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -170,28 +170,6 @@ def abstract_params(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))
 
 
-def param_shardings(model: nn.Module, mesh: Mesh, *args: Any, **kwargs: Any) -> Any:
-    """Tree of NamedShardings matching `nn.unbox(model.init(rng, *args))`."""
-    return tree_shardings(abstract_params(model, *args, **kwargs), mesh)
-
-
-def init_sharded(model: nn.Module, rng: jax.Array, mesh: Mesh, *args: Any, **kwargs: Any) -> Any:
-    """Initialise parameters directly into their shards (no full copy on one device)."""
-    boxed = abstract_params(model, *args, **kwargs)
-    shardings = tree_shardings(boxed, mesh)
-
-    def init(r):
-        return nn.unbox(model.init(r, *args, **kwargs))
-
-    with use_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def shard_tree(tree: Any, shardings: Any) -> Any:
-    """device_put a host/single-device tree onto the given shardings."""
-    return jax.device_put(tree, shardings)
-
-
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
     return logical_to_sharding(("activation_batch",) + (None,) * (len(shape) - 1), shape, mesh)

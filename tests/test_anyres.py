@@ -183,6 +183,19 @@ def test_size_errors():
         check_image_size(1792 + 28, 1792, VIT)
 
 
+@pytest.mark.parametrize(
+    "w,h", [(640, 480), (10, 10), (4000, 3000), (1792, 1792), (20, 100000), (100000, 20), (3000, 50)]
+)
+def test_anyres_size_at_the_default_budget(w, h):
+    ah, aw = anyres_size(h, w, VisionConfig())
+    assert aw % 28 == 0 and ah % 28 == 0 and aw >= 28 and ah >= 28
+    assert (aw // 14) * (ah // 14) <= 16384
+    if w * h <= 1792 * 1792 and min(w, h) >= 28 and max(w, h) <= 1792:
+        assert (aw, ah) == (round(w / 28) * 28, round(h / 28) * 28)  # no rescaling below the budget
+    elif min(w, h) >= 28 and w * h > 1792 * 1792:
+        assert abs(aw / ah - w / h) / (w / h) < 0.15 and aw * ah > 0.8 * 1792 * 1792
+
+
 @pytest.mark.parametrize("h, w", [(480, 640), (4000, 3000), (30, 100_000), (1792, 1792), (10, 10)])
 def test_anyres_size_is_valid(h, w):
     th, tw = anyres_size(h, w, VIT)

@@ -1,5 +1,5 @@
 """The `make demo` path: held-out QA reading/scoring, the trainer's Grain data factory, and a short end-to-end run
-(data -> eval -> train -> eval -> plot -> HF export) of `sail_jax.demo.run_demo`."""
+(data -> eval -> train -> eval -> plot -> HF export) of `sail_jax.evaluation.demo.run_demo`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 
 from sail_jax.config import get_preset
 from sail_jax.data.batch import check_batch
-from sail_jax.data.demo_data import make_demo_data
 from sail_jax.data.pipeline import grain_data
-from sail_jax.evaluation.qa_jsonl import evaluate_qa, read_qa_jsonl
+from sail_jax.evaluation.demo import evaluate_qa, make_demo_data, read_qa_jsonl
 from sail_jax.inference.engine import Completion
 
 TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
@@ -86,7 +85,7 @@ def test_grain_data_factory_yields_checked_trainer_batches(demo_data):
 
 def test_demo_runs_end_to_end(tmp_path):
     from converters.load import load_checkpoint
-    from sail_jax.demo import run_demo
+    from sail_jax.evaluation.demo import run_demo
 
     results = run_demo(out=tmp_path, n=24, steps=2, seed=0, n_heldout=4)
     saved = json.loads((tmp_path / "demo_results.json").read_text())

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from sail_jax.cli import main as cli_main
-from sail_jax.data.demo_data import COLORS, SHAPES, SIZES, make_demo_data
 from sail_jax.data.images import dynamic_preprocess
 from sail_jax.data.sources import JsonlSource
 from sail_jax.data.transforms import SampleTransform
+from sail_jax.evaluation.demo import COLORS, SHAPES, SIZES, make_demo_data
 
 ANSWERS = set(COLORS) | set(SHAPES) | {"0", "1", "2", "3", "4", "left", "right", "top", "bottom", "yes", "no",
                                        "first", "second"}

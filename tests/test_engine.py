@@ -19,12 +19,12 @@ from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.data.chat import vlmevalkit_prompt
 from sail_jax.data.processor import SailProcessor
 from sail_jax.inference.engine import Engine, Request, bucket, shard_params
-from sail_jax.inference.greedy import greedy_full_recompute
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from sail_jax.models.sail_vl import SailVL
 from sail_jax.sharding import make_mesh
 from tests.conftest import DATA
+from tests.greedy_reference import greedy_full_recompute
 
 FIX = DATA / "sailvl2-tiny"
 SMALL = LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=16, num_kv_heads=8,

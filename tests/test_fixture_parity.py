@@ -11,10 +11,10 @@ import pytest
 from converters.load import load_checkpoint
 from sail_jax.config import RuntimeConfig
 from sail_jax.inference.forward import forward_outputs
-from sail_jax.inference.greedy import greedy_full_recompute
 from sail_jax.models.qwen3 import Qwen3DecoderLayer
 from sail_jax.models.sail_vl import SailVL
 from tests.conftest import DATA
+from tests.greedy_reference import greedy_full_recompute
 
 FIX = DATA / "sailvl2-tiny"
 
@@ -46,7 +46,7 @@ def test_vit_per_block_states_and_embeddings(fixture):
     vit = model.apply(params, tiles, True, method=SailVL.vision)
     got = np.stack([np.asarray(h) for h in vit.hidden_states])  # [L, tiles, N, C], as stored
     assert np.abs(got - ref["vit_hidden_states"]).max() <= 1e-4
-    from sail_jax.models.sail_vit import patchify
+    from sail_jax.models.anyres import patchify
 
     emb = model.apply(params, patchify(tiles, 14), method=lambda m, x: m.vision_model.embed(x))
     assert np.abs(np.asarray(emb) - ref["vit_embeddings"]).max() <= 1e-4

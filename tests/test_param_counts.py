@@ -1,4 +1,4 @@
-"""Abstract init of each preset gives the published parameter counts (reference doc §1)."""
+"""Abstract init of each preset gives the published parameter counts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ VIT_HUGE = 682_031_616
 @pytest.mark.parametrize(
     "preset, adapter, llm",
     [
-        ("sailvl2-2b", 16_793_600, 2_031_739_904),  # lm_head stored untied (ref §8.3)
+        ("sailvl2-2b", 16_793_600, 2_031_739_904),  # lm_head stored untied in the checkpoint
         ("sailvl2-8b", 41_963_520, 8_190_735_360),
     ],
 )

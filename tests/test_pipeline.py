@@ -15,9 +15,9 @@ from PIL import Image
 
 from sail_jax.config import IMG_CONTEXT_TOKEN_ID
 from sail_jax.data.batch import DTYPES, KEYS
-from sail_jax.data.demo_data import make_demo_data
 from sail_jax.data.packing import SkipBadSamplesIterDataset
 from sail_jax.data.pipeline import DataConfig, DatasetSpec, build_dataset, sample_dataset
+from sail_jax.evaluation.demo import make_demo_data
 from tests.data_utils import skip_counts
 
 TILE, TOKENS_PER_TILE = 56, 4

@@ -1,5 +1,5 @@
-"""Processor and `sail-jax preprocess`: exact parity with the original processor's fixture outputs, the §6 token-id
-anchor, settings precedence, multi-image, loss masks and bad input."""
+"""Processor and `sail-jax preprocess`: exact parity with the original processor's fixture outputs, the token-id anchor
+of the rendered chat prompt, settings precedence, multi-image, loss masks and bad input."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ from sail_jax.data import chat
 from sail_jax.data.processor import SailProcessor
 
 FIXTURE = "sailvl2-tiny"
+
+
+def render(messages, system=None, add_generation_prompt=True) -> str:
+    """The rendered prompt text: the concatenated `chat.render_segments`."""
+    return "".join(s.text for s in chat.render_segments(messages, system, add_generation_prompt))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,7 @@ def test_conversation_loss_mask(proc):
     assert decoded == ["<think>\nround\n</think>\nA ball.<|im_end|>", "Red.<|im_end|>"]
     assert not mask[ids == IMG_CONTEXT_TOKEN_ID].any()
     # The whole id sequence is exactly the tokenization of the rendered, expanded prompt.
-    full = chat.expand_images([chat.render_prompt(msgs, add_generation_prompt=False)], [1])[0]
+    full = chat.expand_images([render(msgs, add_generation_prompt=False)], [1])[0]
     assert ids.tolist() == tok.encode(full)
     # No <image> marker anywhere: prepended to the first user message (model.chat style).
     plain = proc.encode_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],

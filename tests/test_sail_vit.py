@@ -1,4 +1,4 @@
-"""SailViT vs transformers `Aimv2VisionModel` (the HF-native SAIL-ViT, ref §8.5); select_layer; scan layout."""
+"""SailViT vs transformers `Aimv2VisionModel` (the HF-native SAIL-ViT); select_layer; scan layout."""
 
 from __future__ import annotations
 

@@ -15,8 +15,7 @@ from sail_jax.models.adapter import PixelShuffleAdapter
 from sail_jax.models.anyres import pack_images
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from sail_jax.models.sail_vit import SailViT
-from sail_jax.models.sail_vl import SailVL
-from sail_jax.params import dummy_inputs
+from sail_jax.models.sail_vl import SailVL, dummy_inputs
 from tests.random_params import random_params
 
 CTX = 500  # <IMG_CONTEXT> id of the test model (a small vocabulary keeps full logits cheap)

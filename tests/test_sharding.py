@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +15,11 @@ from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from sail_jax.sharding import (
     LOGICAL_AXIS_RULES,
+    abstract_params,
     batch_sharding,
-    init_sharded,
     logical_to_sharding,
     make_mesh,
+    tree_shardings,
     use_mesh,
 )
 
@@ -51,7 +53,10 @@ def test_sharded_forward_equals_single_device(scan):
     lm = Qwen3ForCausalLM(CFG, rt)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 24)), jnp.int32)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    params = init_sharded(lm, jax.random.PRNGKey(0), mesh, ids)
+    # initialised straight into the shards, as the trainer does (no full copy on one device)
+    shardings = tree_shardings(abstract_params(lm, ids), mesh)
+    with use_mesh(mesh):
+        params = jax.jit(lambda rng: nn.unbox(lm.init(rng, ids)), out_shardings=shardings)(jax.random.PRNGKey(0))
     p = params["params"]
     emb = p["embed_tokens"]["embedding"]
     assert emb.sharding.spec == P("tensor", "fsdp")

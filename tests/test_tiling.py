@@ -1,5 +1,5 @@
 """Image side: dynamic tiling (grid choice, tie rule, crops, thumbnail), MSAC, modes, load errors, fixture pixel parity,
-VLMEvalKit tile limits, AnyRes sizing and patchify."""
+VLMEvalKit tile limits, the AnyRes resize and patchify."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sail_jax.config import VisionConfig
 from sail_jax.data import images as im
+from sail_jax.models.anyres import patchify
 
 FIXTURE = "sailvl2-tiny"
 
@@ -18,7 +20,7 @@ def solid(w: int, h: int, mode: str = "RGB") -> Image.Image:
     return Image.new(mode, (w, h))
 
 
-# Reference §5 table: (W, H, max_num) -> grid, tiles incl. thumbnail, MSAC tiles.
+# (W, H, max_num) -> grid, tiles incl. thumbnail, MSAC tiles, as the original processor tiles them.
 TABLE = [
     (700, 300, 10, (5, 2), 11, 13),
     (448, 448, 10, (1, 1), 1, 5),
@@ -188,24 +190,11 @@ def test_vlmevalkit_tile_limits():
         im.multi_image_max_num(10, 0)
 
 
-@pytest.mark.parametrize(
-    "w,h", [(640, 480), (10, 10), (4000, 3000), (1792, 1792), (20, 100000), (100000, 20), (3000, 50)]
-)
-def test_anyres_size(w, h):
-    aw, ah = im.anyres_size(w, h)
-    assert aw % 28 == 0 and ah % 28 == 0 and aw >= 28 and ah >= 28
-    assert (aw // 14) * (ah // 14) <= 16384
-    if w * h <= 1792 * 1792 and min(w, h) >= 28 and max(w, h) <= 1792:
-        assert (aw, ah) == (round(w / 28) * 28, round(h / 28) * 28)  # no rescaling below the budget
-    elif min(w, h) >= 28 and w * h > 1792 * 1792:
-        assert abs(aw / ah - w / h) / (w / h) < 0.15 and aw * ah > 0.8 * 1792 * 1792
-
-
 def test_anyres_preprocess_and_patchify_match_a_conv():
     image = Image.linear_gradient("L").resize((100, 80)).convert("RGB")
-    pixels, grid = im.anyres_preprocess(image)
+    pixels, grid = im.anyres_preprocess(image, VisionConfig())
     assert pixels.shape == (3, 84, 112) and grid == (6, 8)
-    patches = im.patchify(pixels)
+    patches = patchify(pixels, 14)
     assert patches.shape == (48, 588)
     # Element mapping: patch (r, c) in row-major order, vector index (kh*14 + kw)*3 + ch.
     r, c, kh, kw, ch = 4, 5, 3, 11, 2
@@ -216,4 +205,4 @@ def test_anyres_preprocess_and_patchify_match_a_conv():
     )
     np.testing.assert_allclose(patches @ kernel.reshape(-1, 5), np.asarray(conv).reshape(48, 5), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="multiple"):
-        im.patchify(np.zeros((3, 20, 28), np.float32))
+        patchify(np.zeros((3, 20, 28), np.float32), 14)

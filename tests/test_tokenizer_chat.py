@@ -1,4 +1,4 @@
-"""Tokenizer (vs transformers built from the same files) and the univl-chat format (vs chat_template.jinja, §6)."""
+"""Tokenizer (vs transformers built from the same files) and the univl-chat format (vs chat_template.jinja)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ TEXTS = [
     "<tool_call>{\"a\": 1}</tool_call><|endoftext|><box>[1,2]</box>",
     "",
 ]
+
+
+def render(messages, system=None, add_generation_prompt=True) -> str:
+    """The rendered prompt text: the concatenated `chat.render_segments`."""
+    return "".join(s.text for s in chat.render_segments(messages, system, add_generation_prompt))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +106,7 @@ def test_single_turn_matches_jinja_template_and_fixture(data_dir):
     question = "What objects and colors can you see in this picture? Answer briefly."
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     template = jinja2.Environment().from_string((data_dir / "tokenizer" / "chat_template.jinja").read_text())
-    ours = chat.render_prompt(messages)
+    ours = render(messages)
     assert ours == template.render(messages=messages, add_generation_prompt=True)
     literal = (
         f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\n<image>\n{question}<|im_end|><|im_start|>assistant\n"
@@ -109,7 +114,7 @@ def test_single_turn_matches_jinja_template_and_fixture(data_dir):
     assert ours == literal
     assert ours == json.loads((data_dir / "sailvl2-tiny" / "prompts.json").read_text())["rendered_prompt"]
     string_msgs = [{"role": "user", "content": "<image>\nhi"}]
-    assert chat.render_prompt(string_msgs) == template.render(messages=string_msgs, add_generation_prompt=True)
+    assert render(string_msgs) == template.render(messages=string_msgs, add_generation_prompt=True)
 
 
 def test_multi_turn_and_system_handling():
@@ -118,24 +123,24 @@ def test_multi_turn_and_system_handling():
         {"role": "assistant", "content": "a1"},
         {"role": "user", "content": "q2"},
     ]
-    assert chat.render_prompt(msgs) == (
+    assert render(msgs) == (
         f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\nq1<|im_end|><|im_start|>assistant\na1<|im_end|>"
         "<|im_start|>user\nq2<|im_end|><|im_start|>assistant\n"
     )
-    assert chat.render_prompt(msgs, add_generation_prompt=False).endswith("q2<|im_end|>")
-    assert chat.render_prompt(msgs[:1], system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|><|im")
-    assert chat.render_prompt([{"role": "system", "content": "S"}, *msgs[:1]]).startswith("<|im_start|>system\nS<|")
-    assert chat.render_prompt(msgs[:1], system="") == "<|im_start|>user\nq1<|im_end|><|im_start|>assistant\n"
+    assert render(msgs, add_generation_prompt=False).endswith("q2<|im_end|>")
+    assert render(msgs[:1], system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|><|im")
+    assert render([{"role": "system", "content": "S"}, *msgs[:1]]).startswith("<|im_start|>system\nS<|")
+    assert render(msgs[:1], system="") == "<|im_start|>user\nq1<|im_end|><|im_start|>assistant\n"
     # Upstream MPT rule: an empty message is an open turn (bare role).
-    assert chat.render_prompt([*msgs[:1], {"role": "assistant", "content": ""}], add_generation_prompt=False).endswith(
+    assert render([*msgs[:1], {"role": "assistant", "content": ""}], add_generation_prompt=False).endswith(
         "q1<|im_end|><|im_start|>assistant\n"
     )
     with pytest.raises(ValueError, match="twice"):
-        chat.render_prompt([{"role": "system", "content": "S"}], system="T")
+        render([{"role": "system", "content": "S"}], system="T")
     with pytest.raises(ValueError, match="role 'system'"):
-        chat.render_prompt([*msgs, {"role": "system", "content": "late"}])
+        render([*msgs, {"role": "system", "content": "late"}])
     with pytest.raises(ValueError, match="role 'tool'"):
-        chat.render_prompt([{"role": "tool", "content": "x"}])
+        render([{"role": "tool", "content": "x"}])
 
 
 def test_segments_flag_only_assistant_responses():

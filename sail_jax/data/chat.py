@@ -1,11 +1,12 @@
-"""The `univl-chat` conversation format, `<image>` expansion and the thinking instruction (reference §6, §13).
+"""The `univl-chat` conversation format, `<image>` expansion and the thinking instruction, as the original
+processor and model cards format them.
 
 `univl-chat` is InternVL's MPT style: `<|im_start|>system\\n{SYS}<|im_end|>`, then `{role}{message}<|im_end|>` per
 message, then the bare role of the open turn; there is NO newline after `<|im_end|>`. For a single user turn this
 equals the released `chat_template.jinja`, which mishandles system and assistant messages, so it is not used.
 
 Rendering returns segments flagged `trainable` for the assistant responses (content plus the closing `<|im_end|>`,
-never the `<|im_start|>assistant\\n` header): our loss-mask choice (§9.4), kept here so training and inference share
+never the `<|im_start|>assistant\\n` header): our loss-mask choice, kept here so training and inference share
 one formatter.
 """
 
@@ -86,12 +87,6 @@ def render_segments(
     if add_generation_prompt:
         segments.append(Segment(ROLE_PREFIX["assistant"]))
     return segments
-
-
-def render_prompt(
-    messages: Sequence[Mapping[str, Any]], system: str | None = None, add_generation_prompt: bool = True
-) -> str:
-    return "".join(s.text for s in render_segments(messages, system, add_generation_prompt))
 
 
 def with_thinking(text: str, separator: str = "\n") -> str:

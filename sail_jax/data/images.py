@@ -1,4 +1,4 @@
-"""Image loading, dynamic tiling, MSAC, normalisation, AnyRes sizing and patchify (reference §5, §3, §14).
+"""Image loading, dynamic tiling (InternVL's grid rule), MSAC, normalisation and the AnyRes resize.
 
 Pixel parity with the original processor needs PIL itself: `Image.resize` at its default filter (BICUBIC with
 antialiasing for RGB/L/CMYK, NEAREST for "1"/"P", premultiplied alpha for RGBA/LA) rounds to uint8, which no
@@ -9,7 +9,6 @@ RGBA and LA images. EXIF orientation is not applied, as upstream.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sail_jax.config import VisionConfig
+from sail_jax.models.anyres import anyres_size
+
 IMAGE_SIZE = 448
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # VLMEvalKit caps the tiles of one multi-image sample at 64 in total.
 TOTAL_MAX_TILES = 64
-# AnyRes (§3, our choice): at most 128x128 ViT patches, i.e. 1792x1792 pixels area-equivalent.
-ANYRES_MAX_PATCHES = 16384
 
 Grid = tuple[int, int]  # (columns, rows)
 
@@ -212,51 +212,16 @@ def multi_image_max_num(max_num: int, n_images: int, total: int = TOTAL_MAX_TILE
     return max(1, min(max_num, total // n_images))
 
 
-def anyres_size(
-    width: int, height: int, max_patches: int = ANYRES_MAX_PATCHES, patch_size: int = PATCH_SIZE
-) -> tuple[int, int]:
-    """AnyRes target (W, H): aspect ratio kept, both sides multiples of 2*patch (2x2 pixel shuffle), at most
-    `max_patches` patches. Sides are rounded to the nearest multiple; only too-large images shrink (our choice, §14)."""
-    factor = 2 * patch_size
-    max_pixels = max_patches * patch_size * patch_size
-    if max_pixels < factor * factor:
-        raise ValueError(f"max_patches={max_patches} is below one 2x2 patch block")
-    w = max(factor, round(width / factor) * factor)
-    h = max(factor, round(height / factor) * factor)
-    if w * h > max_pixels:
-        beta = math.sqrt(width * height / max_pixels)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-    # Extreme aspect ratios: lifting the short side to one block can overshoot the budget; trim the long side.
-    if w * h > max_pixels:
-        if w >= h:
-            w = max_pixels // (h * factor) * factor
-        else:
-            h = max_pixels // (w * factor) * factor
-    return w, h
-
-
 def anyres_preprocess(
     image: Image.Image,
-    max_patches: int = ANYRES_MAX_PATCHES,
-    patch_size: int = PATCH_SIZE,
+    cfg: VisionConfig,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resize one image by the AnyRes rule (PIL default filter, own mode, then RGB) and normalise it.
+    """Resize one image by the AnyRes rule (`models.anyres.anyres_size`; PIL default filter, own mode, then RGB) and
+    normalise it, ready for `models.anyres.pack_images`.
 
     Returns (pixels [3,H,W] float32, (H/patch, W/patch) patch grid)."""
-    w, h = anyres_size(image.width, image.height, max_patches, patch_size)
+    h, w = anyres_size(image.height, image.width, cfg)
     pixels = normalize_tile(_resize(image, (w, h)), mean, std)
-    return pixels, (h // patch_size, w // patch_size)
-
-
-def patchify(pixels: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[C,H,W] -> [(H/p)*(W/p), p*p*C]: patches in row-major grid order, each vector ordered (kh, kw, c), so that
-    `patchify(x) @ kernel.reshape(p*p*C, D)` equals a stride-p conv with a [kh, kw, C, D] kernel."""
-    c, h, w = pixels.shape
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch_size}")
-    gh, gw = h // patch_size, w // patch_size
-    x = pixels.reshape(c, gh, patch_size, gw, patch_size).transpose(1, 3, 2, 4, 0)
-    return x.reshape(gh * gw, patch_size * patch_size * c)
+    return pixels, (h // cfg.patch_size, w // cfg.patch_size)

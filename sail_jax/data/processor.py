@@ -1,4 +1,4 @@
-"""`SailProcessor`: images + chat text -> model inputs, exactly as the original SAILVLProcessor (reference §5, §6).
+"""`SailProcessor`: images + chat text -> model inputs, exactly as the original SAILVLProcessor.
 
 Settings come from `preprocessor_config.json` (max_dynamic_patch 10 in the release), which is what the original
 processor reads; config.json's max_dynamic_patch (12) is not used. Pixel values stay float32; the original casts them

@@ -6,7 +6,7 @@ Output of a good sample (what the packer consumes):
 A bad one becomes {"skip": reason, "dataset", "where", "error"}; the main process counts, logs and filters it
 (`packing.SkipBadSamplesIterDataset`), so counts stay exact with worker processes.
 
-Loss masks (reference §9.4):
+Loss masks (our choice):
   * default: every assistant-response token, incl. `<think>…</think>` and the closing `<|im_end|>`; never system,
     user or image tokens, nor the `<|im_start|>assistant\\n` header (the processor's mask).
   * `conditional_loss` (Think-Fusion SFT): an assistant response is CoT when it holds a `<think>…</think>` block

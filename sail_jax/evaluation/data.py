@@ -1,4 +1,4 @@
-"""VLMEvalKit benchmark files (TSV) and the prompts VLMEvalKit builds for SAIL-VL2 (reference §5, §6).
+"""VLMEvalKit benchmark files (TSV) and the prompts VLMEvalKit builds for SAIL-VL2 (its tiling and chat rules).
 
 TSV layout: columns `index`, `image`, `question`, `answer`, optional `hint`, `category` and option columns `A`, `B`, …
 An `image` cell holds base64 image data, a list of them for multi-image rows (a JSON / Python list literal, as

@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +33,8 @@ import numpy as np
 from sail_jax.config import PAD_TOKEN_ID
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample, step_keys
 from sail_jax.layers.common import as_dtype
-from sail_jax.models.qwen3 import Qwen3ForCausalLM, init_cache
-from sail_jax.models.sail_vl import SailVL, scatter_image_features
+from sail_jax.models.generative import GenerativeModel
+from sail_jax.models.qwen3 import init_cache
 from sail_jax.sharding import logical_to_sharding, tree_shardings, use_mesh
 
 TokenCallback = Callable[[int, list[int]], None]
@@ -73,31 +72,9 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // granularity) * granularity
 
 
-def _language_model(module: nn.Module) -> Qwen3ForCausalLM:
-    return module.language_model if isinstance(module, SailVL) else module
-
-
-def _call_lm(module: nn.Module, **kwargs: Any):
-    return _language_model(module)(**kwargs)
-
-
-def _embed(module: nn.Module, ids: jax.Array) -> jax.Array:
-    return _language_model(module).embed(ids)
-
-
-def _logits(module: nn.Module, hidden: jax.Array) -> jax.Array:
-    return _language_model(module).logits(hidden)
-
-
-def shard_params(model: SailVL | Qwen3ForCausalLM, params: Any, mesh: jax.sharding.Mesh) -> Any:
+def shard_params(model: GenerativeModel, params: Any, mesh: jax.sharding.Mesh) -> Any:
     """Place `params` ({"params": ...}, unboxed) on `mesh` by the logical axis rules."""
-    if isinstance(model, SailVL):
-        from sail_jax.params import abstract_model_params
-
-        boxed = abstract_model_params(model.cfg)
-    else:
-        ids = jnp.zeros((1, 8), jnp.int32)
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs()))
     return jax.device_put(params, tree_shardings(boxed, mesh))
 
 
@@ -105,14 +82,12 @@ class _Programs:
     """The jitted device programs for one (model, cache dtype, mesh, pad id); shared by every engine on an equal
     model, so a new `Engine` (a new CLI call in one process, a test) reuses what was compiled."""
 
-    def __init__(self, model: SailVL | Qwen3ForCausalLM, cache_dtype: Any, mesh: jax.sharding.Mesh | None,
-                 pad_token_id: int):
+    def __init__(self, model: GenerativeModel, cache_dtype: Any, mesh: jax.sharding.Mesh | None, pad_token_id: int):
         self.model, self.cache_dtype, self.mesh, self.pad_token_id = model, cache_dtype, mesh, pad_token_id
-        self.llm_cfg = model.cfg.llm if isinstance(model, SailVL) else model.cfg
         self.prefill = jax.jit(self.prefill, static_argnames=("cache_len", "kind", "with_logits"))
         self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits"),
                               donate_argnames=("state",))
-        self.features = jax.jit(lambda p, x: model.apply(p, x, method=SailVL.extract_feature))
+        self.features = jax.jit(lambda p, x: model.apply(p, x, method="extract_feature"))
 
     def _constrain_cache(self, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
         if self.mesh is None:
@@ -125,17 +100,13 @@ class _Programs:
 
     def _forward(self, params, embeds, positions, segment_ids, cache):
         """Run the LLM on `embeds` against `cache`; returns float32 logits of the last column and the new cache."""
-        out = self.model.apply(params, inputs_embeds=embeds, positions=positions, segment_ids=segment_ids,
-                               cache=cache, return_hidden=True, method=_call_lm)
-        logits = self.model.apply(params, out.hidden[:, -1], method=_logits).astype(jnp.float32)
-        return logits, self._constrain_cache(out.cache)
+        logits, cache = self.model.apply(params, embeds, positions, segment_ids, cache, method="last_logits")
+        return logits, self._constrain_cache(cache)
 
     def prefill(self, params, ids, segment_ids, positions, features, feature_mask, keys, temperature, top_p, stop_ids,
                 *, cache_len: int, kind: SamplerKind, with_logits: bool):
-        embeds = self.model.apply(params, ids, method=_embed)
-        if features is not None:
-            embeds = scatter_image_features(embeds, ids, features, feature_mask, self.model.cfg.img_context_token_id)
-        cache = self._constrain_cache(init_cache(self.llm_cfg, ids.shape[0], cache_len, self.cache_dtype))
+        embeds = self.model.apply(params, ids, features, feature_mask, method="embed_prompt")
+        cache = self._constrain_cache(init_cache(self.model.llm_config, ids.shape[0], cache_len, self.cache_dtype))
         logits, cache = self._forward(params, embeds, positions, segment_ids, cache)
         tok = sample(logits, step_keys(keys, jnp.int32(0)), kind, temperature, top_p)
         state = {"cache": cache, "tok": tok, "pos": positions[:, -1] + 1, "done": jnp.isin(tok, stop_ids),
@@ -147,7 +118,7 @@ class _Programs:
         ones = jnp.ones((state["tok"].shape[0], 1), jnp.int32)
 
         def step(st, _):
-            embeds = self.model.apply(params, st["tok"][:, None], method=_embed)
+            embeds = self.model.apply(params, st["tok"][:, None], method="embed_prompt")
             logits, cache = self._forward(params, embeds, st["pos"][:, None], ones, st["cache"])
             tok = sample(logits, step_keys(st["keys"], st["step"]), kind, temperature, top_p)
             tok = jnp.where(st["done"], self.pad_token_id, tok)
@@ -161,13 +132,14 @@ class _Programs:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(model: SailVL | Qwen3ForCausalLM, cache_dtype: Any, mesh: jax.sharding.Mesh | None,
+def _programs(model: GenerativeModel, cache_dtype: Any, mesh: jax.sharding.Mesh | None,
               pad_token_id: int) -> _Programs:
     return _Programs(model, cache_dtype, mesh, pad_token_id)
 
 
 class Engine:
-    """Generation for a `SailVL` (text and images) or a bare `Qwen3ForCausalLM` (text), dense or MoE.
+    """Generation for any `GenerativeModel`: a `SailVL` (text and images) or a bare `Qwen3ForCausalLM` (text), dense
+    or MoE.
 
     `decode_steps` tokens are produced per device call (the streaming granularity and the early-stop check);
     `cache_dtype` defaults to the runtime's compute dtype; `pad_token_id` (filler of pad slots, default
@@ -177,7 +149,7 @@ class Engine:
 
     def __init__(
         self,
-        model: SailVL | Qwen3ForCausalLM,
+        model: GenerativeModel,
         params: Any,
         *,
         mesh: jax.sharding.Mesh | None = None,
@@ -189,9 +161,8 @@ class Engine:
         if decode_steps < 1 or tile_chunk < 1:
             raise ValueError(f"decode_steps and tile_chunk must be >= 1, got {decode_steps}, {tile_chunk}")
         self.model = model
-        self.is_vl = isinstance(model, SailVL)
-        runtime = model.cfg.runtime if self.is_vl else model.rt
-        vocab = (model.cfg.llm if self.is_vl else model.cfg).vocab_size
+        self.image_slots = model.image_slots
+        vocab = model.llm_config.vocab_size
         if pad_token_id is None:  # pad slots are never attended, but their embedding must exist (no NaN rows)
             pad_token_id = PAD_TOKEN_ID if PAD_TOKEN_ID < vocab else 0
         if not 0 <= pad_token_id < vocab:
@@ -201,7 +172,7 @@ class Engine:
         self.decode_steps = decode_steps
         self.tile_chunk = tile_chunk
         self.pad_token_id = pad_token_id
-        self._p = _programs(model, as_dtype(cache_dtype or runtime.dtype), mesh, pad_token_id)
+        self._p = _programs(model, as_dtype(cache_dtype or model.runtime.dtype), mesh, pad_token_id)
 
     def _mesh_scope(self) -> contextlib.AbstractContextManager:
         return use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -231,14 +202,16 @@ class Engine:
             if ids.ndim != 1 or ids.size == 0:
                 raise ValueError(f"request {i}: input_ids must be a non-empty 1-D array, got shape {list(ids.shape)}")
             n_tiles = 0 if r.pixel_values is None else len(r.pixel_values)
-            if n_tiles and not self.is_vl:
-                raise ValueError(f"request {i}: has pixel_values but the model is a text-only language model")
-            if self.is_vl:
-                n_ctx = int(np.sum(ids == self.model.cfg.img_context_token_id))
-                want = n_tiles * self.model.cfg.tokens_per_tile
-                if n_ctx != want:
-                    raise ValueError(f"request {i}: {n_ctx} <IMG_CONTEXT> tokens but {want} image features "
-                                     f"({n_tiles} tiles x {self.model.cfg.tokens_per_tile})")
+            slots = self.image_slots
+            if slots is None:
+                if n_tiles:
+                    raise ValueError(f"request {i}: has pixel_values but the model is a text-only language model")
+                continue
+            n_ctx = int(np.sum(ids == slots.context_token_id))
+            want = n_tiles * slots.tokens_per_tile
+            if n_ctx != want:
+                raise ValueError(f"request {i}: {n_ctx} <IMG_CONTEXT> tokens but {want} image features "
+                                 f"({n_tiles} tiles x {slots.tokens_per_tile})")
 
     def generate(
         self,
@@ -292,7 +265,7 @@ class Engine:
                     on_tokens(i, new)
 
         with self._mesh_scope():
-            feats, feat_mask = self._image_features(requests) if self.is_vl else (None, None)
+            feats, feat_mask = self._image_features(requests) if self.image_slots else (None, None)
             keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed),
                                                                     jnp.asarray(seeds, jnp.uint32))
             state, tok, logits = self._p.prefill(

@@ -11,7 +11,7 @@ _INCOMPLETE = "\ufffd"  # what byte-level BPE decodes a partial UTF-8 sequence t
 
 
 def decode_response(tokenizer: SailTokenizer, token_ids: Iterable[int]) -> str:
-    """Upstream's rule (reference §6): decode skipping special tokens, cut at `<|im_end|>`, strip."""
+    """Upstream's rule: decode skipping special tokens, cut at `<|im_end|>`, strip."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True).split(IM_END)[0].strip()
 
 

@@ -1,4 +1,4 @@
-"""Thinking-mode helpers: the CoT instruction (reference §6), splitting `<think>` from the answer, `\\boxed{}`.
+"""Thinking-mode helpers: the CoT instruction, splitting `<think>` from the answer, `\\boxed{}`.
 
 SAIL-VL2 has no `enable_thinking` switch; the user text gets the instruction appended (`with_thinking`, "\\n" form as
 VLMEvalKit). The expected output is `<think>…</think>…\\boxed{answer}`; VLMEvalKit takes the first `\\boxed{…}`

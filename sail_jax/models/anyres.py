@@ -1,4 +1,4 @@
-"""SAIL-ViT-AnyRes: native-resolution images as one packed patch sequence (ref §3 "our choices").
+"""SAIL-ViT-AnyRes: native-resolution images as one packed patch sequence (the packing is our own design).
 
 Everything that depends on an image's patch grid (h, w) is computed here on the host in numpy, as per-patch
 gather indices and weights over a row of static `length`, so one jit compilation serves every mix of sizes:
@@ -127,9 +127,22 @@ def gather_pixel_shuffle(x: jax.Array, shuffle_index: jax.Array) -> jax.Array:
     return y.reshape(b, t, k * x.shape[-1])
 
 
+def patchify(pixels, patch_size: int):
+    """[..., C, H, W] (numpy or jax) -> [..., (H/p)*(W/p), p*p*C]: patches row-major, each vector ordered (kh, kw, c),
+    so `patchify(x) @ kernel.reshape(p*p*C, D)` equals a stride-p conv with a [kh, kw, C, D] kernel."""
+    *lead, c, h, w = pixels.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")
+    gh, gw, n = h // patch_size, w // patch_size, len(lead)
+    x = pixels.reshape(*lead, c, gh, patch_size, gw, patch_size)
+    x = x.transpose(*range(n), n + 1, n + 3, n + 2, n + 4, n)  # [..., gh, gw, kh, kw, C]
+    return x.reshape(*lead, gh * gw, patch_size * patch_size * c)
+
+
 def anyres_size(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> tuple[int, int]:
     """Resize target (height, width) for an image: aspect ratio kept as far as rounding allows, both sides
-    positive multiples of patch*scale (28), at most `cfg.max_anyres_patches` patches."""
+    positive multiples of patch*scale (28), at most `cfg.max_anyres_patches` patches. Sides are rounded to the
+    nearest multiple; only images over the budget shrink."""
     unit = cfg.patch_size * scale
     if height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} must be positive")
@@ -144,11 +157,6 @@ def anyres_size(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> t
     while h * w > max_pixels:  # only when a side was clamped up to `unit` (extreme aspect ratios)
         h, w = (h - unit, w) if h >= w else (h, w - unit)
     return h, w
-
-
-def anyres_num_tokens(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> int:
-    """LLM tokens (`<IMG_CONTEXT>` slots) of an already-resized image."""
-    return (height // cfg.patch_size) * (width // cfg.patch_size) // (scale * scale)
 
 
 def check_image_size(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> tuple[int, int]:
@@ -200,8 +208,7 @@ def pack_images(
     start = tok = 0
     for k, (im, (h, w)) in enumerate(zip(images, grids)):
         n, span = h * w, slice(start, start + h * w)
-        x = np.asarray(im, np.float32).reshape(cfg.num_channels, h, p, w, p).transpose(1, 3, 2, 4, 0)
-        out.patches[span] = x.reshape(n, -1)
+        out.patches[span] = patchify(np.asarray(im, np.float32), p)
         out.segment_ids[span] = k + 1
         out.pos_index[span], out.pos_weight[span] = bicubic_taps(h, w, g)
         out.rope_pos[span] = grid_rope_positions(h, w, g)

@@ -152,8 +152,39 @@ class Qwen3ForCausalLM(nn.Module):
                 c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=rt.dtype, param_dtype=rt.param_dtype
             )
 
+    @property
+    def llm_config(self) -> LLMConfig:
+        return self.cfg
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        return self.rt
+
+    @property
+    def image_slots(self) -> None:
+        return None
+
+    def dummy_inputs(self) -> tuple[jax.Array]:
+        return (jnp.zeros((1, 8), jnp.int32),)
+
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
+
+    def embed_prompt(
+        self, input_ids: jax.Array, features: jax.Array | None = None, feature_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """`GenerativeModel.embed_prompt` of a text-only model."""
+        if features is not None:
+            raise ValueError("a text-only language model takes no image features")
+        return self.embed(input_ids)
+
+    def last_logits(
+        self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`GenerativeModel.last_logits`: float32 logits of the last column and the new cache."""
+        out = self(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
+                   return_hidden=True)
+        return self.logits(out.hidden[:, -1]).astype(jnp.float32), out.cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """lm_head applied to final-norm hidden states (any leading shape)."""

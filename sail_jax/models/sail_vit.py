@@ -23,19 +23,9 @@ from sail_jax.layers.common import as_dtype, constrain, dense, remat_module
 from sail_jax.layers.mlp import SwiGLU
 from sail_jax.layers.norms import RMSNorm
 from sail_jax.layers.rope import apply_rope
-from sail_jax.models.anyres import PackedImages, axial_rope, grid_rope_positions, interpolate_positions
+from sail_jax.models.anyres import PackedImages, axial_rope, grid_rope_positions, interpolate_positions, patchify
 
 ACT = ("activation_tiles", "activation_length", "activation_embed")
-
-
-def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
-    """[T, C, H, W] -> [T, (H/p)*(W/p), p*p*C], patches row-major, each vector ordered (kh, kw, c)."""
-    t, c, h, w = pixel_values.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
-    x = pixel_values.reshape(t, c, h // patch, patch, w // patch, patch)
-    x = x.transpose(0, 2, 4, 3, 5, 1)  # [T, gh, gw, kh, kw, C]
-    return x.reshape(t, (h // patch) * (w // patch), patch * patch * c)
 
 
 @flax.struct.dataclass

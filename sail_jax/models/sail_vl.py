@@ -19,9 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sail_jax.config import ModelConfig
+from sail_jax.config import LLMConfig, ModelConfig, RuntimeConfig
 from sail_jax.models.adapter import PixelShuffleAdapter
 from sail_jax.models.anyres import PackedImages, gather_pixel_shuffle
+from sail_jax.models.generative import ImageSlots
 from sail_jax.models.qwen3 import LMOutput, Qwen3ForCausalLM
 from sail_jax.models.sail_vit import SailViT, ViTOutput
 
@@ -32,7 +33,7 @@ def scatter_image_features(
     """Write `features` [F, D] (rows with `feature_mask` [F] in order) into the `context_id` slots of `embeds`.
 
     Extra context slots beyond the available features keep their text embedding (the data pipeline and the
-    processor guarantee equal counts; `count_image_slots` lets callers check).
+    processor guarantee equal counts; the engine checks them).
     """
     b, t, d = embeds.shape
     flat = embeds.reshape(b * t, d)
@@ -47,8 +48,13 @@ def scatter_image_features(
     return out.reshape(b, t, d)
 
 
-def count_image_slots(input_ids, context_id: int) -> int:
-    return int(jnp.sum(jnp.asarray(input_ids) == context_id))
+def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> tuple[jax.Array, jax.Array]:
+    """Inputs that touch every parameter: token ids and one tile of pixels."""
+    v = cfg.vision
+    return (
+        jnp.zeros((batch, seq), jnp.int32),
+        jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32),
+    )
 
 
 class SailVL(nn.Module):
@@ -61,6 +67,21 @@ class SailVL(nn.Module):
         self.vision_model = SailViT(cfg.vision, rt, cfg.select_layer)
         self.mlp1 = PixelShuffleAdapter(cfg.adapter, cfg.llm.hidden_size, rt)
         self.language_model = Qwen3ForCausalLM(cfg.llm, rt)
+
+    @property
+    def llm_config(self) -> LLMConfig:
+        return self.cfg.llm
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        return self.cfg.runtime
+
+    @property
+    def image_slots(self) -> ImageSlots:
+        return ImageSlots(self.cfg.img_context_token_id, self.cfg.tokens_per_tile)
+
+    def dummy_inputs(self) -> tuple[jax.Array, jax.Array]:
+        return dummy_inputs(self.cfg)
 
     def vision(self, pixel_values: jax.Array, return_hidden_states: bool = False) -> ViTOutput:
         return self.vision_model(pixel_values, return_hidden_states=return_hidden_states)
@@ -113,6 +134,20 @@ class SailVL(nn.Module):
             return jax.vmap(one_row)(embeds, input_ids, feats, mask)
         return scatter_image_features(embeds, input_ids, feats.reshape(-1, feats.shape[-1]),
                                       jnp.repeat(tile_mask.reshape(-1), n), ctx)
+
+    def embed_prompt(
+        self, input_ids: jax.Array, features: jax.Array | None = None, feature_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """`GenerativeModel.embed_prompt`: features (from `extract_feature`) scattered into the context slots."""
+        embeds = self.language_model.embed(input_ids)
+        if features is None:
+            return embeds
+        return scatter_image_features(embeds, input_ids, features, feature_mask, self.cfg.img_context_token_id)
+
+    def last_logits(
+        self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return self.language_model.last_logits(embeds, positions, segment_ids, cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)

@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sail_jax.config import ModelConfig
 from sail_jax.data.batch import BATCH_AXES, batch_shards
-from sail_jax.models.sail_vl import SailVL
-from sail_jax.params import abstract_model_params, dummy_inputs
+from sail_jax.models.sail_vl import SailVL, dummy_inputs
+from sail_jax.params import abstract_model_params
 from sail_jax.sharding import mesh_from_spec, tree_shardings
 from sail_jax.training.optim import OptimizerConfig, check_trainable, make_optimizer, make_schedule
 from sail_jax.training.step import TrainState, make_train_step

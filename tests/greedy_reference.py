@@ -1,4 +1,4 @@
-"""Greedy decoding by full recomputation: the simplest correct loop, the reference for the KV-cache engine."""
+"""Greedy decoding by full recomputation: the simplest correct loop, the test reference for the KV-cache engine."""
 
 from __future__ import annotations
 

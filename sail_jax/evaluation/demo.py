@@ -1,6 +1,14 @@
-"""Synthetic demo data: PNG images of coloured shapes with captions and templated VQA conversations.
+"""The demo behind `make demo`: synthetic shapes data, held-out QA scoring, and the end-to-end run, all on CPU.
 
-Written as LLaVA JSONL (`train.jsonl`, held-out `heldout.jsonl`) plus `heldout_eval.jsonl`, one direct question per
+`run_demo` runs data -> eval -> train -> eval -> plot -> export:
+1. `make_demo_data`: deterministic coloured-shape images with captions and VQA (train, held-out, eval questions).
+2. Answer accuracy of the untrained model on the held-out questions (the baseline).
+3. Training from `configs/demo.gin` (the gin trainer, Grain pipeline with stream + visual packing, Orbax
+   checkpoints) — the same code path as a pod run, at toy scale.
+4. Answer accuracy of the trained model on the same held-out questions.
+5. The loss curve (PNG) and the trained model exported to the upstream Hugging Face layout.
+
+The data is LLaVA JSONL (`train.jsonl`, held-out `heldout.jsonl`) plus `heldout_eval.jsonl`, one direct question per
 line with a single canonical answer word ({"id", "image": [paths], "question", "answer", "type"}) for answer-
 accuracy scoring. Everything is drawn from one seeded generator, so the same seed gives byte-identical files.
 
@@ -14,13 +22,26 @@ instruction) and a few text-only questions.
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from sail_jax.data.chat import with_thinking
+from sail_jax.evaluation.scoring import score_item, summarize
+from sail_jax.jsonl import iter_jsonl
+from sail_jax.resources import CONFIGS_DIR, TOKENIZER_DIR
+
+if TYPE_CHECKING:
+    from sail_jax.data.processor import SailProcessor
+    from sail_jax.inference.engine import Engine
+
+DEMO_GIN = CONFIGS_DIR / "demo.gin"
+TOKENIZER = TOKENIZER_DIR
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180)}
@@ -44,7 +65,8 @@ TEXT_ONLY = (("Which shape has three corners?", "triangle"), ("Which shape has f
              ("Which shape has no corners?", "circle"))
 
 
-def _scene(rng: np.random.Generator, n_shapes: int, single_position: bool) -> dict[str, Any]:
+def random_scene(rng: np.random.Generator, n_shapes: int, single_position: bool) -> dict[str, Any]:
+    """A scene description: one shape at a `POSITIONS` spot (`single_position`) or `n_shapes` on the 2x2 grid."""
     w, h = SIZES[rng.integers(len(SIZES))]
     if single_position:
         position = list(POSITIONS)[rng.integers(len(POSITIONS))]
@@ -117,14 +139,14 @@ class _Writer:
     def scene(self, single: bool | None = None) -> dict[str, Any]:
         single = bool(self.rng.random() < 0.7) if single is None else single
         n = 1 if single else int(self.rng.integers(2, 5))
-        return _scene(self.rng, n, single)
+        return random_scene(self.rng, n, single)
 
 
 def _turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
 
 
-def make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _make_sample(w: _Writer, sample_id: str, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One LLaVA record of the given kind and its eval items (direct single-answer questions only)."""
     rng = w.rng
     if kind == "text":
@@ -191,7 +213,7 @@ def make_demo_data(out: str | Path, n: int, seed: int = 0, n_heldout: int | None
         blocks = -(-count // len(KIND_CYCLE))
         kinds = [k for _ in range(blocks) for k in w.rng.permutation(KIND_CYCLE)]
         for i in range(count):
-            record, items = make_sample(w, f"{split}-{i:05d}", str(kinds[i]))
+            record, items = _make_sample(w, f"{split}-{i:05d}", str(kinds[i]))
             records.append(record)
             evals += items
         _write_jsonl(out / f"{split}.jsonl", records)
@@ -200,3 +222,126 @@ def make_demo_data(out: str | Path, n: int, seed: int = 0, n_heldout: int | None
             _write_jsonl(out / "heldout_eval.jsonl", evals)
             counts["heldout_eval.jsonl"] = len(evals)
     return counts
+
+
+def read_qa_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows with image paths made absolute (relative to the file); errors name the file and line."""
+    path = Path(path)
+    rows = []
+    for n, row in iter_jsonl(path):
+        missing = [k for k in ("question", "answer") if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing key(s) {missing}")
+        images = row.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        rows.append({**row, "image": [str(path.parent / p) for p in images], "line": n})
+    return rows
+
+
+def evaluate_qa(
+    engine: Engine, processor: SailProcessor, rows: Sequence[dict[str, Any]], batch_size: int = 16,
+    max_new_tokens: int = 8,
+) -> dict[str, Any]:
+    """Accuracy overall and per `type`, and every prediction: greedy answers scored by normalised exact match."""
+    from sail_jax.inference.engine import Request
+    from sail_jax.inference.sampling import SamplingParams
+    from sail_jax.inference.text import decode_response
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    records = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        encoded = [processor(images=r["image"], prompt=r["question"]) for r in batch]
+        requests = [Request(e["input_ids"][0], e["pixel_values"] if len(e["pixel_values"]) else None)
+                    for e in encoded]
+        for row, out in zip(batch, engine.generate(requests, sampling), strict=True):
+            prediction = decode_response(processor.tokenizer, out.token_ids)
+            correct, _ = score_item("vqa", prediction, [str(row["answer"])])
+            records.append({"id": row.get("id"), "category": row.get("type"), "question": row["question"],
+                            "answer": row["answer"], "prediction": prediction, "correct": correct})
+    return {**summarize(records), "items": records}
+
+
+def _evaluate(cfg: Any, params: Any, processor: Any, rows: list[dict], label: str) -> dict[str, Any]:
+    from sail_jax.inference.engine import Engine
+    from sail_jax.models.sail_vl import SailVL
+
+    t0 = time.time()
+    result = evaluate_qa(Engine(SailVL(cfg), params), processor, rows)
+    per = ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in result["per_category"].items())
+    print(f"[demo] {label}: answer accuracy {result['accuracy']:.1%} ({result['correct']}/{result['n']}) "
+          f"[{per}] in {time.time() - t0:.0f}s", flush=True)
+    return result
+
+
+def run_demo(out: str | Path = "demo_out", n: int = 3000, seed: int = 0, steps: int | None = None,
+             export: bool = True, n_heldout: int = 1500) -> dict[str, Any]:
+    """Run every stage into `out/` (data/, run/, loss.png, hf/, demo_results.json); returns the results."""
+    import gin
+    import jax
+
+    from sail_jax.data.processor import SailProcessor
+    from sail_jax.evaluation.plot import plot_loss
+    from sail_jax.models.sail_vl import SailVL, dummy_inputs
+    from sail_jax.training import gin_setup
+
+    out = Path(out).resolve()
+    data, workdir = out / "data", out / "run"
+    t_start = time.time()
+    print(f"[demo] writing {n} synthetic samples to {data}", flush=True)
+    counts = make_demo_data(data, n=n, seed=seed, n_heldout=n_heldout)
+    print(f"[demo] {counts}", flush=True)
+
+    bindings = [f"WORKDIR = '{workdir}'", f"grain_data.datasets = [{{'path': '{data / 'train.jsonl'}'}}]",
+                f"grain_data.tokenizer_dir = '{TOKENIZER}'", f"train.seed = {seed}"]
+    if steps is not None:
+        bindings.append(f"train.steps = {steps}")
+    gin_setup.parse([str(DEMO_GIN)], bindings)
+    cfg = gin_setup.model_config(**gin.get_bindings("model_config"))
+    data_opts = gin.get_bindings("grain_data")
+    processor = SailProcessor.from_dir(TOKENIZER, max_num=data_opts.get("max_num", 12),
+                                       image_size=cfg.vision.image_size)
+    rows = read_qa_jsonl(data / "heldout_eval.jsonl")
+
+    ids, pix = dummy_inputs(cfg)
+    untrained = jax.jit(SailVL(cfg).init)(jax.random.PRNGKey(seed), ids, pix)
+    before = _evaluate(cfg, untrained, processor, rows, "before training")
+    del untrained
+
+    if workdir.exists():  # a demo run always starts from scratch
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "config.gin").write_text(gin.config_str())
+    t0 = time.time()
+    last = gin_setup.train_using_gin()
+    train_seconds = time.time() - t0
+    print(f"[demo] trained in {train_seconds:.0f}s: last metrics loss {last.get('loss', float('nan')):.4f}",
+          flush=True)
+
+    from converters.load import load_checkpoint
+
+    step_dir = max((workdir / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    trained_cfg, params = load_checkpoint(step_dir)
+    after = _evaluate(trained_cfg, params, processor, rows, "after training")
+
+    plot, _ = plot_loss(workdir, out / "loss.png")
+    print(f"[demo] loss curve: {plot}", flush=True)
+    hf_dir = None
+    if export:
+        from converters.convert import orbax_to_hf
+
+        hf_dir = out / "hf"
+        orbax_to_hf(step_dir, hf_dir, tokenizer=TOKENIZER, overwrite=True, progress=False)
+        print(f"[demo] exported the trained model to the upstream layout: {hf_dir}", flush=True)
+
+    results = {
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "per_type_after": {k: v["accuracy"] for k, v in after["per_category"].items()},
+        "n_eval": after["n"], "train_seconds": round(train_seconds, 1), "train_steps": int(step_dir.name),
+        "final_loss": last.get("loss"), "checkpoint": str(step_dir), "hf_export": str(hf_dir) if hf_dir else None,
+        "total_seconds": round(time.time() - t_start, 1),
+    }
+    (out / "demo_results.json").write_text(json.dumps({**results, "predictions_after": after["items"]}, indent=1))
+    print(f"[demo] answer accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%} on {after['n']} held-out "
+          f"questions; total {results['total_seconds']:.0f}s; results in {out / 'demo_results.json'}", flush=True)
+    return results
