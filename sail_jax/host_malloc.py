@@ -60,13 +60,17 @@ def reexec_command(argv: Sequence[str]) -> list[str]:
     """The command line that re-runs `sail-jax ARGV` with the package that is running now.
 
     Not `python -m sail_jax`: that puts the working directory first on sys.path, so started from another checkout it
-    would run that checkout's code. `-P` leaves the working directory out, and the directory this package was
-    imported from (with `converters` and `pallas_kernels` beside it) goes first unless it is on sys.path already
-    (then the order, and so every import, is the one this process had).
+    would run that checkout's code. `-P` leaves the working directory out; when the package Python then finds is
+    not this one, the directory this package was imported from (with `converters` and `pallas_kernels` beside it)
+    goes first. An installed or editable package is found as it was, with no checkout folder added to sys.path
+    (which would make `configs/` importable and confuse gin's file lookup).
     """
     root = str(Path(__file__).resolve().parents[1])
-    boot = (f"import sys; root = {root!r}\n"
-            "if root not in sys.path: sys.path.insert(0, root)\n"
+    boot = ("import importlib.util, os, sys\n"
+            f"root = {root!r}\n"
+            "spec = importlib.util.find_spec('sail_jax')\n"
+            "found = spec and spec.origin and os.path.dirname(os.path.dirname(os.path.realpath(spec.origin)))\n"
+            "if found != root: sys.path.insert(0, root)\n"
             "from sail_jax.cli import main; sys.exit(main())")
     return [sys.executable, "-P", "-c", boot, *argv]
 

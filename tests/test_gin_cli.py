@@ -3,6 +3,11 @@ before anything is created."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sail_jax.cli import main
@@ -23,6 +28,21 @@ def test_train_dry_run_prints_the_operative_config_and_creates_nothing(tmp_path,
     assert "optimizer: OptimizerConfig(learning_rate=0.003, " in out
     assert "data: synthetic_data(max_tiles=2, image_prob=0.5, " in out
     assert "mesh: data=2, fsdp=4, tensor=1, expert=1 (train.mesh = {'data': 2, 'fsdp': -1})" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_from_another_directory_finds_the_shipped_configs(tmp_path):
+    """The real `sail-jax` process (malloc re-exec forced) started elsewhere: relative gin names still resolve to
+    the package's configs/, and the re-exec does not put the checkout on sys.path (gin would then try to read
+    `configs/...` as a package resource and fail)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SAIL_JAX_MALLOC_TUNED")}
+    env["SAIL_JAX_MALLOC_TUNING"] = "1"
+    script = Path(sys.executable).parent / "sail-jax"
+    out = subprocess.run([str(script), "train", "--gin-file=configs/stage/sft.gin", "--gin-file=configs/model/tiny.gin",
+                          "--gin.DATA=@synthetic_data", f"--gin.WORKDIR='{tmp_path / 'run'}'", "--gin.train.steps=3",
+                          "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "model.llm: LLMConfig(vocab_size=151936, hidden_size=32, " in out.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -28,7 +28,8 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 PROBE = """
 import json, sys
 import converters, sail_jax
-from sail_jax import demo, resources
+from sail_jax import resources
+from sail_jax.evaluation import demo
 from sail_jax.data.processor import SailProcessor
 from sail_jax.data.tokenizer import find_tokenizer_dir
 from sail_jax.training import gin_setup
@@ -82,6 +83,8 @@ INSTALLED_COMMANDS = [
     (["--version"], f"sail-jax {VERSION}\n"),
     (["demo", "--help"], "usage: sail-jax demo "),
     (["train", "--help"], "usage: sail-jax train "),
+    (["train", "--gin_file=configs/stage/sft.gin", "--gin_file=configs/model/tiny.gin", "--gin.DATA=@synthetic_data",
+      "--gin.WORKDIR='run'", "--gin.train.steps=3", "--dry-run"], "model.vision: VisionConfig("),
 ]
 
 
