@@ -5,6 +5,7 @@ FLOPs formula."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import grain
@@ -20,7 +21,7 @@ from sail_jax.params import abstract_model_params
 from sail_jax.sharding import batch_sharding, use_mesh
 from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
 from sail_jax.training.fused_ce import fused_linear_cross_entropy
-from sail_jax.training.loss import chunked_cross_entropy
+from sail_jax.training.loss import pad_to_chunks
 from sail_jax.training.metrics import part_multipliers, step_flops
 from sail_jax.training.optim import OptimizerConfig, decay_mask, group_labels, make_optimizer, make_schedule
 from sail_jax.training.program import build_program
@@ -154,6 +155,36 @@ def test_loss_is_the_token_mean_over_the_global_batch_and_respects_the_budget():
     with use_mesh(mesh):
         loss_ps, _ = jax.jit(make_loss_fn(CFG, targets_per_row=b, budget_groups=2))(sharded_params, sharded)
     assert float(loss_ps) == pytest.approx(float(loss_p), rel=1e-6)
+
+
+def chunked_cross_entropy(  # the autodiff reference for the fused loss
+    hidden: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of weighted NLL and sum of weights over rows of `hidden` [N,D] (already selected).
+
+    `logits_fn` maps [c, D] -> [c, V]. Each chunk's logits are recomputed in the backward pass.
+    """
+    d = hidden.shape[1]
+    hidden, targets, weights, chunk = pad_to_chunks(hidden, targets, weights, chunk)
+    m = hidden.shape[0] // chunk
+
+    @jax.checkpoint
+    def nll(h, t):
+        logits = logits_fn(h).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+
+    def body(total, xs):
+        h, t, w = xs
+        return total + jnp.sum(nll(h, t) * w), None
+
+    xs = (hidden.reshape(m, chunk, d), targets.reshape(m, chunk), weights.reshape(m, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(weights)
 
 
 @pytest.mark.parametrize("chunk", [8, 64])

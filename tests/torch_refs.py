@@ -28,7 +28,7 @@ def torch_llm_params(model: torch.nn.Module, cfg: LLMConfig, abstract_params, sc
     return import_params(llm_entries(cfg, scanned), sd.__getitem__, abstract_params, available_keys=sd.keys())
 
 
-AIMV2_TO_SAIL = {  # transformers Aimv2VisionModel -> upstream SAIL-ViT names (ref §8.5), per block under {i}
+AIMV2_TO_SAIL = {  # transformers Aimv2VisionModel -> upstream SAIL-ViT names , per block under {i}
     "embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
     "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
     "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",

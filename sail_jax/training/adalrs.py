@@ -1,4 +1,4 @@
-"""AdaLRS (reference doc §9.3): loss-slope-guided search of the learning-rate multiplier.
+"""AdaLRS (SAIL-VL2 paper Eq. 1; AdaLRS, arXiv 2506.13274): loss-slope-guided search of the learning-rate multiplier.
 
 A host-side controller; the trainer multiplies the scheduled learning rate by `lr_scale()` and carries out
 the returned actions (snapshot / roll back / release the snapshot of params + optimizer state).
@@ -31,7 +31,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class AdaLRSConfig:
-    """Our choices (reference doc §14): alpha 3, beta 2, lambda 0.99, k 100, active during 10-40%."""
+    """Our choices (the papers leave them open): alpha 3, beta 2, lambda 0.99, k 100, active during 10-40%."""
 
     alpha: float = 3.0
     beta: float = 2.0

@@ -3,9 +3,9 @@
 For a chunk of selected hidden rows h [c, D] and the lm_head kernel W [D, V], d(sum w*NLL)/d logits is
 w * (softmax(logits) - onehot(target)), so d/dh = that @ W^T and d/dW = h^T @ that. Computing both while the
 chunk's logits exist costs 3 matmuls per chunk and keeps only dh [N, D] and dW [D, V] (parameter-sized) as
-residuals, where differentiating `loss.chunked_cross_entropy` costs 4 (the logits are recomputed in the
-backward pass). The training loss always needs these gradients; for a loss without gradients use
-`loss.chunked_cross_entropy`. `targets` and `weights` are data: no gradient flows to them.
+residuals, where differentiating a chunked, rematerialised cross-entropy costs 4 (the logits are recomputed in
+the backward pass). Called without differentiation it is a plain chunked loss. `targets` and `weights` are data:
+no gradient flows to them.
 """
 
 from __future__ import annotations

@@ -2,12 +2,10 @@
 
 With a 151,936-row lm_head, the logits dominate a small model's step. We gather only the positions whose
 loss weight is non-zero (up to a static `budget`, so shapes stay fixed under jit) and run lm_head + softmax
-over them in chunks, rematerialising each chunk's logits in the backward pass.
+over them in chunks (`training/fused_ce.py`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,36 +43,6 @@ def pad_to_chunks(
         targets = jnp.pad(targets, (0, pad))
         weights = jnp.pad(weights, (0, pad))
     return hidden, targets, weights, chunk
-
-
-def chunked_cross_entropy(
-    hidden: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    logits_fn: Callable[[jax.Array], jax.Array],
-    chunk: int = 1024,
-) -> tuple[jax.Array, jax.Array]:
-    """Sum of weighted NLL and sum of weights over rows of `hidden` [N,D] (already selected).
-
-    `logits_fn` maps [c, D] -> [c, V]. Each chunk's logits are recomputed in the backward pass.
-    """
-    d = hidden.shape[1]
-    hidden, targets, weights, chunk = pad_to_chunks(hidden, targets, weights, chunk)
-    m = hidden.shape[0] // chunk
-
-    @jax.checkpoint
-    def nll(h, t):
-        logits = logits_fn(h).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-
-    def body(total, xs):
-        h, t, w = xs
-        return total + jnp.sum(nll(h, t) * w), None
-
-    xs = (hidden.reshape(m, chunk, d), targets.reshape(m, chunk), weights.reshape(m, chunk))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total, jnp.sum(weights)
 
 
 def next_token_targets(

@@ -4,7 +4,7 @@
 transformers' Qwen3-MoE loss concatenates the router logits of all layers over the non-padding tokens, so
 c_e = (top-k assignments to e, all layers) / (tokens x layers), P_e = (probability mass on e, all layers) /
 (tokens x layers), and aux = E * sum_e c_e * P_e (uniform routing gives k). Pooling the sums first reproduces it
-exactly; the sums cover the global batch, i.e. every data-parallel shard (reference doc section 7).
+exactly; the sums cover the global batch, i.e. every data-parallel shard.
 """
 
 from __future__ import annotations

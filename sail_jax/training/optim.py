@@ -27,7 +27,7 @@ NO_DECAY_NAMES = ("bias", "scale")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """Reference doc §9.2: AdamW 0.9/0.999, eps 1e-8, weight decay 0.05 on matrices, clip 1.0, 3% warmup."""
+    """SAIL-VL2's recipe: AdamW 0.9/0.999, eps 1e-8, weight decay 0.05 on matrices, clip 1.0, 3% warmup."""
 
     learning_rate: float = 2e-4
     b1: float = 0.9
