@@ -22,7 +22,7 @@ FLOORS: dict[int, dict[str, tuple[str, ...]]] = {
     3: {"models": ("sail_jax.models", "sail_jax.params")},
     4: {"data": ("sail_jax.data",), "converters": ("converters",)},
     5: {"training": ("sail_jax.training",), "inference": ("sail_jax.inference",)},
-    6: {"rl": ("sail_jax.rl",)},
+    6: {"rl": ("sail_jax.rl",), "curation": ("sail_jax.curation",)},
     7: {"evaluation": ("sail_jax.evaluation",)},
     8: {"cli": ("sail_jax.cli", "sail_jax.demo", "sail_jax.__main__", "sail_jax")},
 }
