@@ -64,11 +64,22 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, cfg: ModelConfig) -> list[str]:
-    """Architecture fields (plus layout-changing runtime fields) that differ, as 'key: saved (checkpoint) vs
-    current (config)'. Compares dicts, so a stored config from another version still reports field by field."""
+def _architecture(d: dict) -> dict[str, Any]:
+    """The flat 'part.field' entries of a stored config dict that fix the parameter tree: every field but the
+    runtime ones, which count only where they change the layout."""
     keep = lambda k: not k.startswith("runtime.") or k.split(".", 1)[1] in LAYOUT_RUNTIME_FIELDS
-    a = {k: v for k, v in _flat(saved).items() if keep(k)}
-    b = {k: v for k, v in _flat(json.loads(json.dumps(model_config_to_dict(cfg)))).items() if keep(k)}
-    return [f"{k}: {a.get(k, '<absent>')!r} (checkpoint) vs {b.get(k, '<absent>')!r} (config)"
+    return {k: v for k, v in _flat(d).items() if keep(k)}
+
+
+def config_dict_differences(a: dict, b: dict, labels: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
+    """Architecture fields (plus layout-changing runtime fields) in which two stored config dicts differ, as
+    'key: a (labels[0]) vs b (labels[1])'. Compares dicts, so a config from another version still reports field by
+    field."""
+    a, b = _architecture(a), _architecture(b)
+    return [f"{k}: {a.get(k, '<absent>')!r} ({labels[0]}) vs {b.get(k, '<absent>')!r} ({labels[1]})"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def config_differences(saved: dict, cfg: ModelConfig) -> list[str]:
+    """Fields by which a stored config dict differs from the config `cfg` a caller wants to use its params with."""
+    return config_dict_differences(saved, json.loads(json.dumps(model_config_to_dict(cfg))))

@@ -329,7 +329,7 @@ class ParamsReader:
         self._ctx = _TH.get_ts_context(use_ocdbt=self._use_ocdbt)
         self._open: dict[tuple[str, ...], ts.TensorStore] = {}
 
-    def read(self, path: tuple[str, ...], index: tuple[int, ...] = ()) -> np.ndarray:
+    def read(self, path: tuple[str, ...], index: tuple[int | slice, ...] = ()) -> np.ndarray:
         if path not in self._open:
             info = _TH.ParamInfo(
                 name=_param_name(path), parent_dir=self.dir, is_ocdbt_checkpoint=self._use_ocdbt,
