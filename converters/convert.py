@@ -42,7 +42,7 @@ from converters.orbax_io import (
 from sail_jax.config import ModelConfig
 from sail_jax.files import apply_umask
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json",
                   "pytorch_model.bin.index.json")
 
@@ -204,7 +204,7 @@ def _copy_tokenizer(tokenizer: str | Path, dst: Path, with_remote_code: bool) ->
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such tokenizer directory")
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name in _WRITTEN_BY_US or f.suffix in _WEIGHT_SUFFIXES:
+        if not f.is_file() or f.name in _WRITTEN_BY_US or f.suffix in WEIGHT_SUFFIXES:
             continue
         if not with_remote_code and (f.suffix == ".py" or f.name in ("preprocessor_config.json",
                                                                       "processor_config.json")):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from converters.convert import atomic_destination
+from converters.convert import WEIGHT_SUFFIXES, atomic_destination
 from converters.core import FLOAT_DTYPES, ConversionError, make_plan
 from converters.hf_checkpoint import INDEX_NAME, SafetensorsCheckpoint
 from converters.hf_config import from_hf_config
@@ -48,7 +48,6 @@ from converters.orbax_io import (
 OURS = "sail-jax checkpoint (params/ + model_config/)"
 UPSTREAM = "upstream directory (config.json + safetensors)"
 # Files of an input that the soup writes itself rather than copies.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _REWRITTEN = (INDEX_NAME, "_CHECKPOINT_METADATA")
 _BLOCK = 4 * 2**20  # elements per accumulation step: bounds the float32 temporary of `acc += w * x`
 
@@ -179,7 +178,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, chat template, processor / generation configs, remote code, config.json: every plain file of the
     first input but its weights and the files the soup writes itself."""
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name not in _REWRITTEN:
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.name not in _REWRITTEN:
             shutil.copy2(f, dst / f.name)
 
 
