@@ -129,14 +129,20 @@ class Conversation:
     id: str | None = None
 
 
-def parse_record(data: bytes, image_root: str | os.PathLike) -> Conversation:
-    """Decode and validate one LLaVA-style record; every problem is a `BadSample("malformed", ...)`."""
+def decode_object(data: bytes) -> dict:
+    """One JSONL line as a JSON object; anything else is a `BadSample("malformed", ...)`."""
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise BadSample("malformed", f"not valid JSON: {e}") from e
     if not isinstance(obj, dict):
         raise BadSample("malformed", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_record(data: bytes, image_root: str | os.PathLike) -> Conversation:
+    """Decode and validate one LLaVA-style record; every problem is a `BadSample("malformed", ...)`."""
+    obj = decode_object(data)
     turns = obj.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise BadSample("malformed", "missing or empty 'conversations' list")

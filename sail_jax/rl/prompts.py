@@ -8,14 +8,13 @@ stop a run; a file with no usable prompt is an error.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sail_jax.data.sources import BadSample, JsonlSource
+from sail_jax.data.sources import BadSample, JsonlSource, decode_object
 from sail_jax.rl.rewards import KINDS
 
 log = logging.getLogger(__name__)
@@ -52,12 +51,7 @@ def _text(obj: dict, key: str, numbers: bool = False) -> str:
 
 def parse_prompt(data: bytes, image_root: str | os.PathLike) -> RLPrompt:
     """Decode and validate one RL prompt record; problems raise `BadSample("malformed" | "unknown_kind", ...)`."""
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BadSample("malformed", f"not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise BadSample("malformed", f"expected a JSON object, got {type(obj).__name__}")
+    obj = decode_object(data)
     record_id, question = _text(obj, "id", numbers=True), _text(obj, "question")
     answer = _text(obj, "answer", numbers=True)
     kind = obj.get("kind")
