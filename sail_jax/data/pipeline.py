@@ -150,6 +150,15 @@ def sample_dataset(cfg: DataConfig, process_index: int | None = None,
     return ds
 
 
+def row_dataset(cfg: DataConfig, process_index: int | None = None,
+                process_count: int | None = None) -> grain.IterDataset:
+    """The packed rows of this process, before batching: what `train.epochs` counts (`data.epochs`)."""
+    ds = sample_dataset(cfg, process_index, process_count)
+    ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
+                                   cfg.min_samples_for_skip_check)
+    return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
+
+
 def build_dataset(cfg: DataConfig, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
     """The batch dataset of this process (module docstring); `iter()` it for a checkpointable iterator.
@@ -162,11 +171,8 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
 
         local = jax.local_device_count()
         n_devices = local if cfg.batch_size % local == 0 else 1
-    ds = sample_dataset(cfg, process_index, process_count)
-    ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
-                                   cfg.min_samples_for_skip_check)
-    ds = pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
-    ds = VisualBatchIterDataset(ds, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+    ds = VisualBatchIterDataset(row_dataset(cfg, process_index, process_count), cfg.batch_size, n_devices,
+                                PAD_TOKEN_ID)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return ds
