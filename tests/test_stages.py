@@ -60,14 +60,18 @@ def test_a_required_data_source_left_unset_is_one_line(demo, tmp_path, capsys):
     assert "THINK_FUSION_COT is not set (it is %gin.REQUIRED): add --gin.THINK_FUSION_COT=..." in err
 
 
-def test_each_stage_trains_two_steps_on_tiny(demo, tmp_path):
-    same_shape = ["--gin.train.epochs=None", "--gin.train.steps=2", "--gin.train.seq_len=256",
-                  "--gin.train.batch_size=8", "--gin.train.target_fraction=0.25",
+def test_each_stage_trains_two_steps_on_tiny(demo, tmp_path, capsys):
+    """LongCoT keeps its `train.epochs = 1`: its data packs into 9 rows, 2 batches of 8 (the count goes through
+    the real run); the others bind 2 steps."""
+    same_shape = ["--gin.train.seq_len=256", "--gin.train.batch_size=8", "--gin.train.target_fraction=0.25",
                   "--gin.OptimizerConfig.learning_rate=1e-5", "--gin.grain_data.max_tiles=4",
                   "--gin.grain_data.max_num=1", "--gin.grain_data.num_workers=0"]
     for stage in STAGES:
         workdir = tmp_path / stage
-        assert main([*stage_args(stage, demo, workdir), *same_shape]) == 0, stage
+        length = [] if stage == "longcot_sft" else ["--gin.train.epochs=None", "--gin.train.steps=2"]
+        assert main([*stage_args(stage, demo, workdir), *same_shape, *length]) == 0, stage
         metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics), stage
         assert all(m["targets"] > 0 for m in metrics), stage
+        if not length:
+            assert "train.epochs=1: 9 packed rows / batch 8 = 2 steps (counted, cached in " in capsys.readouterr().err

@@ -24,7 +24,7 @@ import logging
 import re
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -275,7 +275,7 @@ def resolve_train(names: Sequence[str] | None = None,
     return {name: steps if name == "steps" else value(name) for name in names}, note
 
 
-def run_length(value: Any, cache_in_workdir: bool) -> tuple[int, str | None]:
+def run_length(value: Callable[[str], Any], cache_in_workdir: bool) -> tuple[int, str | None]:
     """`train.steps`, or the steps of `train.epochs` passes over the packed rows of the `grain_data` datasets
     (counted once, cached: `data.epochs`) with the line that explains them. Exactly one of the two is set.
     `value(name)` is the resolved `train` argument."""
