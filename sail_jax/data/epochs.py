@@ -55,8 +55,8 @@ def fingerprint(cfg: DataConfig) -> dict[str, Any]:
 
 def packed_rows(cfg: DataConfig, workdir: str | Path | None = None) -> RowCount:
     """The packed rows of one pass over `cfg`'s data: from the cache, else counted and cached (module docstring)."""
-    key = fingerprint(cfg)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = json.loads(json.dumps(fingerprint(cfg), default=str))  # as it reads back from the file
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = f"packed_rows-{digest}.json"
     places = [Path(cfg.datasets[0].path).absolute().parent / name] + ([Path(workdir) / name] if workdir else [])
     for path in places:
@@ -64,11 +64,11 @@ def packed_rows(cfg: DataConfig, workdir: str | Path | None = None) -> RowCount:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("fingerprint") == json.loads(json.dumps(key, default=str)) and isinstance(saved.get("rows"), int):
+        if saved.get("fingerprint") == key and isinstance(saved.get("rows"), int):
             return RowCount(saved["rows"], path, counted=False)
     one_pass = dataclasses.replace(cfg, num_epochs=1, prefetch_batches=0)
     rows = sum(1 for _ in row_dataset(one_pass, 0, 1))
-    text = json.dumps({"rows": rows, "fingerprint": key}, indent=1, default=str) + "\n"
+    text = json.dumps({"rows": rows, "fingerprint": key}, indent=1) + "\n"
     for path in places:
         try:
             write_text_atomic(path, text)
