@@ -62,15 +62,34 @@ def test_default_mask_is_every_assistant_token_incl_think_and_im_end(make):
     assert out["info"]["cot"] and not out["info"]["truncated"] and out["info"]["where"] == "d.jsonl:7"
 
 
-def test_conditional_loss_trains_answer_only_for_direct_and_thought_plus_answer_for_cot(make):
-    t = make(conditional_loss=True)
-    out = t.map(record(conv("What colour?", THINK_EMPTY, "And why?", THINK_COT, "Thanks.", "ok")))
-    assert target_texts(t, out) == ["blue<|im_end|>", THINK_COT + "<|im_end|>", "ok<|im_end|>"]
+# (loss_on, the targets of: a two-response sample (direct with an empty scaffold, then CoT), a plain answer)
+LOSS_ON_CASES = [
+    ("thought_and_answer", [THINK_EMPTY + "<|im_end|>", THINK_COT + "<|im_end|>"], ["blue<|im_end|>"]),
+    ("conditional", ["blue<|im_end|>", THINK_COT + "<|im_end|>"], ["blue<|im_end|>"]),
+    ("answer", ["blue<|im_end|>", "\\boxed{blue}<|im_end|>"], ["blue<|im_end|>"]),
+]
+
+
+@pytest.mark.parametrize("loss_on, mixed, plain", LOSS_ON_CASES)
+def test_loss_on_selects_the_response_tokens_of_each_sample_kind(make, loss_on, mixed, plain):
+    """Think-Fusion ("conditional"): direct answers train on the answer only, CoT samples on thought + answer."""
+    t, default = make(loss_on=loss_on), make()
+    sample = record(conv("What colour?", THINK_EMPTY, "And why?", THINK_COT))
+    out, full = t.map(sample), default.map(sample)
+    np.testing.assert_array_equal(out["input_ids"], full["input_ids"])
+    assert target_texts(t, out) == mixed and out["info"]["cot"]
+    assert not (out["loss_mask"] & ~full["loss_mask"]).any()  # only ever fewer targets than the default
+    cot = t.map(record(conv("Why?", THINK_COT)))
     direct = t.map(record(conv("What colour?", THINK_EMPTY)))
-    assert target_texts(t, direct) == ["blue<|im_end|>"] and not direct["info"]["cot"]
-    # Without a think block a direct answer trains on the whole response, as by default.
-    plain = t.map(record(conv("What colour?", "blue")))
-    assert target_texts(t, plain) == ["blue<|im_end|>"]
+    assert target_texts(t, cot) == mixed[1:] and cot["info"]["cot"]
+    assert target_texts(t, direct) == mixed[:1] and not direct["info"]["cot"]
+    # Without a think block a response trains on all of it in every mode.
+    assert target_texts(t, t.map(record(conv("What colour?", "blue")))) == plain
+
+
+def test_loss_on_is_checked(make):
+    with pytest.raises(ValueError, match="loss_on='thought'; expected one of"):
+        make(loss_on="thought")
 
 
 def test_image_tokens_tiles_and_masks(make, tmp_path):

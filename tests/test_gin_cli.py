@@ -73,7 +73,7 @@ ERRORS = [  # (extra argv, the file's text or None, what the one line says)
     ([], "include 'configs/model/tiny.gin'\n\nVisionConfig.image_sise = 56\n",
      "doesn't have a parameter named 'image_sise'. (in {file}, line 3: VisionConfig.image_sise = 56)"),
     (["--gin.RuntimeConfig.scan_layers='yes'"], None, "RuntimeConfig.scan_layers = 'yes': expected bool, got str"),
-    (["--gin.train.steps='10'"], None, "train.steps = '10': expected int, got str"),
+    (["--gin.train.steps='10'"], None, "train.steps = '10': expected int | None, got str"),
     (["--gin.CheckpointConfig.keep=2.5"], None, "CheckpointConfig.keep = 2.5: expected int, got float"),
     (["--gin.synthetic_data.max_tiles='2'"], None, "synthetic_data.max_tiles = '2': expected int, got str"),
     (["--gin.RuntimeConfig.attention_impl=pallas"], None,

@@ -49,17 +49,19 @@ def run(args: argparse.Namespace) -> int:
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
     gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path)
     # Every binding is checked (and the mesh laid out) before the workdir exists.
-    resolved = gin_setup.train_arguments()
+    resolved, steps_note = gin_setup.resolve_train(cache_in_workdir=not args.dry_run)
     mesh, _ = run_layout(*(resolved[k] for k in ("mesh", "batch_size", "seq_len", "steps", "target_fraction")))
     if args.dry_run:
-        print(gin_setup.describe(resolved, dict(mesh.shape)))
+        print(gin_setup.describe(resolved, dict(mesh.shape), steps_note))
         return 0
     workdir = Path(gin_setup.workdir())
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.gin").write_text(gin.config_str())
-    try:
-        last = gin_setup.train_using_gin(resume=args.resume)
+    if steps_note and jax.process_index() == 0:
+        print(steps_note, file=sys.stderr)
+    try:  # the steps as resolved: derived when train.epochs gives the run length
+        last = gin_setup.train_using_gin(resume=args.resume, steps=resolved["steps"])
     except TrainingAborted as e:
         print(f"sail-jax train: aborted: {e}", file=sys.stderr)
         return 1

@@ -61,12 +61,13 @@ class DataConfig:
     Rows: `seq_len` tokens and `max_tiles` tile slots each; `batch_size` rows per step in this process, tile-
     balanced over `num_devices` (the devices this process feeds). Samples: images tiled with up to `max_num` tiles
     (+ thumbnail) at `image_size` pixels (None: the tokenizer dir's preprocessor_config.json, 448), `over_long`
-    "drop" | "truncate", `conditional_loss` for Think-Fusion SFT, `system_prompt` (None: the SAIL-VL2 default,
-    "": none). Packing: `packer` "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch
-    with `seed`; `num_epochs` None repeats forever, else the mixture stops when its first dataset runs out.
-    Throughput: `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` /
-    `read_buffer_size` per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped
-    fraction exceeds `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
+    "drop" | "truncate", `loss_on` "thought_and_answer" | "conditional" (Think-Fusion SFT) | "answer" (which
+    response tokens are targets: `transforms`), `system_prompt` (None: the SAIL-VL2 default, "": none). Packing:
+    `packer` "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch with `seed`;
+    `num_epochs` None repeats forever, else the mixture stops when its first dataset runs out. Throughput:
+    `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` / `read_buffer_size`
+    per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped fraction exceeds
+    `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
     """
 
     datasets: tuple[DatasetSpec, ...]
@@ -77,7 +78,7 @@ class DataConfig:
     max_num: int = 12
     image_size: int | None = None
     over_long: str = "drop"
-    conditional_loss: bool = False
+    loss_on: str = "thought_and_answer"
     system_prompt: str | None = None
     packer: str = "best_fit"
     num_packing_bins: int = 32
@@ -120,7 +121,7 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
     transform = SampleTransform(
         tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or Path(spec.path).parent),
         dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
-        image_size=cfg.image_size, over_long=cfg.over_long, conditional_loss=cfg.conditional_loss,
+        image_size=cfg.image_size, over_long=cfg.over_long, loss_on=cfg.loss_on,
         system_prompt=cfg.system_prompt,
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
@@ -149,6 +150,15 @@ def sample_dataset(cfg: DataConfig, process_index: int | None = None,
     return ds
 
 
+def row_dataset(cfg: DataConfig, process_index: int | None = None,
+                process_count: int | None = None) -> grain.IterDataset:
+    """The packed rows of this process, before batching: what `train.epochs` counts (`data.epochs`)."""
+    ds = sample_dataset(cfg, process_index, process_count)
+    ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
+                                   cfg.min_samples_for_skip_check)
+    return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
+
+
 def build_dataset(cfg: DataConfig, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
     """The batch dataset of this process (module docstring); `iter()` it for a checkpointable iterator.
@@ -161,11 +171,8 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
 
         local = jax.local_device_count()
         n_devices = local if cfg.batch_size % local == 0 else 1
-    ds = sample_dataset(cfg, process_index, process_count)
-    ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
-                                   cfg.min_samples_for_skip_check)
-    ds = pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
-    ds = VisualBatchIterDataset(ds, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+    ds = VisualBatchIterDataset(row_dataset(cfg, process_index, process_count), cfg.batch_size, n_devices,
+                                PAD_TOKEN_ID)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return ds

@@ -6,13 +6,18 @@ Output of a good sample (what the packer consumes):
 A bad one becomes {"skip": reason, "dataset", "where", "error"}; the main process counts, logs and filters it
 (`packing.SkipBadSamplesIterDataset`), so counts stay exact with worker processes.
 
-Loss masks (our choice):
-  * default: every assistant-response token, incl. `<think>…</think>` and the closing `<|im_end|>`; never system,
-    user or image tokens, nor the `<|im_start|>assistant\\n` header (the processor's mask).
-  * `conditional_loss` (Think-Fusion SFT): an assistant response is CoT when it holds a `<think>…</think>` block
-    with non-blank content; CoT responses keep the whole mask (thought + answer). A direct response keeps only the
-    answer: an empty `<think></think>` scaffold and the whitespace after it are masked out. A sample is CoT when any
-    of its responses is (`info["cot"]`, for statistics).
+Loss masks (`loss_on`, our choice of what a response is). An assistant response is CoT when it holds a
+`<think>…</think>` block with non-blank content; a direct one has none or an empty `<think></think>` scaffold. A
+sample is CoT when any of its responses is (`info["cot"]`, for statistics).
+  * "thought_and_answer" (default; LongCoT SFT): every assistant-response token, incl. `<think>…</think>` and the
+    closing `<|im_end|>`; never system, user or image tokens, nor the `<|im_start|>assistant\\n` header (the
+    processor's mask).
+  * "conditional" (Think-Fusion SFT): CoT responses keep the whole mask (thought + answer); a direct response keeps
+    only the answer: its empty scaffold and the whitespace after it are masked out.
+  * "answer": every response keeps only its answer: the whole think block (empty or not) and the whitespace after
+    it are masked out.
+The trainer divides the summed loss by the target count of the whole global batch, so in a mixed batch both kinds
+share one denominator (the Think-Fusion objective).
 
 Images share the row's tile budget: with n images each is tiled with max_num = min(max_num, max_tiles // n - 1)
 (so tiles + thumbnail fit), or 1 tile each when that budget is below 3. Over-long samples (more than `seq_len`
@@ -39,6 +44,7 @@ from sail_jax.data.processor import SailProcessor
 from sail_jax.data.sources import BadSample, RawRecord, parse_record
 
 OVER_LONG_POLICIES = ("drop", "truncate")
+LOSS_ON = ("thought_and_answer", "conditional", "answer")
 SKIP_REASONS = ("malformed", "missing_image", "bad_image", "image_mismatch", "too_long")
 
 
@@ -54,10 +60,11 @@ def per_image_max_num(max_num: int, n_images: int, max_tiles: int) -> int:
     return min(max_num, budget - 1) if budget >= 3 else 1
 
 
-def conditional_loss_mask(
-    input_ids: np.ndarray, loss_mask: np.ndarray, think_ids: tuple[int, int], is_blank: Callable[[np.ndarray], bool]
+def response_loss_mask(
+    input_ids: np.ndarray, loss_mask: np.ndarray, think_ids: tuple[int, int], is_blank: Callable[[np.ndarray], bool],
+    loss_on: str,
 ) -> tuple[np.ndarray, bool]:
-    """Think-Fusion mask (module docstring) from the default mask: returns (mask, whether any response is CoT).
+    """The `loss_on` mask (module docstring) from the default mask: returns (mask, whether any response is CoT).
 
     Responses are the maximal runs of the default mask; `is_blank(ids)` says whether ids decode to whitespace."""
     mask = loss_mask.copy()
@@ -70,8 +77,9 @@ def conditional_loss_mask(
         if not len(opens) or not len(closes) or closes[0] < opens[0]:
             continue
         a, b = int(opens[0]), int(closes[0])
-        if not is_blank(run[a + 1 : b]):
-            cot = True
+        thought = not is_blank(run[a + 1 : b])
+        cot |= thought
+        if loss_on == "thought_and_answer" or (loss_on == "conditional" and thought):
             continue
         b += 1
         while b < len(run) - 1 and is_blank(run[b : b + 1]):  # never the closing <|im_end|>
@@ -104,12 +112,14 @@ class SampleTransform(grain.transforms.Map):
     max_num: int = 12
     image_size: int | None = None
     over_long: str = "drop"
-    conditional_loss: bool = False
+    loss_on: str = "thought_and_answer"
     system_prompt: str | None = None
 
     def __post_init__(self):
         if self.over_long not in OVER_LONG_POLICIES:
             raise ValueError(f"over_long={self.over_long!r}; expected one of {OVER_LONG_POLICIES}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={self.loss_on!r}; expected one of {LOSS_ON}")
         if self.seq_len < 1 or self.max_tiles < 1 or self.max_num < 1:
             raise ValueError(f"seq_len, max_tiles and max_num must be >= 1, got {self.seq_len}, {self.max_tiles}, "
                              f"{self.max_num}")
@@ -145,9 +155,7 @@ class SampleTransform(grain.transforms.Map):
         tok = proc.tokenizer
         think_ids = (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
         is_blank = lambda t: not tok.decode(t.tolist(), skip_special_tokens=False).strip()
-        cond_mask, cot = conditional_loss_mask(ids, mask, think_ids, is_blank)
-        if self.conditional_loss:
-            mask = cond_mask
+        mask, cot = response_loss_mask(ids, mask, think_ids, is_blank, self.loss_on)
         pixels, num_tiles = enc["pixel_values"], enc["num_patches_list"].tolist()
         truncated = len(ids) > self.seq_len or len(pixels) > self.max_tiles
         if truncated:

@@ -24,7 +24,7 @@ import logging
 import re
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from sail_jax.config import (
     VisionConfig,
     get_preset,
 )
+from sail_jax.data.epochs import epoch_steps, grain_packed_rows
 from sail_jax.data.pipeline import grain_data
 from sail_jax.resources import DATA_ROOT
 from sail_jax.training.adalrs import AdaLRSConfig
@@ -225,7 +226,8 @@ def _describe_gin_error(e: Exception, source: str | None) -> str:
     token, unset = _UNPARSED_TOKEN.search(text), _UNSET_REQUIRED.match(text)
     include = re.fullmatch(r"include\s+['\"](.+)['\"]", stmt)
     if unset:
-        message = f"{unset[1]} is not set (it is %gin.REQUIRED): add --gin.{unset[1]}=..."
+        name = unset[1].removesuffix("/macro.value")  # how gin names a macro (e.g. a stage config's data path)
+        message = f"{name} is not set (it is %gin.REQUIRED): add --gin.{name}=..."
     elif token:  # a bare word where gin expects a Python literal or @/% reference
         message = f"cannot parse value {token.group(1)!r} (strings need quotes: '{token.group(1)}')"
     elif isinstance(e, (OSError, TypeError)) and (include or source and source.startswith("gin file ")):
@@ -246,21 +248,53 @@ def _is_required(macro: str) -> bool:
 def train_arguments(names: Sequence[str] | None = None) -> dict[str, Any]:
     """The named keyword arguments of `train` (all but `resume` when None) as the parsed config gives them (its
     defaults where unbound), every binding checked: the model is built (`model_config`), each configurable's
-    values match their types, and a `%gin.REQUIRED` one left unset is an error naming the binding."""
+    values match their types, and a `%gin.REQUIRED` one left unset is an error naming the binding. `steps` is
+    derived from `train.epochs` when that is set instead (`run_length`)."""
+    return resolve_train(names)[0]
+
+
+def resolve_train(names: Sequence[str] | None = None,
+                  cache_in_workdir: bool = True) -> tuple[dict[str, Any], str | None]:
+    """`train_arguments`, and the line that says how `steps` came from `train.epochs` (None when bound directly).
+    `cache_in_workdir=False` (a dry run) never writes the row count under the workdir."""
     params = inspect.signature(train).parameters
     names = [n for n in params if n != "resume"] if names is None else list(names)
     for name, cls in {**MODEL_PARTS, **RUN_PARTS}.items():
         checked_bindings(name, cls)
     bound = checked_bindings("train", train, allow_required=True)
-    out = {}
-    for name in names:
-        value = bound.get(name, params[name].default)
-        if value is gin.REQUIRED or value is inspect.Parameter.empty:
+
+    def value(name: str) -> Any:
+        v = bound.get(name, params[name].default)
+        if v is gin.REQUIRED or v is inspect.Parameter.empty:
             raise ValueError(f"train.{name} is not set (it is %gin.REQUIRED): add --gin.train.{name}=...")
-        out[name] = value
+        return v
+
     if bound.get("data", gin.REQUIRED) is not gin.REQUIRED:
         _check_data_factory(bound["data"], complete="data" in names)
-    return out
+    steps, note = run_length(value, cache_in_workdir) if "steps" in names else (None, None)
+    return {name: steps if name == "steps" else value(name) for name in names}, note
+
+
+def run_length(value: Callable[[str], Any], cache_in_workdir: bool) -> tuple[int, str | None]:
+    """`train.steps`, or the steps of `train.epochs` passes over the packed rows of the `grain_data` datasets
+    (counted once, cached: `data.epochs`) with the line that explains them. Exactly one of the two is set.
+    `value(name)` is the resolved `train` argument."""
+    steps, epochs = value("steps"), value("epochs")
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"train.steps = {steps} and train.epochs = {epochs}: set exactly one of them "
+                         f"(--gin.train.steps=N or --gin.train.epochs=N, the other = None)")
+    if epochs is None:
+        return steps, None
+    if epochs < 1:
+        raise ValueError(f"train.epochs = {epochs}: must be >= 1")
+    factory = value("data")
+    if getattr(factory, "__name__", None) != "grain_data":
+        raise ValueError(f"train.epochs needs a finite dataset: DATA = @grain_data (got "
+                         f"{getattr(factory, '__name__', factory)}); give train.steps instead")
+    workdir_ = workdir() if cache_in_workdir and not _is_required("WORKDIR") else None
+    count = grain_packed_rows(cfg=value("model"), seq_len=value("seq_len"), seed=value("seed"),
+                              workdir=workdir_, **checked_bindings("grain_data", grain_data))
+    return epoch_steps(epochs, count, value("batch_size"))
 
 
 def _check_data_factory(factory: Any, complete: bool) -> None:
@@ -293,8 +327,9 @@ def workdir() -> str:
     return str(gin.query_parameter("%WORKDIR"))
 
 
-def describe(args: dict[str, Any], mesh_shape: dict[str, int]) -> str:
-    """The operative config of a run (what `--dry-run` prints): model, runtime, run, optimizer, data, mesh."""
+def describe(args: dict[str, Any], mesh_shape: dict[str, int], steps_note: str | None = None) -> str:
+    """The operative config of a run (what `--dry-run` prints): model, runtime, run (and how `train.epochs` gave
+    the steps), optimizer, data, mesh."""
     out = []
     if "model" in args:
         cfg = args["model"]
@@ -304,6 +339,8 @@ def describe(args: dict[str, Any], mesh_shape: dict[str, int]) -> str:
                 f"model: {_kwargs(top)}", f"runtime: {cfg.runtime}"]
     run = {k: v for k, v in args.items() if k not in ("model", "data", "optimizer", "adalrs", "checkpoint", "mesh")}
     out.append(f"train: {_kwargs(run)}")
+    if steps_note:
+        out.append(steps_note)
     out += [f"{k}: {args[k]}" for k in ("optimizer", "adalrs", "checkpoint") if k in args]
     if "data" in args:
         factory = args["data"]

@@ -40,7 +40,7 @@ def train(
     model: ModelConfig,
     data: DataFactory,
     workdir: str,
-    steps: int,
+    steps: int | None = None,
     batch_size: int,
     seq_len: int,
     trainable: Sequence[str] = ("vision", "adapter", "llm"),
@@ -55,13 +55,19 @@ def train(
     max_consecutive_skips: int = 5,
     log_every: int = 100,
     peak_flops: float | None = None,
+    epochs: int | None = None,
 ) -> dict[str, float]:
     """Train `model` for `steps` global batches of `batch_size` rows x `seq_len` tokens; returns the last metrics.
 
     `mesh` maps axes of (data, fsdp, tensor, expert) to sizes (-1 = the rest; default all devices on fsdp).
     `target_fraction` bounds the target positions per row that reach the lm_head (a static loss budget,
-    pooled over the rows of each batch shard).
+    pooled over the rows of each batch shard). `epochs` is the number of passes over the data that `steps` stands
+    for, shown in the log: the gin entry point (`gin_setup.run_length`) derives `steps` from `train.epochs` by
+    counting the packed rows of one pass.
     """
+    if steps is None:
+        raise ValueError("train.steps is not set: give it, or train.epochs through `sail-jax train`, which derives "
+                         "the steps from the packed rows of one pass over the data")
     cfg = model
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction)
@@ -89,6 +95,8 @@ def train(
                     params = program.init_params(jax.random.PRNGKey(seed))
                 state, start = TrainState(params, program.init_opt_state(params)), 0
             writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0, log_every=log_every)
+            if epochs is not None:
+                writer.message(f"train.epochs={epochs}: {steps} steps")
             try:
                 return run.loop(state, start, program.step, program.copy_state, writer,
                                 peak_flops_per_device(peak_flops))
