@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sail_jax.config import (
+    IMG_CONTEXT_TOKEN_ID,
     PAD_TOKEN_ID,
     AdapterConfig,
     ConfigError,
@@ -114,6 +115,8 @@ def sailvl_config_dict(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         "transformers_version": None, "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": cfg.use_thumbnail,
         "vision_config": dict(sorted(vision.items())),
     }
+    if cfg.img_context_token_id != IMG_CONTEXT_TOKEN_ID:  # the original code hard-codes the release's id
+        top["img_context_token_id"] = cfg.img_context_token_id
     return top
 
 
@@ -247,4 +250,5 @@ def from_hf_config(path: str | Path, runtime: RuntimeConfig | None = None) -> Mo
         min_dynamic_patch=int(d.get("min_dynamic_patch", 1)),
         use_thumbnail=bool(d.get("use_thumbnail", True)),
         template=str(d.get("template", "univl-chat")),
+        img_context_token_id=int(d.get("img_context_token_id", IMG_CONTEXT_TOKEN_ID)),
     )

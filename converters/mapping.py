@@ -184,3 +184,43 @@ def model_entries(cfg: ModelConfig, scanned: bool | None = None) -> list[Entry]:
         + _expand(adapter_rules(), 0, scanned, "")
         + llm_entries(cfg.llm, scanned, "language_model.", "language_model/")
     )
+
+
+# transformers `Aimv2VisionModel` names -> SAIL-ViT names (no `vision_model.` prefix); {i} = block. SAIL-ViT fuses
+# the q, k, v projections into one `qkv` (rows q, then k, then v) and stores the position table as [1, N, C].
+AIMV2_TO_SAIL: dict[str, str] = {
+    "embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
+    "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
+    "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
+    "embeddings.position_embedding.weight": "preprocessor.pos_embed",
+    "rms_norm.weight": "trunk.post_trunk_norm.weight",
+    "encoder.layers.{i}.rms_norm1.weight": "trunk.blocks.{i}.norm_1.weight",
+    "encoder.layers.{i}.rms_norm2.weight": "trunk.blocks.{i}.norm_2.weight",
+    "encoder.layers.{i}.attention.out_proj.weight": "trunk.blocks.{i}.attn.proj.weight",
+    "encoder.layers.{i}.attention.out_proj.bias": "trunk.blocks.{i}.attn.proj.bias",
+    "encoder.layers.{i}.ffn.gate_proj.weight": "trunk.blocks.{i}.mlp.fc1.weight",
+    "encoder.layers.{i}.ffn.gate_proj.bias": "trunk.blocks.{i}.mlp.fc1.bias",
+    "encoder.layers.{i}.ffn.up_proj.weight": "trunk.blocks.{i}.mlp.fc3.weight",
+    "encoder.layers.{i}.ffn.up_proj.bias": "trunk.blocks.{i}.mlp.fc3.bias",
+    "encoder.layers.{i}.ffn.down_proj.weight": "trunk.blocks.{i}.mlp.fc2.weight",
+    "encoder.layers.{i}.ffn.down_proj.bias": "trunk.blocks.{i}.mlp.fc2.bias",
+}
+AIMV2_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def aimv2_sources(cfg: VisionConfig, native: bool = False) -> dict[str, tuple[str, ...]]:
+    """Upstream SAIL-ViT key (`vision_model.*`) -> the Aimv2VisionModel keys it is made of: one key, or the q, k, v
+    projections concatenated along their first axis (reshaped to the SAIL-ViT shape in either case). A native
+    AIMv2 has no position table (it computes 2-D sin-cos positions), so `preprocessor.pos_embed` is left out."""
+    wanted = {e.hf_key for e in _expand(vision_rules(cfg), cfg.num_layers, False, "blocks")}
+    out: dict[str, tuple[str, ...]] = {}
+    for aim, sail in AIMV2_TO_SAIL.items():
+        for i in range(cfg.num_layers) if "{i}" in aim else [None]:
+            out["vision_model." + sail.format(i=i)] = (aim.format(i=i),)
+    for i in range(cfg.num_layers):
+        for kind in ("weight", "bias"):
+            qkv = tuple(f"encoder.layers.{i}.attention.{p}.{kind}" for p in AIMV2_QKV)
+            out[f"vision_model.trunk.blocks.{i}.attn.qkv.{kind}"] = qkv
+    if native:
+        del out["vision_model.preprocessor.pos_embed"]
+    return {k: v for k, v in out.items() if k in wanted}

@@ -22,7 +22,8 @@ from typing import Any
 
 from sail_jax.cli._common import add_gin_args
 
-TRAIN_ARGS = ("model", "batch_size", "seq_len", "trainable", "optimizer", "mesh", "target_fraction", "steps")
+TRAIN_ARGS = ("model", "batch_size", "seq_len", "trainable", "optimizer", "mesh", "target_fraction", "steps",
+              "microbatches")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +60,8 @@ def compile_config(gin_files: Sequence[str], bindings: Sequence[str], search_pat
     kwargs, max_tiles = resolve_config(gin_files, bindings, search_paths, max_tiles)
     _, report = aot.compile_train_step(**kwargs, max_tiles=max_tiles, devices=aot.topology_devices(topology))
     what = {"topology": topology, "max_tiles": max_tiles, "batch_size": kwargs["batch_size"],
-            "seq_len": kwargs["seq_len"], "trainable": list(kwargs["trainable"])}
+            "seq_len": kwargs["seq_len"], "microbatches": kwargs["microbatches"],
+            "trainable": list(kwargs["trainable"])}
     return what, report
 
 
@@ -67,11 +69,10 @@ def dry_run(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seq
             max_tiles: int | None = None, topology: str | None = None) -> str:
     """The operative config `compile` would compile, with its mesh laid out on the target devices."""
     from sail_jax.training import aot, gin_setup
-    from sail_jax.training.program import run_layout
+    from sail_jax.training.program import LAYOUT_ARGS, run_layout
 
     kwargs, max_tiles = resolve_config(gin_files, bindings, search_paths, max_tiles)
-    mesh, _ = run_layout(*(kwargs[k] for k in ("mesh", "batch_size", "seq_len", "steps", "target_fraction")),
-                         devices=aot.topology_devices(topology))
+    mesh, _ = run_layout(**{k: kwargs[k] for k in LAYOUT_ARGS}, devices=aot.topology_devices(topology))
     return (gin_setup.describe(kwargs, dict(mesh.shape))
             + f"\ncompile: topology={topology or 'this host'}, max_tiles={max_tiles}")
 

@@ -32,6 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
             d.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
         if name == "torch-to-orbax":
             d.add_argument("--config", required=True, help="upstream SAIL-VL2 config.json for the architecture")
+    assemble = ("a new SAIL-VL2 directory from a transformers Qwen3 / Qwen3-MoE LLM, an AIMv2 or SAIL-ViT vision "
+                "tower and a freshly initialised adapter (stage I's starting point)")
+    a = directions.add_parser("assemble", help=assemble, description=assemble)
+    a.add_argument("--llm", required=True, help="transformers Qwen3 / Qwen3-MoE directory (config.json, safetensors, "
+                   "tokenizer)")
+    a.add_argument("--vision", required=True, help="transformers Aimv2VisionModel directory (native or not), SAIL-ViT "
+                   "directory, or SAIL-VL2 directory (its ViT)")
+    a.add_argument("--dst", required=True, help="destination directory (written atomically)")
+    a.add_argument("--adapter-seed", type=int, default=0, help="seed of the adapter's initialisation")
+    a.add_argument("--preset", default=None, help="model preset giving the adapter, select_layer, template and tiling "
+                   "settings; the parts must then match its architecture (default: ModelConfig's defaults)")
+    a.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="store tensors in this dtype (default: as the LLM and ViT store them)")
+    a.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=run)
 
 
@@ -52,6 +67,18 @@ def parse_mesh(text: str):
 
 def run(args: argparse.Namespace) -> int:
     from converters import convert
+    from converters.hf_writer import parse_size
+
+    if args.direction == "assemble":
+        from converters.assemble import assemble
+
+        _, notes = assemble(args.llm, args.vision, args.dst, adapter_seed=args.adapter_seed, preset=args.preset,
+                            dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
+                            overwrite=args.overwrite)
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {args.dst}")
+        return 0
 
     common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     if args.direction.endswith("to-orbax"):
@@ -63,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
         layout = "scanned" if cfg.runtime.scan_layers else "unscanned"
         print(f"wrote {args.dst}: {layout} layout, params {cfg.runtime.param_dtype}")
         return 0
-    from converters.hf_writer import parse_size
-
     fn = convert.orbax_to_hf if args.direction == "orbax-to-hf" else convert.export_llm
     fn(args.src, args.dst, tokenizer=args.tokenizer, max_shard_size=parse_size(args.max_shard_size), **common)
     print(f"wrote {args.dst}")

@@ -43,14 +43,14 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from sail_jax.training import gin_setup
-    from sail_jax.training.program import run_layout
+    from sail_jax.training.program import LAYOUT_ARGS, run_layout
     from sail_jax.training.trainer import TrainingAborted
 
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
     gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path)
     # Every binding is checked (and the mesh laid out) before the workdir exists.
     resolved, steps_note = gin_setup.resolve_train(cache_in_workdir=not args.dry_run)
-    mesh, _ = run_layout(*(resolved[k] for k in ("mesh", "batch_size", "seq_len", "steps", "target_fraction")))
+    mesh, _ = run_layout(**{k: resolved[k] for k in LAYOUT_ARGS})
     if args.dry_run:
         print(gin_setup.describe(resolved, dict(mesh.shape), steps_note))
         return 0

@@ -3,7 +3,8 @@
 A pod team sizes a run before it holds the slice: `compile_train_step` lowers and compiles the very jitted step
 that `train` runs (same model, optimizer, trainable groups, mesh, loss budget and batch shapes) against the
 devices of a mesh, which may be the compile-only devices of a named TPU topology (`topology_devices`, needs
-libtpu but no TPU), and reports what XLA will allocate on each device. Nothing is allocated: parameters,
+libtpu but no TPU), and reports what XLA will allocate on each device. With gradient accumulation the
+temporaries are those of one micro-batch (plus the float32 gradient accumulator). Nothing is allocated: parameters,
 optimizer state and batch are `ShapeDtypeStruct`s carrying their shardings.
 """
 
@@ -76,6 +77,7 @@ class CompileReport:
     peak_flops: float  # dense bf16 FLOP/s of one device (`metrics.PEAK_FLOPS`)
     hbm_bytes: int | None
     compile_s: float
+    microbatches: int = 1  # gradient accumulation: temporaries hold one micro-batch's activations
 
     @property
     def min_step_s(self) -> float:
@@ -102,7 +104,9 @@ class CompileReport:
         f = self.model_flops_per_device
         flops = (f"; {f / 1e12:.0f} model TFLOP" if f >= 1e12 else f"; {f / 1e9:.1f} model GFLOP") + (
             f" per device per step, >= {self.min_step_s:.3g} s at peak")
-        return (f"{self.num_devices} x {self.device_kind}, mesh {self.mesh}, {self.parameters / 1e9:.2f}B params: "
+        micro = f", {self.microbatches} micro-batches" if self.microbatches > 1 else ""
+        return (f"{self.num_devices} x {self.device_kind}, mesh {self.mesh}{micro}, "
+                f"{self.parameters / 1e9:.2f}B params: "
                 f"per device {g(self.peak_bytes)}{hbm} = arguments {g(self.argument_bytes)} + outputs "
                 f"{g(self.output_bytes)} - donated {g(self.alias_bytes)} + temporaries {g(self.temp_bytes)} + code "
                 f"{g(self.code_bytes)}{flops}; compiled in {self.compile_s:.0f} s")
@@ -120,6 +124,7 @@ def compile_train_step(
     mesh: dict[str, int] | None = None,
     target_fraction: float = 1.0,
     steps: int = 1,
+    microbatches: int = 1,
 ) -> tuple[jax.stages.Compiled, CompileReport]:
     """Compile `train`'s step (`program.build_program`) for `devices` (default: this process's) and measure it;
     arguments as `train`'s, `max_tiles` the tile slots per row."""
@@ -127,7 +132,8 @@ def compile_train_step(
         raise ValueError(f"max_tiles={max_tiles} must be >= 0")
     t0 = time.perf_counter()
     program = build_program(model=model, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
-                            optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, devices=devices)
+                            optimizer=optimizer, mesh=mesh, target_fraction=target_fraction,
+                            microbatches=microbatches, devices=devices)
     mesh_, targets_per_row, trainable = program.mesh, program.targets_per_row, program.trainable
     with use_mesh(mesh_):
         batch = abstract_batch(model, batch_size, seq_len, max_tiles, mesh_)
@@ -146,6 +152,6 @@ def compile_train_step(
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
         model_flops_per_device=flops / mesh_.size, peak_flops=peak_flops_per_device(device_kind=kind)[0],
-        hbm_bytes=hbm_bytes(kind, device), compile_s=seconds,
+        hbm_bytes=hbm_bytes(kind, device), compile_s=seconds, microbatches=microbatches,
     )
     return compiled, report

@@ -5,6 +5,11 @@ transformers' Qwen3-MoE loss concatenates the router logits of all layers over t
 c_e = (top-k assignments to e, all layers) / (tokens x layers), P_e = (probability mass on e, all layers) /
 (tokens x layers), and aux = E * sum_e c_e * P_e (uniform routing gives k). Pooling the sums first reproduces it
 exactly; the sums cover the global batch, i.e. every data-parallel shard.
+
+With gradient accumulation a step's batch is several micro-batches, and aux needs sums over all of them: given the
+step's `totals` (assignment counts and token counts, which carry no gradient), E * sum_e c_e * P_e is linear in the
+probability sums, so each micro-batch's share E * sum_e c_e * P_e^(m) (and z_sum^(m) / tokens for the z-loss) adds
+up to the step's loss and its gradient to the step's gradient.
 """
 
 from __future__ import annotations
@@ -27,33 +32,44 @@ def _per_layer(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def load_balancing_loss(aux: dict[str, jax.Array], moe_cfg: MoEConfig) -> jax.Array:
-    """transformers' `load_balancing_loss_func` value (unweighted); 0 for a model without MoE layers."""
+def _step_counts(aux: dict[str, jax.Array], totals: dict[str, jax.Array] | None) -> tuple[jax.Array, jax.Array]:
+    """(assignment counts per expert, token count) over the step's layers: from `totals` when given, else aux."""
+    src = aux if totals is None else totals
+    e = src["expert_counts"].shape[-1]
+    counts = jnp.sum(src["expert_counts"].reshape(-1, e), axis=0)
+    return counts, jnp.maximum(jnp.sum(src["num_tokens"]), 1.0)
+
+
+def load_balancing_loss(aux: dict[str, jax.Array], moe_cfg: MoEConfig,
+                        totals: dict[str, jax.Array] | None = None) -> jax.Array:
+    """transformers' `load_balancing_loss_func` value (unweighted); 0 for a model without MoE layers. With the
+    step's `totals` ("expert_counts", "num_tokens"), aux's share of the step's loss."""
     if not aux:
         return jnp.zeros((), jnp.float32)
     a = _per_layer(aux)
     e = a["expert_counts"].shape[-1]
     if e != moe_cfg.num_experts:
         raise ValueError(f"aux has {e} experts but MoEConfig.num_experts={moe_cfg.num_experts}")
-    rows = jnp.maximum(jnp.sum(a["num_tokens"]), 1.0)
-    frac = jnp.sum(a["expert_counts"], axis=0) / rows
+    counts, rows = _step_counts(aux, totals)
+    frac = counts / rows
     prob = jnp.sum(a["router_prob_sum"], axis=0) / rows
     return e * jnp.sum(frac * prob)
 
 
-def router_z_loss(aux: dict[str, jax.Array]) -> jax.Array:
-    """ST-MoE z-loss: mean over tokens and MoE layers of logsumexp(router logits)^2."""
+def router_z_loss(aux: dict[str, jax.Array], totals: dict[str, jax.Array] | None = None) -> jax.Array:
+    """ST-MoE z-loss: mean over tokens and MoE layers of logsumexp(router logits)^2 (aux's share with `totals`)."""
     if not aux:
         return jnp.zeros((), jnp.float32)
     a = _per_layer(aux)
-    return jnp.sum(a["router_z_sum"]) / jnp.maximum(jnp.sum(a["num_tokens"]), 1.0)
+    return jnp.sum(a["router_z_sum"]) / _step_counts(aux, totals)[1]
 
 
-def weighted_router_loss(aux: dict[str, jax.Array], moe_cfg: MoEConfig) -> jax.Array:
+def weighted_router_loss(aux: dict[str, jax.Array], moe_cfg: MoEConfig,
+                         totals: dict[str, jax.Array] | None = None) -> jax.Array:
     """The term added to the training loss: router_aux_loss_coef * aux + router_z_loss_coef * z (z off at 0)."""
-    total = moe_cfg.router_aux_loss_coef * load_balancing_loss(aux, moe_cfg)
+    total = moe_cfg.router_aux_loss_coef * load_balancing_loss(aux, moe_cfg, totals)
     if moe_cfg.router_z_loss_coef:
-        total = total + moe_cfg.router_z_loss_coef * router_z_loss(aux)
+        total = total + moe_cfg.router_z_loss_coef * router_z_loss(aux, totals)
     return total
 
 

@@ -31,11 +31,12 @@ from sail_jax.training.step import TrainState, make_train_step
 
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
-    """Everything derived from (model, optimizer, trainable groups, mesh, loss budget, steps)."""
+    """Everything derived from (model, optimizer, trainable groups, mesh, loss budget, steps, micro-batches)."""
 
     mesh: Mesh
     trainable: tuple[str, ...]
     targets_per_row: int  # static target positions per row that reach the lm_head (pooled per batch shard)
+    microbatches: int  # micro-batches per step (gradient accumulation)
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     shardings: TrainState
     tx: optax.GradientTransformation
@@ -63,15 +64,23 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mes
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
+LAYOUT_ARGS = ("mesh", "batch_size", "seq_len", "steps", "target_fraction", "microbatches")
+
+
 def run_layout(mesh: dict[str, int] | None, batch_size: int, seq_len: int, steps: int, target_fraction: float,
-               devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, int]:
-    """(mesh, target positions per row) of a run, with its sizes checked."""
+               microbatches: int = 1, devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, int]:
+    """(mesh, target positions per row) of a run, with its sizes checked; `LAYOUT_ARGS` are `train`'s names."""
     mesh_ = mesh_from_spec(mesh or {"fsdp": -1}, devices)
     shards = batch_shards(mesh_)
     if batch_size % shards or batch_size % jax.process_count():
         raise ValueError(
             f"batch_size={batch_size} must be divisible by the batch shards of the mesh ({shards} = "
             f"{'*'.join(f'{a}:{mesh_.shape[a]}' for a in BATCH_AXES)}) and by {jax.process_count()} processes"
+        )
+    if microbatches < 1 or batch_size % (shards * microbatches):
+        raise ValueError(
+            f"microbatches={microbatches} must be >= 1 and split each of the {shards} batch shards' "
+            f"{batch_size // shards} rows evenly (batch_size={batch_size})"
         )
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
@@ -90,15 +99,17 @@ def build_program(
     optimizer: OptimizerConfig = OptimizerConfig(),
     mesh: dict[str, int] | None = None,
     target_fraction: float = 1.0,
+    microbatches: int = 1,
     devices: Sequence[jax.Device] | None = None,
 ) -> TrainProgram:
     """The program of a `train` run with these arguments (same meaning as `train`'s) on `devices` (default: this
     process's). Nothing is compiled or allocated until its functions are called or lowered."""
     trainable = check_trainable(trainable)
-    mesh_, targets_per_row = run_layout(mesh, batch_size, seq_len, steps, target_fraction, devices)
+    mesh_, targets_per_row = run_layout(mesh, batch_size, seq_len, steps, target_fraction, microbatches, devices)
     state = _state_functions(model, optimizer, trainable, mesh_)
-    return TrainProgram(mesh=mesh_, trainable=trainable, targets_per_row=targets_per_row, **state,
-                        step=_jitted_step(model, optimizer, trainable, targets_per_row, steps, mesh_))
+    return TrainProgram(mesh=mesh_, trainable=trainable, targets_per_row=targets_per_row, microbatches=microbatches,
+                        **state, step=_jitted_step(model, optimizer, trainable, targets_per_row, steps, mesh_,
+                                                   microbatches))
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,8 +136,8 @@ def _state_functions(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[st
 
 @functools.lru_cache(maxsize=8)
 def _jitted_step(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], targets_per_row: int,
-                 total_steps: int, mesh: Mesh):
+                 total_steps: int, mesh: Mesh, microbatches: int):
     state = _state_functions(cfg, opt, trainable, mesh)
     fn = make_train_step(cfg, state["tx"], make_schedule(opt, total_steps), trainable, targets_per_row,
-                         batch_shards(mesh))
+                         batch_shards(mesh), microbatches)
     return jax.jit(fn, out_shardings=(state["shardings"], None), donate_argnums=0)

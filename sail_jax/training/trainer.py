@@ -49,6 +49,7 @@ def train(
     checkpoint: CheckpointConfig = CheckpointConfig(),
     mesh: dict[str, int] | None = None,
     target_fraction: float = 1.0,
+    microbatches: int = 1,
     seed: int = 0,
     resume: bool = False,
     init_from: str | None = None,
@@ -61,16 +62,17 @@ def train(
 
     `mesh` maps axes of (data, fsdp, tensor, expert) to sizes (-1 = the rest; default all devices on fsdp).
     `target_fraction` bounds the target positions per row that reach the lm_head (a static loss budget,
-    pooled over the rows of each batch shard). `epochs` is the number of passes over the data that `steps` stands
-    for, shown in the log: the gin entry point (`gin_setup.run_length`) derives `steps` from `train.epochs` by
-    counting the packed rows of one pass.
+    pooled over the rows of each batch shard). `microbatches` > 1 accumulates the gradient of each step over that
+    many slices of the batch (one update, equal to the whole batch's; activation memory of one slice). `epochs` is
+    the number of passes over the data that `steps` stands for, shown in the log: the gin entry point
+    (`gin_setup.run_length`) derives `steps` from `train.epochs` by counting the packed rows of one pass.
     """
     if steps is None:
         raise ValueError("train.steps is not set: give it, or train.epochs through `sail-jax train`, which derives "
                          "the steps from the packed rows of one pass over the data")
     cfg = model
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
-                            optimizer=optimizer, mesh=mesh, target_fraction=target_fraction)
+                            optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, microbatches=microbatches)
     workdir_ = Path(workdir).absolute()
     workdir_.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir_, checkpoint)
