@@ -9,6 +9,7 @@ Non-finite steps are skipped by the step itself; `max_consecutive_skips` in a ro
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,36 +68,45 @@ def train(
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction)
     workdir_ = Path(workdir).absolute()
     workdir_.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir_, checkpoint)
-    try:
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            raise ValueError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                             f"(train.resume=True) to continue, or use another workdir")
-        data_iter = data(cfg=cfg, global_batch_size=batch_size, seq_len=seq_len,
-                         process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
-        run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps, batch_size=batch_size,
-                   seq_len=seq_len, trainable=program.trainable, targets_per_row=program.targets_per_row,
-                   max_consecutive_skips=max_consecutive_skips,
-                   controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
-        with use_mesh(program.mesh):
-            if resume and latest is not None:
-                state, start = run.restore(latest, program.abstract_state)
-            else:
-                if init_from:
-                    params = restore_model_params(init_from, cfg, program.abstract_state.params)
+    with distributed.workdir_lock(workdir_):
+        ckpt = Checkpointer(workdir_, checkpoint)
+        finished = False
+        try:
+            latest = ckpt.latest_step()
+            if latest is not None and not resume:
+                raise ValueError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
+                                 f"--resume (train.resume=True) to continue, or use another workdir")
+            data_iter = data(cfg=cfg, global_batch_size=batch_size, seq_len=seq_len,
+                             process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
+            run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps,
+                       batch_size=batch_size, seq_len=seq_len, trainable=program.trainable,
+                       targets_per_row=program.targets_per_row, max_consecutive_skips=max_consecutive_skips,
+                       controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
+            with use_mesh(program.mesh):
+                if resume and latest is not None:
+                    state, start = run.restore(program.abstract_state)
                 else:
-                    params = program.init_params(jax.random.PRNGKey(seed))
-                state, start = TrainState(params, program.init_opt_state(params)), 0
-            writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0, log_every=log_every)
-            try:
-                return run.loop(state, start, program.step, program.copy_state, writer,
-                                peak_flops_per_device(peak_flops))
-            finally:
-                writer.close()
-    finally:
-        ckpt.wait()
-        ckpt.close()
+                    if init_from:
+                        params = restore_model_params(init_from, cfg, program.abstract_state.params)
+                    else:
+                        params = program.init_params(jax.random.PRNGKey(seed))
+                    state, start = TrainState(params, program.init_opt_state(params)), 0
+                writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0,
+                                       log_every=log_every)
+                try:
+                    last = run.loop(state, start, program.step, program.copy_state, writer,
+                                    peak_flops_per_device(peak_flops))
+                finally:
+                    writer.close()
+            finished = True
+            return last
+        finally:
+            ckpt.finish(raise_errors=finished)  # after an error, that error is the one reported
+
+
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -118,10 +128,11 @@ class _Run:
     skipped_total: int = 0
     consecutive_skips: int = 0
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, int]:
-        params, opt_state, saved, snapshot = self.ckpt.restore(
-            step, cfg=self.cfg, abstract_params=abstract_state.params, abstract_opt_state=abstract_state.opt_state,
-            data_iter=self.data_iter)
+    def restore(self, abstract_state: TrainState) -> tuple[TrainState, int]:
+        """The newest checkpoint that restores (unreadable newer ones are reported and set aside)."""
+        _, (params, opt_state, saved, snapshot) = self.ckpt.restore_latest(
+            _warn, cfg=self.cfg, abstract_params=abstract_state.params,
+            abstract_opt_state=abstract_state.opt_state, data_iter=self.data_iter)
         self.skipped_total, self.consecutive_skips = int(saved["skipped_total"]), int(saved["consecutive_skips"])
         if self.controller is not None and saved.get("adalrs") is not None:
             self.controller.load_state_dict(saved["adalrs"])
