@@ -154,7 +154,9 @@ def verify_manifest(step_dir: Path, step: int) -> bool:
     for rel, want in files.items():
         f = step_dir / rel
         if not f.is_file():
-            raise CheckpointUnreadable(step, f"{rel}: missing")
+            item = rel.split("/")[0]
+            what = f"{item}/: missing item" if "/" in rel and not (step_dir / item).is_dir() else f"{rel}: missing"
+            raise CheckpointUnreadable(step, what)
         size = f.stat().st_size
         if size < want["size"]:
             raise CheckpointUnreadable(step, f"{rel}: truncated ({size} of {want['size']} bytes)")

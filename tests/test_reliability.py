@@ -1,0 +1,185 @@
+"""Faults a careless or hostile user meets, in-process: corrupt, truncated and incomplete checkpoints (checksums
+and the fallback to the newest readable step), torn metrics lines, a second run on a locked workdir, and a
+decompression bomb in an eval TSV."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from sail_jax.config import PRESETS
+from sail_jax.evaluation.data import decode_images, read_tsv
+from sail_jax.training import distributed
+from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer, CheckpointUnreadable
+from sail_jax.training.metrics import MetricsWriter
+from sail_jax.training.synthetic import SyntheticSource
+from tests.trainer_utils import REPO
+
+CFG = PRESETS["tiny"]
+OPT = {"c": jax.ShapeDtypeStruct((), jnp.float32)}
+
+
+def _source() -> SyntheticSource:
+    return SyntheticSource(global_batch_size=2, seq_len=32, vocab_size=512, img_context_id=511, tokens_per_tile=4,
+                           image_size=56, max_tiles=1)
+
+
+def _params(step: int) -> dict:
+    return {"mlp1": {"w": jnp.arange(64, dtype=jnp.float32) + step}}
+
+
+def _abstract() -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params(0))
+
+
+@pytest.fixture
+def three_steps(tmp_path) -> Path:
+    """A workdir with checkpoints 1, 2, 3 (params differ per step; the iterator advanced once per step)."""
+    it = _source()
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(every_steps=1, async_save=True))
+    for step in (1, 2, 3):
+        next(it)
+        ckpt.save(step, cfg=CFG, params=_params(step), opt_state={"c": jnp.float32(step)},
+                  train_state={"step": step}, data_iter=it)
+    ckpt.finish()
+    return tmp_path
+
+
+def _restore_latest(workdir: Path) -> tuple[int, dict, list[str]]:
+    warnings: list[str] = []
+    ckpt = Checkpointer(workdir, CheckpointConfig())
+    try:
+        step, (params, _, saved, _) = ckpt.restore_latest(warnings.append, cfg=CFG, abstract_params=_abstract(),
+                                                          abstract_opt_state=OPT, data_iter=_source())
+    finally:
+        ckpt.close()
+    assert saved["step"] == step
+    return step, params, warnings
+
+
+def _params_file(workdir: Path, step: int) -> Path:
+    """The largest data file of the step's params (the compressed array chunks)."""
+    files = [p for p in (workdir / "checkpoints" / str(step) / "params").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_every_step_carries_a_manifest_that_verifies(three_steps):
+    step, params, warnings = _restore_latest(three_steps)
+    assert step == 3 and warnings == []
+    np.testing.assert_array_equal(params["mlp1"]["w"], _params(3)["mlp1"]["w"])
+    manifest = json.loads((three_steps / "checkpoints" / "3" / "checksums.json").read_text())
+    assert any(f.startswith("params/") for f in manifest["files"])
+    assert any(f.startswith("data_iter/") for f in manifest["files"])
+
+
+def test_a_flipped_byte_is_refused_and_resume_falls_back(three_steps):
+    f = _params_file(three_steps, 3)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    step, params, warnings = _restore_latest(three_steps)
+    rel = f.relative_to(three_steps / "checkpoints" / "3")
+    assert step == 2
+    np.testing.assert_array_equal(params["mlp1"]["w"], _params(2)["mlp1"]["w"])
+    assert warnings[0].startswith(f"checkpoint 3 unreadable: {rel}: checksum mismatch")
+    assert "resuming from checkpoint 2" in warnings[1] and "checkpoints-unreadable" in warnings[1]
+    assert not (three_steps / "checkpoints" / "3").exists()
+    assert [p.name.split("-")[0] for p in (three_steps / "checkpoints-unreadable").iterdir()] == ["3"]
+
+
+def test_a_truncated_file_names_the_file_and_says_truncated(three_steps):
+    f = _params_file(three_steps, 3)
+    size = f.stat().st_size
+    with f.open("r+b") as fh:
+        fh.truncate(size // 2)
+    step, _, warnings = _restore_latest(three_steps)
+    rel = f.relative_to(three_steps / "checkpoints" / "3")
+    assert step == 2
+    assert warnings[0].startswith(f"checkpoint 3 unreadable: {rel}: truncated ({size // 2} of {size} bytes)")
+
+
+def test_a_missing_item_and_a_corrupt_iterator_json_fall_back(three_steps):
+    import shutil
+
+    shutil.rmtree(three_steps / "checkpoints" / "3" / "train_state")
+    # Step 2 without its manifest (as written before checksums existed): the iterator JSON is caught on decode.
+    step2 = three_steps / "checkpoints" / "2"
+    (step2 / "checksums.json").unlink()
+    (step2 / "data_iter" / "process_0-of-1.json").write_text('{"step": 2, "cons')
+    step, params, warnings = _restore_latest(three_steps)
+    assert step == 1
+    np.testing.assert_array_equal(params["mlp1"]["w"], _params(1)["mlp1"]["w"])
+    assert warnings[0].startswith("checkpoint 3 unreadable: train_state/: missing item")
+    assert warnings[1].startswith("checkpoint 2 unreadable: ") and "process_0-of-1.json" in warnings[1]
+    assert "not valid JSON" in warnings[1] and "\n" not in warnings[1]
+
+
+def test_no_readable_step_is_one_clear_error(three_steps):
+    for step in (1, 2, 3):
+        (three_steps / "checkpoints" / str(step) / "model_config" / "metadata").write_text("{}")
+    with pytest.raises(ValueError, match="no checkpoint in .* can be restored"):
+        _restore_latest(three_steps)
+    assert sorted(p.name for p in (three_steps / "checkpoints").iterdir()) == ["1", "2", "3"]  # nothing moved
+
+
+def test_unreadable_names_step_and_file():
+    assert str(CheckpointUnreadable(30, "params/x: truncated")) == "checkpoint 30 unreadable: params/x: truncated"
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    writer = MetricsWriter(tmp_path, total_steps=6, start_step=2, enabled=True)
+    writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(ln + "\n" for ln in lines[:2])
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'metrics.jsonl'}: dropped 1 unparsable line" in err
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
+    other = textwrap.dedent(f"""
+        import sys
+        from sail_jax.training import distributed
+        try:
+            with distributed.workdir_lock({str(tmp_path)!r}):
+                pass
+        except ValueError as e:
+            print(e)
+            sys.exit(3)
+    """)
+    with distributed.workdir_lock(tmp_path):
+        with distributed.workdir_lock(tmp_path):  # re-entrant within the process (CLI, then train())
+            pass
+        r = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, cwd=REPO,
+                           env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 3, r.stderr
+        assert r.stdout.startswith(f"workdir {tmp_path} is in use by another run (pid ")
+        assert len(r.stdout.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, cwd=REPO,
+                       env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stdout + r.stderr  # released when the holder is done
+
+
+def test_a_decompression_bomb_in_an_eval_tsv_is_a_located_error(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    tsv = tmp_path / "bench.tsv"
+    tsv.write_text(f"index\timage\tquestion\tanswer\n7\t{b64}\twhat?\tA\n")
+    item = read_tsv(tsv)[0]
+    assert decode_images(item, tsv)[0].size == (100, 100)
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS as decompression bombs; a low limit makes this one a bomb.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"bench.tsv: row 1 \(index 7\): column 'image', image 0: .*decompression"):
+        decode_images(item, tsv)
