@@ -183,3 +183,22 @@ def test_a_decompression_bomb_in_an_eval_tsv_is_a_located_error(tmp_path, monkey
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match=r"bench.tsv: row 1 \(index 7\): column 'image', image 0: .*decompression"):
         decode_images(item, tsv)
+
+
+def test_a_prompt_beyond_the_context_is_refused_before_any_compute():
+    import flax.linen as nn
+
+    from sail_jax.config import LLMConfig, RuntimeConfig
+    from sail_jax.inference.engine import Engine, Request
+    from sail_jax.inference.sampling import SamplingParams
+    from sail_jax.models.qwen3 import Qwen3ForCausalLM
+
+    cfg = LLMConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, max_position_embeddings=40)
+    lm = Qwen3ForCausalLM(cfg, RuntimeConfig())
+    params = nn.unbox(jax.eval_shape(lm.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+    engine = Engine(lm, params, decode_steps=4)
+    prompts = [Request(np.arange(8, dtype=np.int32)), Request(np.arange(33, dtype=np.int32))]
+    with pytest.raises(ValueError, match=r"^request 1: prompt of 33 tokens \+ max_new_tokens 8 = 41 positions, more "
+                                         r"than the model's max_position_embeddings 40; "):
+        engine.generate(prompts, SamplingParams(max_new_tokens=8))
