@@ -5,6 +5,7 @@ decompression bomb in an eval TSV."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import subprocess
@@ -202,3 +203,41 @@ def test_a_prompt_beyond_the_context_is_refused_before_any_compute():
     with pytest.raises(ValueError, match=r"^request 1: prompt of 33 tokens \+ max_new_tokens 8 = 41 positions, more "
                                          r"than the model's max_position_embeddings 40; "):
         engine.generate(prompts, SamplingParams(max_new_tokens=8))
+
+
+def _record(image: str) -> bytes:
+    return json.dumps({"image": image, "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                         {"from": "gpt", "value": "a"}]}).encode()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../outside/x.png", "image path '../outside/x.png' leaves the image root"),
+    ("a/../../x.png", "image path 'a/../../x.png' leaves the image root"),
+    ("/etc/passwd", "image path '/etc/passwd' is absolute"),
+])
+def test_training_image_paths_stay_under_their_root(data_dir, tmp_path, name, message):
+    from sail_jax.data.sources import RawRecord
+    from sail_jax.data.transforms import SampleTransform
+
+    t = SampleTransform(tokenizer_dir=str(data_dir / "tokenizer"), image_root=str(tmp_path / "root"), dataset=0,
+                        seq_len=256, max_tiles=2, image_size=56)
+    out = t.map(RawRecord(_record(name), "train.jsonl:3"))
+    assert out["skip"] == "malformed" and out["where"] == "train.jsonl:3" and message in out["error"]
+    # Trusted data may name any file: the option lets the path through to the image loader.
+    trusting = SampleTransform(**{**dataclasses.asdict(t), "allow_absolute_image_paths": True})
+    out = trusting.map(RawRecord(_record(name), "train.jsonl:3"))
+    assert out["skip"] in ("missing_image", "bad_image") and "leaves" not in out["error"]
+    assert "absolute" not in out["error"]
+
+
+def test_batch_request_image_paths_stay_under_the_file(tmp_path, capsys):
+    from sail_jax.cli import main
+
+    req = tmp_path / "requests.jsonl"
+    req.write_text(json.dumps({"id": 1, "prompt": "hi", "images": ["ok.png"]}) + "\n"
+                   + json.dumps({"id": 2, "prompt": "hi", "images": ["../secret.png"]}) + "\n")
+    rc = main(["generate", "--checkpoint", str(tmp_path / "none"), "--batch", str(req), "--out",
+               str(tmp_path / "a.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{req} line 2: image path '../secret.png' leaves the image root {tmp_path}" in err, err
+    assert not (tmp_path / "a.jsonl").exists()

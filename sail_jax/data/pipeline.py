@@ -64,6 +64,7 @@ class DataConfig:
     "drop" | "truncate", `conditional_loss` for Think-Fusion SFT, `system_prompt` (None: the SAIL-VL2 default,
     "": none). Packing: `packer` "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch
     with `seed`; `num_epochs` None repeats forever, else the mixture stops when its first dataset runs out.
+    Image paths stay under the image root unless `allow_absolute_image_paths` (trusted data).
     Throughput: `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` /
     `read_buffer_size` per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped
     fraction exceeds `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
@@ -92,6 +93,7 @@ class DataConfig:
     prefetch_batches: int = 2
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 100
+    allow_absolute_image_paths: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -121,7 +123,7 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or Path(spec.path).parent),
         dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
         image_size=cfg.image_size, over_long=cfg.over_long, conditional_loss=cfg.conditional_loss,
-        system_prompt=cfg.system_prompt,
+        system_prompt=cfg.system_prompt, allow_absolute_image_paths=cfg.allow_absolute_image_paths,
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     return ds.map(transform).to_iter_dataset(read)
