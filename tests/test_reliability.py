@@ -241,3 +241,67 @@ def test_batch_request_image_paths_stay_under_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and f"{req} line 2: image path '../secret.png' leaves the image root {tmp_path}" in err, err
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def _text_jsonl(path: Path, n: int, bad: np.ndarray | None = None) -> str:
+    good = {"conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "ok"}]}
+    path.write_text("".join(("{broken" if bad is not None and bad[i] else json.dumps(good)) + "\n" for i in range(n)))
+    return str(path)
+
+
+def _data_config(data_dir, datasets, **kw):
+    from sail_jax.data.pipeline import DataConfig
+
+    args = dict(datasets=datasets, tokenizer_dir=str(data_dir / "tokenizer"), seq_len=64, batch_size=2,
+                max_tiles=2, image_size=56, num_devices=1, num_workers=0, num_packing_bins=2, shuffle=False)
+    return DataConfig(**{**args, **kw})
+
+
+@pytest.mark.parametrize("rate, fails", [(0.04, False), (0.10, True)])
+def test_the_bad_record_guard_tolerates_4_percent_and_stops_10(rate, fails):
+    """A seeded stream of 3000 records at the default limit (5%, checked from 100 records on)."""
+    import grain
+
+    from sail_jax.data.packing import SkipBadSamplesIterDataset
+
+    bad = np.random.default_rng(7).random(3000) < rate
+
+    def element(i: int) -> dict:
+        if bad[i]:
+            return {"skip": "malformed", "dataset": 0, "where": f"d.jsonl:{i + 1}", "error": "not valid JSON"}
+        return {"info": {"dataset": 0}}
+
+    ds = SkipBadSamplesIterDataset(grain.MapDataset.range(3000).map(element).to_iter_dataset(), ["d.jsonl"])
+    if fails:
+        with pytest.raises(ValueError, match=r"dataset d\.jsonl: \d+ of \d+ samples were unusable"):
+            list(ds)
+    else:
+        assert len(list(ds)) == 3000 - bad.sum()
+
+
+def test_a_changed_data_config_is_one_line_not_a_fallback(data_dir, tmp_path):
+    from sail_jax.data.pipeline import DataConfigMismatch, DatasetSpec, build_dataset
+
+    spec = DatasetSpec(_text_jsonl(tmp_path / "a.jsonl", 40))
+    it = iter(build_dataset(_data_config(data_dir, [spec]), 0, 1))
+    next(it)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(every_steps=1, async_save=False))
+    ckpt.save(1, cfg=CFG, params=_params(1), opt_state={"c": jnp.float32(1)}, train_state={"step": 1}, data_iter=it)
+    ckpt.finish()
+    other = iter(build_dataset(_data_config(data_dir, [spec], seq_len=48), 0, 1))
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    warnings: list[str] = []
+    try:
+        with pytest.raises(DataConfigMismatch, match=r"^checkpoint 1: the data configuration differs from the "
+                                                     r"checkpoint's \(seq_len: 64 -> 48\); resume with"):
+            ckpt.restore_latest(warnings.append, cfg=CFG, abstract_params=_abstract(), abstract_opt_state=OPT,
+                                data_iter=other)
+    finally:
+        ckpt.close()
+    assert warnings == [] and (tmp_path / "checkpoints" / "1").is_dir()
+    # The same configuration restores the position exactly.
+    same = iter(build_dataset(_data_config(data_dir, [spec]), 0, 1))
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    ckpt.restore_latest(warnings.append, cfg=CFG, abstract_params=_abstract(), abstract_opt_state=OPT, data_iter=same)
+    ckpt.close()
+    np.testing.assert_array_equal(next(same)["input_ids"], next(it)["input_ids"])

@@ -20,6 +20,7 @@ apply to records as read, i.e. before bad samples are skipped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,61 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
     ds = VisualBatchIterDataset(ds, cfg.batch_size, n_devices, PAD_TOKEN_ID)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
-    return ds
+    return FingerprintedIterDataset(ds, data_fingerprint(cfg))
+
+
+# The DataConfig fields that decide which samples arrive in which order (not the throughput ones: workers, threads,
+# buffers may change between runs).
+STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tiles", "max_num", "image_size",
+                 "over_long", "conditional_loss", "system_prompt", "packer", "num_packing_bins", "seed", "shuffle",
+                 "num_epochs", "allow_absolute_image_paths")
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint."""
+    return json.loads(json.dumps({k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k)
+                                  for k in STREAM_FIELDS}))
+
+
+class DataConfigMismatch(ValueError):
+    """A checkpoint's iterator state was written for another data configuration."""
+
+
+class _FingerprintedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, fingerprint: dict[str, Any]):
+        super().__init__(parent)
+        self._fingerprint = fingerprint
+
+    def __next__(self) -> Any:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"data_config": self._fingerprint, "pipeline": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("data_config")
+        if saved is None:
+            raise DataConfigMismatch("the checkpoint's data iterator state has no data configuration (written by "
+                                     "an older version); resume it with that version or start a new workdir")
+        if saved != self._fingerprint:
+            changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self._fingerprint.items()
+                                if saved.get(k) != v)
+            raise DataConfigMismatch(f"the data configuration differs from the checkpoint's ({changed}); resume "
+                                     f"with the data settings the run was started with, or start a new workdir")
+        self._parent.set_state(state["pipeline"])
+
+
+class FingerprintedIterDataset(grain.IterDataset):
+    """The outermost stage: the iterator state carries `data_fingerprint(cfg)`, and restoring a state written for
+    another configuration fails in one line naming the changed fields (instead of a KeyError deep in Grain, or a
+    silently different stream)."""
+
+    def __init__(self, parent: grain.IterDataset, fingerprint: dict[str, Any]):
+        super().__init__(parent)
+        self._fingerprint = fingerprint
+
+    def __iter__(self) -> _FingerprintedIterator:
+        return _FingerprintedIterator(self._parent.__iter__(), self._fingerprint)
 
 
 def grain_data(

@@ -37,6 +37,7 @@ from etils import epath
 
 from converters.orbax_io import check_compatible, model_save_args, params_restore_args
 from sail_jax.config import ModelConfig
+from sail_jax.data.pipeline import DataConfigMismatch
 from sail_jax.files import write_text_atomic
 from sail_jax.training import distributed
 
@@ -244,6 +245,8 @@ class Checkpointer:
             items["adalrs_opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except DataConfigMismatch as e:  # the user's settings, not a damaged step: no fallback
+            raise DataConfigMismatch(f"checkpoint {step}: {e}") from None
         except Exception as e:  # any item that does not decode: the step is unusable, whatever the library says
             raise CheckpointUnreadable(step, _first_line(e)) from e
         snapshot = (r["adalrs_params"], r["adalrs_opt_state"]) if has_snapshot else None

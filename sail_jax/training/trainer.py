@@ -3,7 +3,9 @@
 One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint, or `resume` from
 the workdir's latest checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
 donated) -> metrics -> AdaLRS -> checkpoint. SIGTERM checkpoints at the next step boundary and returns.
-Non-finite steps are skipped by the step itself; `max_consecutive_skips` in a row abort the run.
+Non-finite steps are skipped by the step itself (metrics `nonfinite_step`, running total `nonfinite_steps`);
+`max_consecutive_skips` in a row abort the run. Samples the data pipeline skipped are logged per reason
+(`skipped_REASON`, `truncated_samples`) every `log_every` steps and on the last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jax.sharding import Mesh
 from converters.orbax_io import restore_model_params
 from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, check_batch, local_rows, to_global
+from sail_jax.data.packing import skip_totals
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
@@ -155,6 +158,7 @@ class _Run:
                 t0 = time.perf_counter()
                 state, out = step_fn(state, batch, np.int32(step), np.float32(scale))
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
+                out["nonfinite_step"] = out.pop("skipped")  # an update skipped for a non-finite loss or gradient
                 dt = time.perf_counter() - t0
                 if step == start:
                     writer.message(f"first step (includes compilation): {dt:.1f}s")
@@ -163,7 +167,9 @@ class _Run:
                 flops = step_flops(self.cfg, tokens=out["tokens"], targets=out["targets"], tiles=out["tiles"],
                                    seq_len=self.seq_len, trainable=self.trainable)
                 out.update(step_time_s=dt, tokens_per_s=out["tokens"] / dt, lr_scale=scale,
-                           mfu=flops / dt / (peak[0] * jax.device_count()))
+                           mfu=flops / dt / (peak[0] * jax.device_count()), nonfinite_steps=self.skipped_total)
+                if (step + 1) % writer.log_every == 0 or step + 1 == self.steps:
+                    out.update(self._data_skips())
                 if out["dropped_targets"]:
                     writer.message(f"step {step + 1}: {out['dropped_targets']:.0f} target tokens beyond the static "
                                    f"budget of {self.targets_per_row} per row (pooled over each batch shard) were "
@@ -202,8 +208,13 @@ class _Run:
         return self.ckpt.save(done, cfg=self.cfg, params=state.params, opt_state=state.opt_state,
                               train_state=train_state, data_iter=self.data_iter, snapshot=snap, force=force)
 
+    def _data_skips(self) -> dict[str, float]:
+        """Samples the data pipeline skipped so far, per reason (from its iterator state; {} for other data)."""
+        get_state = getattr(self.data_iter, "get_state", None)
+        return {k: float(v) for k, v in skip_totals(get_state()).items()} if get_state is not None else {}
+
     def _count_skips(self, out: dict[str, float], step: int) -> None:
-        if not out["skipped"]:
+        if not out["nonfinite_step"]:
             self.consecutive_skips = 0
             return
         self.skipped_total += 1
