@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from converters.hf_config import (
 from converters.hf_writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_safetensors_dir
 from converters.mapping import TRANSFORMS, model_entries
 from converters.orbax_io import (
+    PARAMS,
     ParamsReader,
     ParamsWriter,
     is_our_checkpoint,
@@ -93,13 +95,31 @@ def open_source(src: str | Path) -> tuple[ModelConfig, TensorSource]:
     return from_hf_config(src), SafetensorsCheckpoint(src)
 
 
+def looks_like_checkpoint(directory: Path) -> bool:
+    """One of our outputs: an upstream/transformers directory (config.json) or our Orbax layout (params/)."""
+    return directory.is_dir() and ((directory / "config.json").is_file() or (directory / PARAMS).is_dir())
+
+
+def remove_leftovers(dst: Path) -> None:
+    """Remove `.DST.tmp-*` / `.DST.old-*` directories that a killed conversion to `dst` left beside it (two
+    conversions to one destination at once are not supported: the later rename would replace the earlier)."""
+    for leftover in sorted([*dst.parent.glob(f".{dst.name}.tmp-*"), *dst.parent.glob(f".{dst.name}.old-*")]):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+            print(f"removed {leftover}, left by an interrupted conversion", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def atomic_destination(dst: str | Path, overwrite: bool) -> Iterator[Path]:
     """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds (removed otherwise)."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() and not looks_like_checkpoint(dst):
+        raise ConversionError(f"{dst} does not look like a checkpoint (no config.json or params/), so --overwrite "
+                              f"will not replace it; remove it yourself or choose another --dst")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     apply_umask(tmp)  # mkdtemp creates 0700; the destination gets the user's ordinary permissions
     try:

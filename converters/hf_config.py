@@ -152,6 +152,26 @@ def transformers_llm_config_dict(llm: LLMConfig, dtype: str) -> dict[str, Any]:
 # Reading
 
 
+# Numeric fields of the configs we read: a value of another type is refused naming its key (not with int()'s
+# "invalid literal ... 'two'").
+NUMERIC_KEYS = frozenset((
+    "hidden_size", "num_attention_heads", "num_experts", "num_local_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "decoder_sparse_step", "router_aux_loss_coef", "vocab_size", "intermediate_size",
+    "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_theta",
+    "image_size", "patch_size", "num_channels", "force_image_size", "downsample_ratio", "select_layer",
+    "max_dynamic_patch", "min_dynamic_patch",
+))
+
+
+def _check_numbers(d: Any, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    for key in NUMERIC_KEYS & d.keys():
+        v = d[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{where}: key {key!r} must be a number, got {v!r}")
+
+
 def _need(d: dict, key: str, where: str) -> Any:
     if key not in d:
         raise ConfigError(f"{where}: missing key {key!r}")
@@ -167,6 +187,7 @@ def _rope_theta(d: dict) -> float:
 
 def llm_config_from_hf(d: dict, where: str = "llm_config") -> LLMConfig:
     """Qwen3 / Qwen3-MoE `config.json` dict -> LLMConfig (the lm_head is always a separate tensor)."""
+    _check_numbers(d, where)
     hidden = int(_need(d, "hidden_size", where))
     heads = int(_need(d, "num_attention_heads", where))
     moe = None
@@ -202,6 +223,7 @@ def llm_config_from_hf(d: dict, where: str = "llm_config") -> LLMConfig:
 
 def vision_config_from_hf(d: dict, where: str = "vision_config") -> VisionConfig:
     """SAIL-ViT `vision_config` dict -> VisionConfig."""
+    _check_numbers(d, where)
     return VisionConfig(
         hidden_size=int(_need(d, "hidden_size", where)),
         intermediate_size=int(_need(d, "intermediate_size", where)),
@@ -227,6 +249,7 @@ def from_hf_config(path: str | Path, runtime: RuntimeConfig | None = None) -> Mo
         raise ConfigError(f"{p}: no such file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    _check_numbers(d, str(p))
     model_type = d.get("model_type")
     if model_type in ("qwen3", "qwen3_moe"):  # a plain language-model export
         return ModelConfig(llm=llm_config_from_hf(d, str(p)), runtime=runtime or RuntimeConfig())

@@ -14,12 +14,15 @@ from converters.core import ConversionError
 
 
 def _refusal(path: Path, err: Exception) -> ConversionError:
-    found = re.search(r"Unsupported global: ([^\n]+)", str(err))
-    detail = found.group(1).strip() if found else str(err).splitlines()[0]
+    """Name what the pickle references, without torch's own advice (re-running with weights_only=False would run
+    the file's code: the one fix we must not suggest)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    detail = f"it references {found.group(1)}" if found else "it is not a plain state dict of tensors"
     return ConversionError(
         f"{path}: refused: this pickle needs code to load ({detail}). Only plain state dicts of tensors are "
-        "accepted (torch.load with weights_only=True); re-save it with torch.save(model.state_dict(), ...) from "
-        "code you trust."
+        "accepted (torch.load with weights_only=True); load it in code you trust and re-save its tensors with "
+        "torch.save(model.state_dict(), ...) or safetensors, or convert from the model's Hugging Face safetensors "
+        "directory instead."
     )
 
 

@@ -255,10 +255,10 @@ def test_stacked_slices_must_share_a_dtype(tmp_path, fixture_tensors):
 def test_existing_destination_needs_overwrite(tmp_path, capsys):
     dst = tmp_path / "d"
     dst.mkdir()
-    (dst / "keep.txt").write_text("x")
+    (dst / "config.json").write_text("{}")  # an earlier output (--overwrite replaces only what looks like one)
     rc = main(["convert", "hf-to-orbax", "--src", str(CKPT), "--dst", str(dst), "--no-progress"])
     assert rc == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
-    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert [p.name for p in dst.iterdir()] == ["config.json"]
     assert main(["convert", "hf-to-orbax", "--src", str(CKPT), "--dst", str(dst), "--no-progress",
                  "--overwrite"]) == 0
     assert sorted(p.name for p in dst.iterdir()) == ["_CHECKPOINT_METADATA", "model_config", "params"]

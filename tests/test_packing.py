@@ -160,8 +160,9 @@ def test_skip_filter_counts_logs_and_keeps_counts_in_state(caplog):
 
 
 def test_skip_fraction_limit_names_the_dataset_file():
-    elements = [_marked(i, None) for i in range(4)] + [_marked(i, "bad_image", 1) for i in range(4, 8)]
+    # The limit compares a 99.87% lower confidence bound of the bad fraction: all-bad data passes 0.5 after 10.
+    elements = [_marked(i, None) for i in range(4)] + [_marked(i, "bad_image", 1) for i in range(4, 20)]
     ds = SkipBadSamplesIterDataset(stream(elements), ["good.jsonl", "broken.jsonl"], max_skip_fraction=0.5,
                                    min_samples=3)
-    with pytest.raises(ValueError, match=r"dataset broken\.jsonl: 3 of 3 samples were unusable \(bad_image: 3\)"):
+    with pytest.raises(ValueError, match=r"dataset broken\.jsonl: 10 of 10 samples were unusable \(bad_image: 10\)"):
         list(ds)

@@ -131,3 +131,95 @@ def test_two_processes_reach_the_losses_of_one(reference, cache, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in ref], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in ours], [r["grad_norm"] for r in ref], rtol=1e-4)
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in ref]
+
+
+def _same_as_reference(w: Path, reference: Path) -> None:
+    for item in ("params", "opt_state"):
+        assert trees_equal(load_item(w, 6, item), load_item(reference, 6, item)), item
+    assert [r["loss"] for r in metrics(w)] == [r["loss"] for r in metrics(reference)]
+
+
+def test_killed_at_random_moments_every_resume_continues_bit_exactly(reference, cache, tmp_path):
+    """10 SIGKILLs at seeded random moments: half as soon as a checkpoint write is seen in progress (Orbax's
+    temporary step directory), half at a random point after a random step; each resume must continue exactly."""
+    rng = np.random.default_rng(24)
+    w = tmp_path / "faults"
+    ckpts = w / "checkpoints"
+    in_write, kills, done = 0, 0, False
+    while kills < 10 and not done:
+        proc = start(w, cache, *(["--resume"] if ckpts.exists() else []), delay=0.2)
+        if kills % 2 == 0:
+            def writing() -> bool:
+                return ckpts.exists() and any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir())
+        else:
+            target = (complete_steps(w) or [0])[-1] + int(rng.integers(0, 3))
+
+            def writing(target: int = target) -> bool:
+                return logged_beyond(w, target)
+        t0 = time.monotonic()
+        while not writing() and proc.poll() is None and time.monotonic() - t0 < 300:
+            time.sleep(0.002)
+        if proc.poll() is not None:  # the run finished before the chosen moment
+            rc, log = finish(proc)
+            assert rc == 0, log
+            done = True
+            break
+        time.sleep(float(rng.uniform(0, 0.02 if kills % 2 == 0 else 0.2)))
+        in_write += any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir()) if ckpts.exists() else 0
+        proc.send_signal(signal.SIGKILL)
+        rc, log = finish(proc)
+        assert rc in (-signal.SIGKILL, 0), log
+        done, kills = rc == 0, kills + (rc != 0)
+    if not done:
+        rc, log = finish(start(w, cache, "--resume"))
+        assert rc == 0, log
+    assert kills >= 5 and in_write >= 1, (kills, in_write)
+    _same_as_reference(w, reference)
+
+
+def test_a_corrupt_checkpoint_falls_back_and_the_run_ends_as_uninterrupted(reference, cache, tmp_path):
+    import shutil
+
+    w = tmp_path / "corrupt"
+    shutil.copytree(reference, w)
+    chunks = [p for p in (w / "checkpoints" / "6" / "params").rglob("*") if p.is_file()]
+    f = max(chunks, key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    f.write_bytes(bytes(data))
+    (w / "metrics.jsonl").write_text((w / "metrics.jsonl").read_text() + '{"step": 7, "lo')  # torn line
+    rc, log = finish(start(w, cache, "--resume"))
+    assert rc == 0, log
+    rel = f.relative_to(w / "checkpoints" / "6")
+    assert f"warning: checkpoint 6 unreadable: {rel}: checksum mismatch" in log, log
+    assert "resuming from checkpoint 5, the newest that verifies" in log
+    assert "dropped 1 unparsable line" in log
+    _same_as_reference(w, reference)
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(cache, tmp_path):
+    w = tmp_path / "busy"
+    first = start(w, cache, delay=0.3)
+    wait_for(lambda: (w / ".lock").exists() and (w / "config.gin").exists(), first)
+    rc, log = finish(start(w, cache))
+    assert rc == 2 and f"sail-jax train: error: workdir {w} is in use by another run (pid {first.pid} on " in log, log
+    wait_for(lambda: logged_beyond(w, 0), first)  # the SIGTERM handler is installed
+    first.send_signal(signal.SIGTERM)
+    rc, log = finish(first)
+    assert rc == 0, log
+
+
+def test_disk_full_is_one_line(cache, tmp_path):
+    """A 3 MiB tmpfs holds two checkpoints of the tiny model; the third write fails (real ENOSPC)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        rc, log = finish(start(mnt / "w", cache))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert rc == 1, log
+    failure = [ln for ln in log.splitlines() if not ln.startswith(("step ", "steps ", "first step"))]
+    assert len(failure) == 1 and failure[0].startswith("sail-jax train: failed: saving checkpoint "), log
+    assert "No space left on device" in failure[0] or "RESOURCE_EXHAUSTED" in failure[0]

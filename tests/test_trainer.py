@@ -41,7 +41,7 @@ def test_metrics_log_tensorboard_and_plot(runs):
     for r in recs:
         for key in ("loss", "ce_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "targets"):
             assert math.isfinite(r[key]), (key, r)
-        assert r["skipped"] == 0 and r["dropped_targets"] == 0
+        assert r["nonfinite_step"] == 0 and r["dropped_targets"] == 0
         assert 0 < r["targets"] < r["tokens"] <= 4 * 48
     assert recs[-1]["loss"] < recs[0]["loss"]
     tags = event_tags(base)
@@ -67,7 +67,8 @@ def test_frozen_group_is_unchanged_and_has_no_optimizer_state(runs):
 
 def test_nonfinite_step_is_skipped_and_leaves_the_state_unchanged(runs):
     recs = metrics(runs["nan"])
-    assert [r["skipped"] for r in recs] == [0, 0, 1, 0, 0, 0]
+    assert [r["nonfinite_step"] for r in recs] == [0, 0, 1, 0, 0, 0]
+    assert [r["nonfinite_steps"] for r in recs] == [0, 0, 1, 1, 1, 1]
     assert recs[2]["loss"] == "nan" and math.isfinite(recs[-1]["loss"])
     # step 3 (0-based index 2) was poisoned: the state after it equals the base run's state after step 2
     for item in ("params", "opt_state"):

@@ -23,12 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", metavar="REQUESTS.jsonl",
                    help='batch mode: lines {"id", "prompt", "images": [paths relative to the file]}')
     p.add_argument("--out", metavar="ANSWERS.jsonl", help='batch mode output: lines {"id", "text", "token_ids"}')
+    p.add_argument("--allow-absolute-image-paths", action="store_true",
+                   help="batch mode: let requests name images outside the requests file's directory")
     p.add_argument("--batch-size", type=int, default=8, help="requests generated together in batch mode")
     p.set_defaults(func=run)
 
 
-def read_requests(path: Path) -> list[dict]:
-    """Validated request lines; errors name the file, line and key."""
+def read_requests(path: Path, allow_absolute: bool = False) -> list[dict]:
+    """Validated request lines; errors name the file, line and key. Image paths stay under the file's directory
+    unless `allow_absolute`."""
+    from sail_jax.data.sources import resolve_image_path
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such requests file")
     requests = []
@@ -41,8 +46,11 @@ def read_requests(path: Path) -> list[dict]:
         images = r.get("images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise ValueError(f"{path} line {n}: 'images' must be a list of file paths")
-        requests.append({"id": r["id"], "prompt": str(r["prompt"]), "line": n,
-                         "images": [str(path.parent / i) for i in images]})
+        try:
+            resolved = [str(resolve_image_path(path.parent, i, allow_absolute)) for i in images]
+        except ValueError as e:
+            raise ValueError(f"{path} line {n}: {e}") from None
+        requests.append({"id": r["id"], "prompt": str(r["prompt"]), "line": n, "images": resolved})
     return requests
 
 
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling = sampling_from_args(args)
-    todo = read_requests(Path(args.batch)) if args.batch else None
+    todo = read_requests(Path(args.batch), args.allow_absolute_image_paths) if args.batch else None
     engine, processor = load_engine(args)
 
     def encode(prompt: str, images: list[str]) -> Request:

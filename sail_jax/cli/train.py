@@ -13,6 +13,7 @@ JAX_* environment variables, or --distributed for JAX's cluster auto-detection).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from sail_jax.training import gin_setup
+    from sail_jax.training.checkpointing import CheckpointSaveFailed
     from sail_jax.training.program import LAYOUT_ARGS, run_layout
     from sail_jax.training.trainer import TrainingAborted
 
+    sys.unraisablehook = _quiet_closed_loop
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
     gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path)
     # Every binding is checked (and the mesh laid out) before the workdir exists.
@@ -55,19 +58,37 @@ def run(args: argparse.Namespace) -> int:
         print(gin_setup.describe(resolved, dict(mesh.shape), steps_note))
         return 0
     workdir = Path(gin_setup.workdir())
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.gin").write_text(gin.config_str())
-    if steps_note and jax.process_index() == 0:
-        print(steps_note, file=sys.stderr)
-    try:  # the steps as resolved: derived when train.epochs gives the run length
-        last = gin_setup.train_using_gin(resume=args.resume, steps=resolved["steps"])
-    except TrainingAborted as e:
-        print(f"sail-jax train: aborted: {e}", file=sys.stderr)
-        return 1
+    # The workdir lock is taken before anything is written there, so a second run changes nothing.
+    with distributed.workdir_lock(workdir):
+        if jax.process_index() == 0:
+            (workdir / "config.gin").write_text(gin.config_str())
+            if steps_note:
+                print(steps_note, file=sys.stderr)
+        try:  # the steps as resolved: derived when train.epochs gives the run length
+            last = gin_setup.train_using_gin(resume=args.resume, steps=resolved["steps"])
+        except TrainingAborted as e:
+            print(f"sail-jax train: aborted: {e}", file=sys.stderr)
+            return 1
+        except FileNotFoundError:
+            raise  # a missing input: the user error line, exit 2
+        except (CheckpointSaveFailed, OSError) as e:
+            # Disk full, permissions, a vanished mount: one line, not the traceback of every writer thread. The
+            # checkpoint writers' pending futures would each log a traceback again at interpreter exit, so the
+            # process ends here (the metrics and earlier checkpoints are already closed and complete).
+            detail = str(e).split("\n")[0] if isinstance(e, CheckpointSaveFailed) else f"{type(e).__name__}: {e}"
+            print(f"sail-jax train: failed: {detail}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
     if jax.process_index() == 0:
         (workdir / "operative_config.gin").write_text(gin.operative_config_str())
         if last:
             print(f"done: step metrics {', '.join(f'{k}={v:.4g}' for k, v in sorted(last.items()))}",
                   file=sys.stderr)
     return 0
+
+
+def _quiet_closed_loop(unraisable) -> None:
+    """After a failed checkpoint write, TensorStore completes the writer's futures on the event loop Orbax already
+    closed, each printing `RuntimeError: Event loop is closed`; the failure itself is reported once."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)

@@ -9,6 +9,7 @@ RGBA and LA images. EXIF orientation is not applied, as upstream.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,25 +30,31 @@ TOTAL_MAX_TILES = 64
 Grid = tuple[int, int]  # (columns, rows)
 
 
-def load_image(source: str | os.PathLike | Image.Image, convert_rgb: bool = False) -> Image.Image:
-    """Open an image file (or take a PIL image) and decode it now, so a bad file fails here, naming the file.
+# What decoding an untrusted image can raise, whoever reads it (training data, eval TSVs, requests): PIL's
+# `DecompressionBombError` (more than 2 x Image.MAX_IMAGE_PIXELS pixels) is not an OSError and must be listed.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image, convert_rgb: bool = False) -> Image.Image:
+    """Open an image file or encoded bytes (or take a PIL image) and decode it now, so a bad image fails here as a
+    ValueError (FileNotFoundError for a missing file), naming the file.
 
     The mode is kept (HF-processor behaviour); `convert_rgb=True` gives VLMEvalKit's RGB-first behaviour.
     """
     if isinstance(source, Image.Image):
         image = source
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
+    elif isinstance(source, (str, os.PathLike, bytes)):
+        what = "image data" if isinstance(source, bytes) else f"image file {source}"
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise FileNotFoundError(f"image file not found: {source}")
         try:
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as opened:
                 opened.load()
                 image = opened
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image file {path}: {e}") from e
+        except IMAGE_ERRORS as e:
+            raise ValueError(f"cannot read {what}: {e}") from e
     else:
-        raise TypeError(f"expected an image path or a PIL image, got {type(source).__name__}")
+        raise TypeError(f"expected an image path, bytes or a PIL image, got {type(source).__name__}")
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image has zero size {image.size}")
     return _convert_rgb(image) if convert_rgb else image

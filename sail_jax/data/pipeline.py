@@ -20,6 +20,7 @@ apply to records as read, i.e. before bad samples are skipped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,10 @@ class DataConfig:
     balanced over `num_devices` (the devices this process feeds). Samples: images tiled with up to `max_num` tiles
     (+ thumbnail) at `image_size` pixels (None: the tokenizer dir's preprocessor_config.json, 448), `over_long`
     "drop" | "truncate", `loss_on` "thought_and_answer" | "conditional" (Think-Fusion SFT) | "answer" (which
-    response tokens are targets: `transforms`), `system_prompt` (None: the SAIL-VL2 default, "": none). Packing:
-    `packer` "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch with `seed`;
-    `num_epochs` None repeats forever, else the mixture stops when its first dataset runs out. Throughput:
+    response tokens are targets: `transforms`), `system_prompt` (None: the SAIL-VL2 default, "": none). Image
+    paths stay under the image root unless `allow_absolute_image_paths` (trusted data). Packing: `packer`
+    "best_fit" | "first_fit" over `num_packing_bins` bins. Order: shuffled per epoch with `seed`; `num_epochs`
+    None repeats forever, else the mixture stops when its first dataset runs out. Throughput:
     `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` / `read_buffer_size`
     per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped fraction exceeds
     `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
@@ -93,6 +95,7 @@ class DataConfig:
     prefetch_batches: int = 2
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 100
+    allow_absolute_image_paths: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -122,7 +125,7 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or Path(spec.path).parent),
         dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
         image_size=cfg.image_size, over_long=cfg.over_long, loss_on=cfg.loss_on,
-        system_prompt=cfg.system_prompt,
+        system_prompt=cfg.system_prompt, allow_absolute_image_paths=cfg.allow_absolute_image_paths,
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     return ds.map(transform).to_iter_dataset(read)
@@ -175,7 +178,61 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
                                 PAD_TOKEN_ID)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
-    return ds
+    return FingerprintedIterDataset(ds, data_fingerprint(cfg))
+
+
+# The DataConfig fields that decide which samples arrive in which order (not the throughput ones: workers, threads,
+# buffers may change between runs).
+STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tiles", "max_num", "image_size",
+                 "over_long", "loss_on", "system_prompt", "packer", "num_packing_bins", "seed", "shuffle",
+                 "num_epochs", "allow_absolute_image_paths")
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint."""
+    return json.loads(json.dumps({k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k)
+                                  for k in STREAM_FIELDS}))
+
+
+class DataConfigMismatch(ValueError):
+    """A checkpoint's iterator state was written for another data configuration."""
+
+
+class _FingerprintedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, fingerprint: dict[str, Any]):
+        super().__init__(parent)
+        self._fingerprint = fingerprint
+
+    def __next__(self) -> Any:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"data_config": self._fingerprint, "pipeline": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("data_config")
+        if saved is None:
+            raise DataConfigMismatch("the checkpoint's data iterator state has no data configuration (written by "
+                                     "an older version); resume it with that version or start a new workdir")
+        if saved != self._fingerprint:
+            changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self._fingerprint.items()
+                                if saved.get(k) != v)
+            raise DataConfigMismatch(f"the data configuration differs from the checkpoint's ({changed}); resume "
+                                     f"with the data settings the run was started with, or start a new workdir")
+        self._parent.set_state(state["pipeline"])
+
+
+class FingerprintedIterDataset(grain.IterDataset):
+    """The outermost stage: the iterator state carries `data_fingerprint(cfg)`, and restoring a state written for
+    another configuration fails in one line naming the changed fields (instead of a KeyError deep in Grain, or a
+    silently different stream)."""
+
+    def __init__(self, parent: grain.IterDataset, fingerprint: dict[str, Any]):
+        super().__init__(parent)
+        self._fingerprint = fingerprint
+
+    def __iter__(self) -> _FingerprintedIterator:
+        return _FingerprintedIterator(self._parent.__iter__(), self._fingerprint)
 
 
 def grain_data(

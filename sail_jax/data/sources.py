@@ -140,8 +140,9 @@ def decode_object(data: bytes) -> dict:
     return obj
 
 
-def parse_record(data: bytes, image_root: str | os.PathLike) -> Conversation:
-    """Decode and validate one LLaVA-style record; every problem is a `BadSample("malformed", ...)`."""
+def parse_record(data: bytes, image_root: str | os.PathLike, allow_absolute: bool = False) -> Conversation:
+    """Decode and validate one LLaVA-style record; every problem is a `BadSample("malformed", ...)`. Image paths
+    must stay under `image_root` unless `allow_absolute` (`resolve_image_path`)."""
     obj = decode_object(data)
     turns = obj.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -162,9 +163,27 @@ def parse_record(data: bytes, image_root: str | os.PathLike) -> Conversation:
     paths = [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise BadSample("malformed", "'image' must be a path or a list of paths")
-    root = Path(image_root)
+    try:
+        images = [resolve_image_path(image_root, p, allow_absolute) for p in paths]
+    except ValueError as e:
+        raise BadSample("malformed", str(e)) from None
     record_id = obj.get("id")
-    return Conversation(messages, [root / p for p in paths], None if record_id is None else str(record_id))
+    return Conversation(messages, images, None if record_id is None else str(record_id))
+
+
+def resolve_image_path(root: str | os.PathLike, name: str, allow_absolute: bool = False) -> Path:
+    """`root / name`, refused unless it stays under `root` (`../` or an absolute path would let a data or request
+    file open any file of the host) or `allow_absolute` says the paths are trusted. The check is on the normalised
+    path, not the resolved one: symlinks a dataset owner placed under the root keep working."""
+    path = Path(name)
+    if allow_absolute:
+        return path if path.is_absolute() else Path(root) / path
+    if path.is_absolute():
+        raise ValueError(f"image path {name!r} is absolute; paths are relative to the image root {root} (allow "
+                         f"absolute paths with the allow_absolute_image_paths option)")
+    if Path(os.path.normpath(path)).parts[:1] == ("..",):
+        raise ValueError(f"image path {name!r} leaves the image root {root}")
+    return Path(root) / path
 
 
 def jsonl_to_arrayrecord(src: str | os.PathLike, dst: str | os.PathLike) -> int:

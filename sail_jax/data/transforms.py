@@ -114,6 +114,7 @@ class SampleTransform(grain.transforms.Map):
     over_long: str = "drop"
     loss_on: str = "thought_and_answer"
     system_prompt: str | None = None
+    allow_absolute_image_paths: bool = False
 
     def __post_init__(self):
         if self.over_long not in OVER_LONG_POLICIES:
@@ -135,7 +136,7 @@ class SampleTransform(grain.transforms.Map):
             return {"skip": e.reason, "dataset": self.dataset, "where": record.where, "error": str(e)}
 
     def encode(self, record: RawRecord) -> dict[str, Any]:
-        conv = parse_record(record.data, self.image_root)
+        conv = parse_record(record.data, self.image_root, self.allow_absolute_image_paths)
         texts = [m["content"] for m in conv.messages]
         markers = sum(t.count(chat.IMAGE_PLACEHOLDER) for t in texts)
         # With no marker at all the processor puts `<image>\n` per image before the first user turn (model.chat).

@@ -11,7 +11,6 @@ import ast
 import base64
 import binascii
 import csv
-import io
 import json
 import re
 import string
@@ -19,10 +18,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sail_jax.data.chat import vlmevalkit_prompt, with_thinking
-from sail_jax.data.images import multi_image_max_num, vlmevalkit_max_num
+from sail_jax.data.images import load_image, multi_image_max_num, vlmevalkit_max_num
 
 REQUIRED_COLUMNS = ("index", "image", "question", "answer")
 MCQ_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -112,10 +111,9 @@ def decode_images(item: Item, path: str | Path = "") -> list[Image.Image]:
     """The row's images as RGB PIL images (VLMEvalKit converts to RGB before tiling)."""
     out = []
     for k, data in enumerate(item.images):
-        try:
-            with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as im:
-                out.append(im.convert("RGB"))
-        except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
+        try:  # the one image policy of every reader (data.images.load_image), decompression bombs included
+            out.append(load_image(base64.b64decode(data, validate=False), convert_rgb=True))
+        except (binascii.Error, ValueError) as e:
             raise ValueError(f"{_where(Path(path), item.row, item.index)}: column 'image', image {k}: "
                              f"not decodable base64 image data ({e})") from None
     return out

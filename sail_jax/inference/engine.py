@@ -32,6 +32,7 @@ import numpy as np
 
 from sail_jax.config import PAD_TOKEN_ID
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample, step_keys
+from sail_jax.inference.text import check_context_length
 from sail_jax.layers.common import as_dtype
 from sail_jax.models.generative import GenerativeModel
 from sail_jax.models.qwen3 import init_cache
@@ -223,6 +224,7 @@ class Engine:
         """Generate for every request at once. `on_tokens(row, new_ids)` is called as tokens arrive (after the
         prefill and after each decode call) with the row's tokens that count (nothing after its stop token)."""
         self._check(requests)
+        check_context_length([len(r.input_ids) for r in requests], sampling.max_new_tokens, self.model.llm_config)
         n = len(requests)
         batch = 1 << (n - 1).bit_length()
         lengths = [len(r.input_ids) for r in requests]

@@ -1,13 +1,26 @@
-"""Token ids -> text, as upstream decodes responses, and an incremental decoder for streaming."""
+"""Token ids -> text, as upstream decodes responses, an incremental decoder for streaming, and the context-length
+check every generation request passes (generate, chat, eval all reach it through `Engine.generate`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from sail_jax.config import LLMConfig
 from sail_jax.data.tokenizer import SailTokenizer
 
 IM_END = "<|im_end|>"
 _INCOMPLETE = "\ufffd"  # what byte-level BPE decodes a partial UTF-8 sequence to
+
+
+def check_context_length(prompt_lengths: Sequence[int], max_new_tokens: int, llm: LLMConfig) -> None:
+    """Refuse a request whose prompt plus `max_new_tokens` passes the model's `max_position_embeddings`: positions
+    beyond it were never trained (RoPE would run on silently)."""
+    max_positions = llm.max_position_embeddings
+    for i, n in enumerate(prompt_lengths):
+        if n + max_new_tokens > max_positions:
+            raise ValueError(f"request {i}: prompt of {n} tokens + max_new_tokens {max_new_tokens} = "
+                             f"{n + max_new_tokens} positions, more than the model's max_position_embeddings "
+                             f"{max_positions}; shorten the prompt (fewer images or tiles) or lower --max-new-tokens")
 
 
 def decode_response(tokenizer: SailTokenizer, token_ids: Iterable[int]) -> str:

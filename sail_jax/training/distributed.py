@@ -7,9 +7,15 @@ single-process. On CPU, cross-process collectives use gloo (JAX's default CPU im
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
+import socket
+import sys
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -53,8 +59,63 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def barrier(name: str) -> None:
+    """Wait until every process gets here (free on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on WORKDIR/.lock (process 0 only; re-entrant within the process), so a second
+    run on the same workdir is refused in one line instead of interleaving its metrics and checkpoints.
+
+    The kernel drops the lock when the process ends, however it ends. Filesystems without `flock` support (some
+    FUSE mounts of object stores) are run unlocked with a warning: there, one workdir per run is up to the user.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    path = Path(workdir).absolute() / ".lock"
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(f"workdir {path.parent} is in use by another run ({holder}; it holds {path}); wait "
+                             f"for it to end or use another workdir") from None
+        except OSError as e:
+            print(f"warning: cannot lock {path} ({e.strerror}); running without a workdir lock", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD[path] = 1
+        try:
+            yield
+        finally:
+            del _HELD[path]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_HELD: dict[Path, int] = {}
+
+
 class PreemptionFlag:
-    """Set by SIGTERM (the signal pods get before preemption); the trainer checkpoints at the next step."""
+    """Set by SIGTERM (the signal pods get before preemption); the trainer checkpoints at the next step.
+
+    A second SIGTERM ends the process at once (the default action), so a run that cannot reach a step boundary
+    is never left ignoring the signal."""
 
     def __init__(self):
         self.requested = False
@@ -66,6 +127,9 @@ class PreemptionFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.requested = True
 
     def __exit__(self, *exc) -> None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 
 from sail_jax.config import ModelConfig
+from sail_jax.files import write_text_atomic
 
 # Dense bf16 peak FLOP/s per device, matched as substrings of `device.device_kind.lower()` in order.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -99,10 +101,21 @@ class MetricsWriter:
         """On resume, drop lines of steps the restored checkpoint does not contain (they will be redone)."""
         if not self.jsonl_path.exists():
             return
-        lines = self.jsonl_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = self.jsonl_path.read_text(errors="replace").splitlines()
+        kept, torn = [], 0
+        for ln in lines:
+            try:
+                record_step = json.loads(ln)["step"] if ln.strip() else None
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill: logs never block a resume
+                torn += 1
+                continue
+            if record_step is not None and record_step <= step:
+                kept.append(ln)
+        if torn:
+            print(f"warning: {self.jsonl_path}: dropped {torn} unparsable line(s) (torn by an interrupted write)",
+                  file=sys.stderr, flush=True)
         if len(kept) != len(lines):
-            self.jsonl_path.write_text("".join(ln + "\n" for ln in kept))
+            write_text_atomic(self.jsonl_path, "".join(ln + "\n" for ln in kept))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """`step` counts completed steps (1 = after the first update)."""

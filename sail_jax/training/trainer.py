@@ -3,12 +3,15 @@
 One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint, or `resume` from
 the workdir's latest checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
 donated) -> metrics -> AdaLRS -> checkpoint. SIGTERM checkpoints at the next step boundary and returns.
-Non-finite steps are skipped by the step itself; `max_consecutive_skips` in a row abort the run.
+Non-finite steps are skipped by the step itself (metrics `nonfinite_step`, running total `nonfinite_steps`);
+`max_consecutive_skips` in a row abort the run. Samples the data pipeline skipped are logged per reason
+(`skipped_REASON`, `truncated_samples`) every `log_every` steps and on the last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from jax.sharding import Mesh
 from converters.orbax_io import restore_model_params
 from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, check_batch, local_rows, to_global
+from sail_jax.data.packing import skip_totals
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
@@ -75,38 +79,47 @@ def train(
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, microbatches=microbatches)
     workdir_ = Path(workdir).absolute()
     workdir_.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir_, checkpoint)
-    try:
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            raise ValueError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                             f"(train.resume=True) to continue, or use another workdir")
-        data_iter = data(cfg=cfg, global_batch_size=batch_size, seq_len=seq_len,
-                         process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
-        run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps, batch_size=batch_size,
-                   seq_len=seq_len, trainable=program.trainable, targets_per_row=program.targets_per_row,
-                   max_consecutive_skips=max_consecutive_skips,
-                   controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
-        with use_mesh(program.mesh):
-            if resume and latest is not None:
-                state, start = run.restore(latest, program.abstract_state)
-            else:
-                if init_from:
-                    params = restore_model_params(init_from, cfg, program.abstract_state.params)
+    with distributed.workdir_lock(workdir_):
+        ckpt = Checkpointer(workdir_, checkpoint)
+        finished = False
+        try:
+            latest = ckpt.latest_step()
+            if latest is not None and not resume:
+                raise ValueError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
+                                 f"--resume (train.resume=True) to continue, or use another workdir")
+            data_iter = data(cfg=cfg, global_batch_size=batch_size, seq_len=seq_len,
+                             process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
+            run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps,
+                       batch_size=batch_size, seq_len=seq_len, trainable=program.trainable,
+                       targets_per_row=program.targets_per_row, max_consecutive_skips=max_consecutive_skips,
+                       controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
+            with use_mesh(program.mesh):
+                if resume and latest is not None:
+                    state, start = run.restore(program.abstract_state)
                 else:
-                    params = program.init_params(jax.random.PRNGKey(seed))
-                state, start = TrainState(params, program.init_opt_state(params)), 0
-            writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0, log_every=log_every)
-            if epochs is not None:
-                writer.message(f"train.epochs={epochs}: {steps} steps")
-            try:
-                return run.loop(state, start, program.step, program.copy_state, writer,
-                                peak_flops_per_device(peak_flops))
-            finally:
-                writer.close()
-    finally:
-        ckpt.wait()
-        ckpt.close()
+                    if init_from:
+                        params = restore_model_params(init_from, cfg, program.abstract_state.params)
+                    else:
+                        params = program.init_params(jax.random.PRNGKey(seed))
+                    state, start = TrainState(params, program.init_opt_state(params)), 0
+                writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0,
+                                       log_every=log_every)
+                if epochs is not None:
+                    writer.message(f"train.epochs={epochs}: {steps} steps")
+                try:
+                    last = run.loop(state, start, program.step, program.copy_state, writer,
+                                    peak_flops_per_device(peak_flops))
+                finally:
+                    writer.close()
+            finished = True
+            return last
+        finally:
+            ckpt.finish(raise_errors=finished)  # after an error, that error is the one reported
+
+
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -128,10 +141,11 @@ class _Run:
     skipped_total: int = 0
     consecutive_skips: int = 0
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, int]:
-        params, opt_state, saved, snapshot = self.ckpt.restore(
-            step, cfg=self.cfg, abstract_params=abstract_state.params, abstract_opt_state=abstract_state.opt_state,
-            data_iter=self.data_iter)
+    def restore(self, abstract_state: TrainState) -> tuple[TrainState, int]:
+        """The newest checkpoint that restores (unreadable newer ones are reported and set aside)."""
+        _, (params, opt_state, saved, snapshot) = self.ckpt.restore_latest(
+            _warn, cfg=self.cfg, abstract_params=abstract_state.params,
+            abstract_opt_state=abstract_state.opt_state, data_iter=self.data_iter)
         self.skipped_total, self.consecutive_skips = int(saved["skipped_total"]), int(saved["consecutive_skips"])
         if self.controller is not None and saved.get("adalrs") is not None:
             self.controller.load_state_dict(saved["adalrs"])
@@ -154,6 +168,7 @@ class _Run:
                 t0 = time.perf_counter()
                 state, out = step_fn(state, batch, np.int32(step), np.float32(scale))
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
+                out["nonfinite_step"] = out.pop("skipped")  # an update skipped for a non-finite loss or gradient
                 dt = time.perf_counter() - t0
                 if step == start:
                     writer.message(f"first step (includes compilation): {dt:.1f}s")
@@ -162,7 +177,9 @@ class _Run:
                 flops = step_flops(self.cfg, tokens=out["tokens"], targets=out["targets"], tiles=out["tiles"],
                                    seq_len=self.seq_len, trainable=self.trainable)
                 out.update(step_time_s=dt, tokens_per_s=out["tokens"] / dt, lr_scale=scale,
-                           mfu=flops / dt / (peak[0] * jax.device_count()))
+                           mfu=flops / dt / (peak[0] * jax.device_count()), nonfinite_steps=self.skipped_total)
+                if (step + 1) % writer.log_every == 0 or step + 1 == self.steps:
+                    out.update(self._data_skips())
                 if out["dropped_targets"]:
                     writer.message(f"step {step + 1}: {out['dropped_targets']:.0f} target tokens beyond the static "
                                    f"budget of {self.targets_per_row} per row (pooled over each batch shard) were "
@@ -201,8 +218,13 @@ class _Run:
         return self.ckpt.save(done, cfg=self.cfg, params=state.params, opt_state=state.opt_state,
                               train_state=train_state, data_iter=self.data_iter, snapshot=snap, force=force)
 
+    def _data_skips(self) -> dict[str, float]:
+        """Samples the data pipeline skipped so far, per reason (from its iterator state; {} for other data)."""
+        get_state = getattr(self.data_iter, "get_state", None)
+        return {k: float(v) for k, v in skip_totals(get_state()).items()} if get_state is not None else {}
+
     def _count_skips(self, out: dict[str, float], step: int) -> None:
-        if not out["skipped"]:
+        if not out["nonfinite_step"]:
             self.consecutive_skips = 0
             return
         self.skipped_total += 1
