@@ -8,6 +8,7 @@ each kind compiles.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -220,6 +221,8 @@ def test_disk_full_is_one_line(cache, tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     assert rc == 1, log
-    failure = [ln for ln in log.splitlines() if not ln.startswith(("step ", "steps ", "first step"))]
+    # XLA's own C++ log lines (compiler warnings on a cold compile cache) are not ours.
+    failure = [ln for ln in log.splitlines()
+               if not ln.startswith(("step ", "steps ", "first step")) and not re.match(r"[IWE]\d{4} ", ln)]
     assert len(failure) == 1 and failure[0].startswith("sail-jax train: failed: saving checkpoint "), log
     assert "No space left on device" in failure[0] or "RESOURCE_EXHAUSTED" in failure[0]
