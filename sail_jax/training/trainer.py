@@ -18,9 +18,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from converters.orbax_io import restore_model_params
+from converters.orbax_io import has_tokenizer, restore_model_params
 from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, check_batch, local_rows, to_global
+from sail_jax.data.tokenizer import find_tokenizer_dir
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
@@ -55,14 +56,20 @@ def train(
     max_consecutive_skips: int = 5,
     log_every: int = 100,
     peak_flops: float | None = None,
+    tokenizer_dir: str | None = None,
 ) -> dict[str, float]:
     """Train `model` for `steps` global batches of `batch_size` rows x `seq_len` tokens; returns the last metrics.
 
     `mesh` maps axes of (data, fsdp, tensor, expert) to sizes (-1 = the rest; default all devices on fsdp).
     `target_fraction` bounds the target positions per row that reach the lm_head (a static loss budget,
-    pooled over the rows of each batch shard).
+    pooled over the rows of each batch shard). `tokenizer_dir` (the data's tokenizer) is copied into every
+    checkpoint, so each one runs on its own.
     """
     cfg = model
+    if tokenizer_dir is not None:
+        tokenizer_dir = str(find_tokenizer_dir(tokenizer_dir).absolute())
+        if not has_tokenizer(tokenizer_dir):
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer here (expected vocab.json + merges.txt)")
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction)
     workdir_ = Path(workdir).absolute()
@@ -77,7 +84,7 @@ def train(
                          process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
         run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps, batch_size=batch_size,
                    seq_len=seq_len, trainable=program.trainable, targets_per_row=program.targets_per_row,
-                   max_consecutive_skips=max_consecutive_skips,
+                   max_consecutive_skips=max_consecutive_skips, tokenizer_dir=tokenizer_dir,
                    controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
         with use_mesh(program.mesh):
             if resume and latest is not None:
@@ -114,6 +121,7 @@ class _Run:
     targets_per_row: int
     max_consecutive_skips: int
     controller: AdaLRS | None
+    tokenizer_dir: str | None = None
     snapshot: TrainState | None = None
     skipped_total: int = 0
     consecutive_skips: int = 0
@@ -189,7 +197,8 @@ class _Run:
                        "adalrs": self.controller.state_dict() if self.controller is not None else None}
         snap = (self.snapshot.params, self.snapshot.opt_state) if self.snapshot is not None else None
         return self.ckpt.save(done, cfg=self.cfg, params=state.params, opt_state=state.opt_state,
-                              train_state=train_state, data_iter=self.data_iter, snapshot=snap, force=force)
+                              train_state=train_state, data_iter=self.data_iter, snapshot=snap, force=force,
+                              tokenizer=self.tokenizer_dir)
 
     def _count_skips(self, out: dict[str, float], step: int) -> None:
         if not out["skipped"]:
