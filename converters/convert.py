@@ -270,8 +270,9 @@ def orbax_to_hf(
     (`tokenizer`, default the checkpoint's own). `remote_code_from`: the original model's directory, whose code and
     processor files (`converters.remote_code`) make the export load with transformers' `trust_remote_code=True`.
     """
-    from converters.remote_code import apply_auto_maps, copy_remote_code
+    from converters.remote_code import apply_auto_maps, find_remote_code
 
+    remote_code = find_remote_code(remote_code_from) if remote_code_from is not None else None
     cfg, source = open_source(src)
     _check_upstream(cfg, source, str(src))
     keys = [(e.hf_key, e.hf_key) for e in model_entries(cfg, False)]
@@ -281,8 +282,10 @@ def orbax_to_hf(
         tokenizer = tokenizer or checkpoint_tokenizer(src)
         if tokenizer is not None:
             _copy_tokenizer(tokenizer, tmp, with_remote_code=True)
-        auto_maps = copy_remote_code(remote_code_from, tmp) if remote_code_from is not None else {}
-        _json(tmp / "config.json", apply_auto_maps(sailvl_config_dict(cfg, stored), auto_maps))
+        if remote_code is not None:  # after the tokenizer: the original's processor files and template win
+            remote_code.copy(tmp)
+        config = sailvl_config_dict(cfg, stored)
+        _json(tmp / "config.json", apply_auto_maps(config, remote_code.auto_maps) if remote_code else config)
 
 
 def export_llm(

@@ -8,6 +8,7 @@ original's, copied as they are. The export's `auto_map` is the original's, so it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -55,9 +56,23 @@ def auto_maps(config: dict) -> dict[str, dict]:
     return out
 
 
-def copy_remote_code(original: str | Path, dst: Path) -> dict[str, dict]:
-    """Copy `*.py` and `PROCESSOR_FILES` of `original` into `dst`; returns the `auto_map`s of its config.json
-    (`auto_maps`), to be written into the export's. Every local module an `auto_map` names must exist."""
+@dataclasses.dataclass(frozen=True)
+class RemoteCode:
+    """What an export takes from the original directory: files (relative paths) and config.json's `auto_map`s."""
+
+    root: Path
+    files: tuple[str, ...]
+    auto_maps: dict[str, dict]
+
+    def copy(self, dst: Path) -> None:
+        for name in self.files:
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.root / name, dst / name)
+
+
+def find_remote_code(original: str | Path) -> RemoteCode:
+    """`*.py` and `PROCESSOR_FILES` of `original`, checked before anything is written: every local module an
+    `auto_map` (of config.json, its sub-configs, the tokenizer or processor config) names must be there."""
     src = Path(original)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such remote-code directory")
@@ -79,14 +94,9 @@ def copy_remote_code(original: str | Path, dst: Path) -> dict[str, dict]:
                if not (src / module).is_file()]
     if missing:
         raise ValueError(missing[0])
-    for f in [*code, *(src / n for n in PROCESSOR_FILES)]:
-        if f.is_file():
-            shutil.copyfile(f, dst / f.name)
-    for module in needed:  # a module in a sub-package (`pkg.module.Class`) keeps its folder
-        if "/" in module:
-            (dst / module).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / module, dst / module)
-    return maps
+    files = [f.name for f in code] + [n for n in PROCESSOR_FILES if (src / n).is_file()]
+    files += [m for m in needed if "/" in m]  # a module in a sub-package (`pkg.module.Class`) keeps its folder
+    return RemoteCode(src, tuple(files), maps)
 
 
 def apply_auto_maps(config: dict, maps: dict[str, dict]) -> dict:

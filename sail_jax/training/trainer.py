@@ -9,6 +9,7 @@ Non-finite steps are skipped by the step itself; `max_consecutive_skips` in a ro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from jax.sharding import Mesh
 
 from converters.orbax_io import has_tokenizer, restore_model_params
 from sail_jax.config import ModelConfig
-from sail_jax.data.batch import DataFactory, check_batch, local_rows, to_global
+from sail_jax.data.batch import DataFactory, batch_shards, check_batch, local_rows, to_global
 from sail_jax.data.tokenizer import find_tokenizer_dir
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
@@ -29,7 +30,7 @@ from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
 from sail_jax.training.metrics import MetricsWriter, peak_flops_per_device, step_flops
 from sail_jax.training.optim import OptimizerConfig
 from sail_jax.training.program import build_program
-from sail_jax.training.step import TrainState
+from sail_jax.training.step import TrainState, make_loss_fn
 
 
 class TrainingAborted(RuntimeError):
@@ -57,14 +58,21 @@ def train(
     log_every: int = 100,
     peak_flops: float | None = None,
     tokenizer_dir: str | None = None,
+    eval_data: DataFactory | None = None,
+    eval_every: int = 0,
+    eval_batches: int = 4,
 ) -> dict[str, float]:
     """Train `model` for `steps` global batches of `batch_size` rows x `seq_len` tokens; returns the last metrics.
 
     `mesh` maps axes of (data, fsdp, tensor, expert) to sizes (-1 = the rest; default all devices on fsdp).
     `target_fraction` bounds the target positions per row that reach the lm_head (a static loss budget,
     pooled over the rows of each batch shard). `tokenizer_dir` (the data's tokenizer) is copied into every
-    checkpoint, so each one runs on its own.
+    checkpoint, so each one runs on its own. Every `eval_every` steps (0: never) the loss on the first
+    `eval_batches` batches of `eval_data` (a held-out set, same kind of factory as `data`) is logged as `eval_loss`.
     """
+    if eval_every < 0 or eval_batches < 1 or (eval_every and eval_data is None):
+        raise ValueError(f"train.eval_every={eval_every} needs train.eval_data and train.eval_batches >= 1 "
+                         f"(got {eval_batches})")
     cfg = model
     if tokenizer_dir is not None:
         tokenizer_dir = str(find_tokenizer_dir(tokenizer_dir).absolute())
@@ -85,6 +93,8 @@ def train(
         run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps, batch_size=batch_size,
                    seq_len=seq_len, trainable=program.trainable, targets_per_row=program.targets_per_row,
                    max_consecutive_skips=max_consecutive_skips, tokenizer_dir=tokenizer_dir,
+                   eval_data=eval_data if eval_every else None, eval_every=eval_every, eval_batches=eval_batches,
+                   seed=seed,
                    controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
         with use_mesh(program.mesh):
             if resume and latest is not None:
@@ -122,6 +132,10 @@ class _Run:
     max_consecutive_skips: int
     controller: AdaLRS | None
     tokenizer_dir: str | None = None
+    eval_data: DataFactory | None = None
+    eval_every: int = 0
+    eval_batches: int = 4
+    seed: int = 0
     snapshot: TrainState | None = None
     skipped_total: int = 0
     consecutive_skips: int = 0
@@ -165,6 +179,8 @@ class _Run:
                     writer.message(f"step {step + 1}: {out['dropped_targets']:.0f} target tokens beyond the static "
                                    f"budget of {self.targets_per_row} per row (pooled over each batch shard) were "
                                    f"left out of the loss; raise train.target_fraction")
+                if self.eval_data is not None and (step + 1) % self.eval_every == 0:
+                    out["eval_loss"] = self._eval_loss(state.params)
                 writer.write(step + 1, out)
                 last = out
                 stop = distributed.any_process(preempt.requested)
@@ -175,6 +191,21 @@ class _Run:
                                    f"with --resume")
                     break
         return last
+
+    def _eval_loss(self, params: Any) -> float:
+        """Mean cross-entropy per target over the first `eval_batches` batches of the eval data (no update)."""
+        data = self.eval_data(cfg=self.cfg, global_batch_size=self.batch_size, seq_len=self.seq_len,
+                              process_index=jax.process_index(), process_count=jax.process_count(), seed=self.seed)
+        loss_fn = _eval_loss_fn(self.cfg, self.targets_per_row, self.mesh)
+        rows = local_rows(self.batch_size, jax.process_count())
+        total = count = 0.0
+        for _ in range(self.eval_batches):
+            local = next(data)
+            check_batch(local, rows, self.seq_len, self.cfg)
+            _, m = loss_fn(params, to_global(local, self.mesh, self.batch_size))
+            ce, n = (float(v) for v in jax.device_get((m["ce_loss"], m["targets"])))
+            total, count = total + ce * n, count + n
+        return total / max(count, 1.0)
 
     def _adalrs(self, step: int, loss: float, state: TrainState, copy_fn, writer: MetricsWriter) -> TrainState:
         if self.controller is None:
@@ -214,3 +245,9 @@ class _Run:
                 f"Aborting: check the data of these steps or lower the learning rate "
                 f"(train.max_consecutive_skips={self.max_consecutive_skips})"
             )
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_loss_fn(cfg: ModelConfig, targets_per_row: int, mesh: Mesh):
+    """The training loss, jitted on its own (forward only), shared by the runs of one configuration."""
+    return jax.jit(make_loss_fn(cfg, targets_per_row, budget_groups=batch_shards(mesh)))
