@@ -177,7 +177,8 @@ def _help(chat: Chat, arg: str) -> bool:
 
 def _reset(chat: Chat, arg: str) -> bool:
     if chat.interactive:
-        answer = chat.reader.read("Start a new conversation (the history is lost)? [y/N] ")
+        n = len(chat.session.history) // 2
+        answer = chat.reader.read(f"Start a new conversation, dropping {n} exchange(s)? [y/N] ")
         if answer is None or answer.lower() not in ("y", "yes"):
             chat.say("kept the conversation")
             return True
