@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import signal
 import sys
 import threading
@@ -105,7 +104,7 @@ class ChatSession:
 
 
 class LineReader:
-    """Lines typed by the user; None at end of input. A line that is not valid UTF-8 comes back as `BadLine`."""
+    """Lines typed by the user; None at end of input. A line that is not valid UTF-8 comes back as `BAD_LINE`."""
 
     def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool):
         self.stderr, self.interactive = stderr, interactive
@@ -115,10 +114,10 @@ class LineReader:
 
             self.session = PromptSession()  # line editing; in-memory history (arrow keys)
             self.lines = None
-        else:  # undecodable bytes come through as surrogates, and are caught per line below
+        else:  # bytes are decoded here, undecodable ones as surrogates, which `read` catches
             buffer = getattr(stdin, "buffer", None)
-            text = io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape") if buffer else stdin
-            self.lines = iter(text.readline, "")
+            readline = (lambda: buffer.readline().decode("utf-8", "surrogateescape")) if buffer else stdin.readline
+            self.lines = iter(readline, "")
 
     def read(self, prompt: str) -> str | None:
         if self.session is not None:
