@@ -55,6 +55,7 @@ class ChatSession:
         self.pending: list[str] = list(self.start_images)
 
     def attach_image(self, path: str) -> None:
+        path = str(Path(path).expanduser())
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such image file")
         self.pending.append(path)
@@ -206,7 +207,6 @@ COMMANDS: dict[str, Command] = {
     "/exit": Command("/exit", "quit (also /quit, Ctrl-D)", _exit),
     "/quit": Command("/quit", "quit", _exit),
 }
-
 
 
 @contextlib.contextmanager
