@@ -33,8 +33,12 @@ from converters.hf_writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_safet
 from converters.mapping import TRANSFORMS, model_entries
 from converters.orbax_io import (
     PARAMS,
+    TOKENIZER,
     ParamsReader,
     ParamsWriter,
+    checkpoint_tokenizer,
+    copy_tokenizer_files,
+    has_tokenizer,
     is_our_checkpoint,
     load_model_config,
     save_model_config,
@@ -165,13 +169,18 @@ def write_ours(
     progress: bool = True,
     abstract: Any = None,
     source_name: str = "source",
+    tokenizer: str | Path | None = None,
 ) -> ModelConfig:
     """Stream `source` (upstream key names) into our checkpoint at `dst`; returns the stored config.
+
+    `tokenizer`: a directory whose tokenizer / processor files the checkpoint carries (its `tokenizer/` item).
 
     `abstract` (our param tree's shapes, boxed with logical axis names for mesh layouts) defaults to the model's
     abstract init for `cfg` in the chosen layout.
     """
     cfg = cfg.with_runtime(scan_layers=scan_layers)
+    if tokenizer is not None and not has_tokenizer(tokenizer):
+        raise FileNotFoundError(f"{tokenizer}: no tokenizer here (expected tokenizer.json, or vocab.json + merges.txt)")
     if abstract is None:
         from sail_jax.params import abstract_model_params
 
@@ -196,22 +205,28 @@ def write_ours(
                 bar.update(nbytes)
         writer.finalize()
         save_model_config(tmp, cfg)
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tmp / TOKENIZER)
         write_step_metadata(tmp)
     return cfg
 
 
-def hf_to_orbax(src: str | Path, dst: str | Path, **kw: Any) -> ModelConfig:
-    """Upstream SAIL-VL2 directory (or our checkpoint, for a re-layout) -> our checkpoint."""
+def hf_to_orbax(src: str | Path, dst: str | Path, tokenizer: str | Path | None = None, **kw: Any) -> ModelConfig:
+    """Upstream SAIL-VL2 directory (or our checkpoint, for a re-layout) -> our checkpoint, carrying `tokenizer`
+    (default: the source's own tokenizer files, if any)."""
     cfg, source = open_source(src)
-    return write_ours(source, cfg, dst, source_name=str(src), **kw)
+    return write_ours(source, cfg, dst, source_name=str(src), tokenizer=tokenizer or checkpoint_tokenizer(src), **kw)
 
 
-def torch_to_orbax(src: str | Path, config: str | Path, dst: str | Path, **kw: Any) -> ModelConfig:
-    """PyTorch state dict with upstream keys + an upstream config.json -> our checkpoint."""
+def torch_to_orbax(src: str | Path, config: str | Path, dst: str | Path, tokenizer: str | Path | None = None,
+                   **kw: Any) -> ModelConfig:
+    """PyTorch state dict with upstream keys + an upstream config.json -> our checkpoint, carrying `tokenizer`
+    (default: the tokenizer files beside config.json, if any)."""
     from converters.torch_checkpoint import TorchStateDict
 
     cfg = from_hf_config(config)
-    return write_ours(TorchStateDict(src), cfg, dst, source_name=str(src), **kw)
+    tokenizer = tokenizer or checkpoint_tokenizer(Path(config).parent)
+    return write_ours(TorchStateDict(src), cfg, dst, source_name=str(src), tokenizer=tokenizer, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,22 +280,32 @@ def orbax_to_hf(
     dtype: str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     tokenizer: str | Path | None = None,
+    remote_code_from: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Our checkpoint (or an upstream directory, to re-shard / re-type it) -> upstream SAIL-VL2 directory.
 
-    Writes every key of the upstream schema, `language_model.lm_head.weight` included.
+    Writes every key of the upstream schema, `language_model.lm_head.weight` included, and the tokenizer
+    (`tokenizer`, default the checkpoint's own). `remote_code_from`: the original model's directory, whose code and
+    processor files (`converters.remote_code`) make the export load with transformers' `trust_remote_code=True`.
     """
+    from converters.remote_code import apply_auto_maps, find_remote_code
+
+    remote_code = find_remote_code(remote_code_from) if remote_code_from is not None else None
     cfg, source = open_source(src)
     _check_upstream(cfg, source, str(src))
     keys = [(e.hf_key, e.hf_key) for e in model_entries(cfg, False)]
     with atomic_destination(dst, overwrite) as tmp:
         stored = _write_hf(source, keys, tmp, dtype, max_shard_size, progress, f"{Path(src).name} -> {Path(dst).name}")
-        _json(tmp / "config.json", sailvl_config_dict(cfg, stored))
         _json(tmp / "generation_config.json", generation_config_dict())
+        tokenizer = tokenizer or checkpoint_tokenizer(src)
         if tokenizer is not None:
             _copy_tokenizer(tokenizer, tmp, with_remote_code=True)
+        if remote_code is not None:  # after the tokenizer: the original's processor files and template win
+            remote_code.copy(tmp)
+        config = sailvl_config_dict(cfg, stored)
+        _json(tmp / "config.json", apply_auto_maps(config, remote_code.auto_maps) if remote_code else config)
 
 
 def export_llm(
@@ -304,6 +329,7 @@ def export_llm(
         stored = _write_hf(source, keys, tmp, dtype, max_shard_size, progress, f"{Path(src).name} -> {Path(dst).name}")
         _json(tmp / "config.json", transformers_llm_config_dict(cfg.llm, stored))
         _json(tmp / "generation_config.json", llm_generation_config_dict())
+        tokenizer = tokenizer or checkpoint_tokenizer(src)
         if tokenizer is not None:
             _copy_tokenizer(tokenizer, tmp, with_remote_code=False)
 

@@ -1,11 +1,13 @@
 """Our model checkpoint layout and its readers/writers (the converters' output, and the model half of a trainer step).
 
-A checkpoint directory D holds two Orbax items, exactly as a trainer step directory does:
+A checkpoint directory D holds these Orbax items, exactly as a trainer step directory does:
   D/params/        the unboxed param tree, restorable with `ocp.StandardCheckpointer().restore(D / "params", target)`
   D/model_config/  a JSON item with `converters.model_config.model_config_to_dict(cfg)`
-plus D/_CHECKPOINT_METADATA naming the two items' handlers, as `ocp.CheckpointManager` writes for a step. The
-trainer's CheckpointManager writes and checks its `params` / `model_config` items through `model_save_args`,
-`params_restore_args` and `check_compatible` here, so both kinds of directory stay one format.
+  D/tokenizer/     (when known) the tokenizer and processor files, verbatim (`TOKENIZER_FILES`), so every command
+                   runs from D alone
+plus D/_CHECKPOINT_METADATA naming the items' handlers, as `ocp.CheckpointManager` writes for a step. The
+trainer's CheckpointManager writes and checks its `params` / `model_config` / `tokenizer` items through
+`model_save_args`, `params_restore_args` and `check_compatible` here, so both kinds of directory stay one format.
 
 Streaming writer. Orbax's `save` serialises a whole in-memory tree, and a scanned layout stacks layers (and
 experts) into arrays far larger than any single upstream tensor. `ParamsWriter` therefore writes each array
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +49,10 @@ from sail_jax.config import ModelConfig
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+TOKENIZER = "tokenizer"
+# What a tokenizer / processor directory (the release's, transformers', ours) holds that `tokenizer/` carries.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 # Upper bound on one zarr chunk: the writer's working memory is a few chunks (Orbax's default is a whole shard,
 # up to 2 GB); reads are unaffected beyond more, smaller requests.
 CHUNK_BYTES = 64 * 2**20
@@ -82,9 +90,59 @@ def load_model_config(directory: str | Path) -> ModelConfig:
     return model_config_from_dict(read_model_config_dict(directory))
 
 
-def model_save_args(cfg: ModelConfig, params: Any) -> dict[str, ocp.args.CheckpointArgs]:
-    """The `params` + `model_config` items for an `ocp.args.Composite` save (a trainer step)."""
-    return {PARAMS: ocp.args.StandardSave(params), MODEL_CONFIG: ocp.args.JsonSave(model_config_to_dict(cfg))}
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether `directory` holds a tokenizer we can build (tokenizer.json, or vocab.json + merges.txt)."""
+    d = Path(directory)
+    return (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())
+
+
+def checkpoint_tokenizer(directory: str | Path) -> Path | None:
+    """The tokenizer a checkpoint carries: our D/tokenizer, or an upstream directory's own files; None if none."""
+    d = Path(directory)
+    return next((c for c in (d / TOKENIZER, d) if has_tokenizer(c)), None)
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy the `TOKENIZER_FILES` of `src` into `dst` (created); returns the names copied."""
+    src = Path(src)
+    if not has_tokenizer(src):
+        raise FileNotFoundError(f"{src}: no tokenizer here (expected tokenizer.json, or vocab.json + merges.txt)")
+    dst.mkdir(parents=True, exist_ok=True)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for n in names:
+        shutil.copyfile(src / n, dst / n)
+    return names
+
+
+class TokenizerHandler(ocp.CheckpointHandler):
+    """The `tokenizer` item of a trainer step: the tokenizer files copied in (process 0 writes, restore gives the
+    item's path)."""
+
+    def save(self, directory: epath.Path, args: TokenizerSave) -> None:
+        if jax.process_index() == 0:
+            copy_tokenizer_files(args.source, Path(directory))
+
+    def restore(self, directory: epath.Path, args: TokenizerSave | None = None) -> Path:
+        return Path(directory)
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(TokenizerHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class TokenizerSave(ocp.args.CheckpointArgs):
+    source: str
+
+
+def model_save_args(cfg: ModelConfig, params: Any, tokenizer: str | Path | None = None
+                    ) -> dict[str, ocp.args.CheckpointArgs]:
+    """The `params` + `model_config` (+ `tokenizer`, copied from that directory) items for an `ocp.args.Composite`
+    save (a trainer step)."""
+    items = {PARAMS: ocp.args.StandardSave(params), MODEL_CONFIG: ocp.args.JsonSave(model_config_to_dict(cfg))}
+    if tokenizer is not None:
+        items[TOKENIZER] = TokenizerSave(str(tokenizer))
+    return items
 
 
 def params_restore_args(abstract_params: Any) -> dict[str, ocp.args.CheckpointArgs]:
@@ -95,9 +153,11 @@ def params_restore_args(abstract_params: Any) -> dict[str, ocp.args.CheckpointAr
 def write_step_metadata(directory: Path) -> None:
     """D/_CHECKPOINT_METADATA naming each item's handler, so D reads like a CheckpointManager step."""
     now = time.time_ns()
+    handlers = {MODEL_CONFIG: _typestr(ocp.JsonCheckpointHandler), PARAMS: _typestr(ocp.StandardCheckpointHandler)}
+    if (directory / TOKENIZER).is_dir():
+        handlers[TOKENIZER] = _typestr(TokenizerHandler)
     meta = {
-        "item_handlers": {MODEL_CONFIG: _typestr(ocp.JsonCheckpointHandler),
-                          PARAMS: _typestr(ocp.StandardCheckpointHandler)},
+        "item_handlers": handlers,
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
         "custom_metadata": {},
     }

@@ -104,3 +104,26 @@ def test_chat_scripted_multi_turn(small_image):
     assert out.endswith("\n") and out.count("\n") >= 3
     second = out.index(a1) + len(a1)
     assert out.index(a2, second) >= second and out.rstrip("\n").endswith(a3)
+
+
+def test_chat_commands_media_and_bad_lines(small_image):
+    """Commands are run, not sent; a line of invalid UTF-8 is refused and the conversation goes on."""
+    cfg, params = load_checkpoint(CKPT, RuntimeConfig())
+    from sail_jax.models.sail_vl import SailVL
+
+    session = ChatSession(Engine(SailVL(cfg), params), SailProcessor.from_dir(CKPT), [], thinking=False,
+                          sampling=SamplingParams(max_new_tokens=3))
+    script = (b"Hi\n/help\n/bogus and more\n\xff\xfe broken \xc3\n/image\n/image /no/such.png\n"
+              + f"/image {small_image}\n".encode() + "What is it? ünïcode\n//not a command\n/exit\n".encode())
+    stdin, stdout, stderr = io.TextIOWrapper(io.BytesIO(script)), io.StringIO(), io.StringIO()
+    assert converse(session, stdin, stdout, stderr, interactive=False) == 0
+    err = stderr.getvalue()
+    assert "/image PATH" in err and "/reset" in err  # /help lists the table
+    assert "unknown command /bogus: not sent to the model" in err
+    assert "that line is not valid UTF-8: not sent" in err
+    assert "/image: usage: /image PATH" in err and "/no/such.png: no such image file" in err
+    assert f"{small_image}: attached to your next message" in err
+    users = [m["content"] for m in session.history if m["role"] == "user"]
+    # three questions reached the model; the image went with the one after /image, a // line lost one slash
+    assert users == ["Hi", "<image>\nWhat is it? ünïcode", "/not a command"]
+    assert session.images == [str(small_image)] and stdout.getvalue().count("\n") == 3

@@ -104,7 +104,7 @@ def test_plain_orbax_restores_streamed_params(layout, request):
     config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(d / "model_config")
     assert config == model_config_to_dict(cfg)
     step_meta = json.loads((d / "_CHECKPOINT_METADATA").read_text())
-    assert set(step_meta["item_handlers"]) == {"params", "model_config"}
+    assert set(step_meta["item_handlers"]) == {"params", "model_config", "tokenizer"}
 
 
 def test_forward_reproduces_fixture_logits(scanned, tmp_path):
@@ -261,7 +261,7 @@ def test_existing_destination_needs_overwrite(tmp_path, capsys):
     assert [p.name for p in dst.iterdir()] == ["config.json"]
     assert main(["convert", "hf-to-orbax", "--src", str(CKPT), "--dst", str(dst), "--no-progress",
                  "--overwrite"]) == 0
-    assert sorted(p.name for p in dst.iterdir()) == ["_CHECKPOINT_METADATA", "model_config", "params"]
+    assert sorted(p.name for p in dst.iterdir()) == ["_CHECKPOINT_METADATA", "model_config", "params", "tokenizer"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

@@ -4,6 +4,10 @@ sampling options (`generate`, `chat`, `eval`)."""
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
 
 from sail_jax.inference.sampling import SamplingParams
 
@@ -23,7 +27,8 @@ def add_gin_args(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="SAIL-VL2 checkpoint directory (upstream layout or ours)")
     p.add_argument("--tokenizer", default=None,
-                   help="directory with vocab.json/merges.txt/preprocessor_config.json (default: --checkpoint)")
+                   help="directory with vocab.json/merges.txt/preprocessor_config.json (default: the one the "
+                        "checkpoint carries)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter/compute dtype")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard parameters and the KV cache over N devices (mesh axis 'tensor')")
@@ -51,6 +56,26 @@ def sampling_from_args(args: argparse.Namespace, max_new_tokens: int | None = No
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
+def tokenizer_dir(checkpoint: str, tokenizer: str | None) -> Path:
+    """--tokenizer if given, else the tokenizer the checkpoint carries (our `tokenizer/` item or an upstream
+    directory's own files)."""
+    from converters.orbax_io import checkpoint_tokenizer
+
+    if tokenizer is not None:
+        return Path(tokenizer)
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint directory not found")
+    found = checkpoint_tokenizer(checkpoint)
+    if found is None:
+        raise ValueError(f"{checkpoint}: the checkpoint carries no tokenizer; pass --tokenizer DIR")
+    return found
+
+
+def status(text: str) -> None:
+    """What a command is doing (loading, compiling), on stderr: stdout stays the answer."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def load_engine(args: argparse.Namespace):
     """(Engine, SailProcessor) for the checkpoint and tokenizer options."""
     from converters.load import load_checkpoint
@@ -60,8 +85,36 @@ def load_engine(args: argparse.Namespace):
     from sail_jax.models.sail_vl import SailVL
     from sail_jax.sharding import make_mesh
 
-    processor = SailProcessor.from_dir(args.tokenizer or args.checkpoint)
+    processor = SailProcessor.from_dir(tokenizer_dir(args.checkpoint, args.tokenizer))
+    t0 = time.perf_counter()
+    status(f"loading {args.checkpoint} ({args.dtype}) ...")
     cfg, params = load_checkpoint(args.checkpoint, RuntimeConfig(dtype=args.dtype, param_dtype=args.dtype))
     mesh = make_mesh(tensor=args.tensor_parallel) if args.tensor_parallel > 1 else None
-    return Engine(SailVL(cfg), params, mesh=mesh, decode_steps=args.decode_steps), processor
+    engine = Engine(SailVL(cfg), params, mesh=mesh, decode_steps=args.decode_steps)
+    status(f"loaded in {time.perf_counter() - t0:.1f}s")
+    return engine, processor
+
+
+
+class AnswerPrinter:
+    """Streams an answer's text pieces to `out` as `decode_response` would print the whole answer: leading
+    whitespace dropped, trailing whitespace held back until more text follows (and dropped at the end)."""
+
+    def __init__(self, out: TextIO):
+        self.out, self.started, self.held = out, False, ""
+
+    def __call__(self, piece: str) -> None:
+        text = self.held + (piece if self.started else piece.lstrip())
+        body = text.rstrip()
+        self.held = text[len(body):]
+        if body:
+            self.started = True
+            self.out.write(body)
+            self.out.flush()
+
+    def end(self) -> None:
+        """Close the answer with a newline."""
+        self.held = ""
+        self.out.write("\n")
+        self.out.flush()
 

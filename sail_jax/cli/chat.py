@@ -1,15 +1,26 @@
-"""`sail-jax chat`: multi-turn conversation in the terminal with streamed answers (univl-chat history)."""
+"""`sail-jax chat`: multi-turn conversation in the terminal with streamed answers (univl-chat history).
+
+On a terminal, lines are read with prompt_toolkit (line editing, history with the arrow keys); otherwise (a pipe, a
+file) plain lines are read, so scripts work. Lines starting with `/` are commands (`COMMANDS`, listed by /help);
+Ctrl-C while an answer streams stops that answer and keeps the conversation.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
-from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args
+from sail_jax.cli._common import AnswerPrinter, add_model_args, add_sampling_args, load_engine, sampling_from_args
 
-HELP = "Type a message and press Enter. /reset starts a new conversation (same images), /exit or Ctrl-D quits."
+HELP = ("Type a message and press Enter; Ctrl-C stops an answer, Ctrl-D (or /exit) quits, /help lists the commands "
+        "(a line starting with // sends one starting with /).")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,65 +34,256 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class StopAnswer(Exception):
+    """Raised from the token callback to end an answer early (Ctrl-C)."""
+
+
 class ChatSession:
-    """A conversation: every turn re-encodes the whole history (univl-chat), with the images on the first user turn,
-    and appends the decoded answer (upstream's decode rule) to the history."""
+    """A conversation: every turn re-encodes the whole history (univl-chat). Media wait in `pending` until the next
+    user turn, which gets their `<image>` markers; `--image` files are pending at the start of each conversation.
+    The decoded answer (upstream's decode rule) joins the history."""
 
     def __init__(self, engine, processor, images: Sequence[str], thinking: bool, sampling, system: str | None = None):
-        self.engine, self.processor, self.images = engine, processor, list(images)
+        self.engine, self.processor, self.start_images = engine, processor, list(images)
         self.thinking, self.sampling, self.system = thinking, sampling, system
-        self.history: list[dict[str, str]] = []
+        self.reset()
 
     def reset(self) -> None:
-        self.history = []
+        """A new conversation with the start images pending again."""
+        self.history: list[dict[str, str]] = []
+        self.images: list[str] = []
+        self.pending: list[str] = list(self.start_images)
+
+    def attach_image(self, path: str) -> None:
+        path = str(Path(path).expanduser())
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such image file")
+        self.pending.append(path)
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer `text`; `on_text` gets the answer's text as it streams. A `StopAnswer` raised by `on_text` ends the
+        answer there: the part so far joins the history as the answer."""
+        from sail_jax.data.chat import add_image_placeholders
         from sail_jax.inference.engine import Request
-        from sail_jax.inference.text import TextStream, decode_response
+        from sail_jax.inference.text import TextStream
         from sail_jax.inference.thinking import with_thinking
 
-        turn = {"role": "user", "content": with_thinking(text) if self.thinking else text}
-        enc = self.processor.encode_conversation(self.history + [turn], self.images, system=self.system,
-                                                 add_generation_prompt=True)
+        content = add_image_placeholders(with_thinking(text) if self.thinking else text, len(self.pending))
+        turn = {"role": "user", "content": content}
+        images = self.images + self.pending
+        try:
+            enc = self.processor.encode_conversation(self.history + [turn], images, system=self.system,
+                                                     add_generation_prompt=True)
+        except (ValueError, FileNotFoundError):
+            self.pending = []  # a bad image must not fail every later turn
+            raise
         stream = TextStream(self.processor.tokenizer)
-        callback = None if on_text is None else (lambda _row, ids: on_text(stream.push(ids)))
+        ids: list[int] = []
+
+        def on_tokens(_row: int, new: list[int]) -> None:
+            ids.extend(new)
+            if on_text is not None:
+                on_text(stream.push(new))
+
         request = Request(enc["input_ids"], enc["pixel_values"] if len(enc["pixel_values"]) else None)
-        [out] = self.engine.generate([request], self.sampling, callback)
-        if on_text is not None:
-            on_text(stream.flush())
-        answer = decode_response(self.processor.tokenizer, out.token_ids)
+        try:
+            self.engine.generate([request], self.sampling, on_tokens)
+            if on_text is not None:
+                on_text(stream.flush())
+        except (StopAnswer, KeyboardInterrupt):  # a stopped answer is kept as far as it went
+            self._record(turn, images, ids)
+            raise
+        return self._record(turn, images, ids)
+
+    def _record(self, turn: dict[str, str], images: list[str], ids: list[int]) -> str:
+        from sail_jax.inference.text import decode_response
+
+        answer = decode_response(self.processor.tokenizer, ids)
+        self.images, self.pending = images, []
         self.history += [turn, {"role": "assistant", "content": answer}]
         return answer
 
 
+class LineReader:
+    """Lines typed by the user; None at end of input. A line that is not valid UTF-8 comes back as `BAD_LINE`."""
+
+    def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool):
+        self.stderr, self.interactive = stderr, interactive
+        self.session = None
+        if interactive and stdin.isatty() and stdout.isatty():
+            from prompt_toolkit import PromptSession
+
+            self.session = PromptSession()  # line editing; in-memory history (arrow keys)
+            self.lines = None
+        else:  # bytes are decoded here, undecodable ones as surrogates, which `read` catches
+            buffer = getattr(stdin, "buffer", None)
+            readline = (lambda: buffer.readline().decode("utf-8", "surrogateescape")) if buffer else stdin.readline
+            self.lines = iter(readline, "")
+
+    def read(self, prompt: str) -> str | None:
+        if self.session is not None:
+            while True:
+                try:
+                    line = self.session.prompt(prompt)
+                    break
+                except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+                    continue
+                except EOFError:
+                    return None
+        else:
+            if self.interactive:
+                self.stderr.write(prompt)
+                self.stderr.flush()
+            line = next(self.lines, None)
+            if line is None:
+                return None
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            return BAD_LINE
+        return line.strip()
+
+
+BAD_LINE = "\udcff"  # what `LineReader.read` returns for a line that is not valid UTF-8
+
+
+@dataclass
+class Chat:
+    """What the commands act on: the session, the input (for confirmations) and where messages go."""
+
+    session: ChatSession
+    reader: LineReader
+    stdout: TextIO
+    stderr: TextIO
+    interactive: bool
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A chat command: `run(chat, argument)` returns False to end the chat."""
+
+    usage: str
+    help: str
+    run: Callable[[Chat, str], bool]
+
+
+def _help(chat: Chat, arg: str) -> bool:
+    chat.say("\n".join(f"  {c.usage:16s} {c.help}" for c in COMMANDS.values()))
+    return True
+
+
+def _reset(chat: Chat, arg: str) -> bool:
+    if chat.interactive:
+        n = len(chat.session.history) // 2
+        answer = chat.reader.read(f"Start a new conversation, dropping {n} exchange(s)? [y/N] ")
+        if answer is None or answer.lower() not in ("y", "yes"):
+            chat.say("kept the conversation")
+            return True
+    chat.session.reset()
+    if chat.interactive:
+        chat.say("new conversation")
+    return True
+
+
+def _image(chat: Chat, arg: str) -> bool:
+    if not arg:
+        raise ValueError("usage: /image PATH")
+    chat.session.attach_image(arg)
+    chat.say(f"{arg}: attached to your next message")
+    return True
+
+
+def _exit(chat: Chat, arg: str) -> bool:
+    return False
+
+
+COMMANDS: dict[str, Command] = {
+    "/help": Command("/help", "list the commands", _help),
+    "/image": Command("/image PATH", "attach an image to the next message", _image),
+    "/reset": Command("/reset", "start a new conversation (asks first; --image files attach again)", _reset),
+    "/exit": Command("/exit", "quit (also /quit, Ctrl-D)", _exit),
+    "/quit": Command("/quit", "quit", _exit),
+}
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """While an answer streams: the first Ctrl-C asks it to stop at the next piece of text (the engine's call ends
+    cleanly), a second one interrupts at once. Yields whether a stop was asked for."""
+    asked: list[bool] = []
+
+    def handler(signum, frame) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(True)
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield lambda: False
+        return
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def answer(chat: Chat, text: str) -> None:
+    """Stream the answer to `text`; Ctrl-C stops it and keeps the conversation, a bad input is reported."""
+    printer = AnswerPrinter(chat.stdout)
+    if chat.interactive:
+        chat.stderr.write("assistant> ")
+        chat.stderr.flush()
+    with stop_on_ctrl_c() as stop_asked:
+        def on_text(piece: str) -> None:
+            printer(piece)
+            if stop_asked():
+                raise StopAnswer
+
+        try:
+            chat.session.ask(text, on_text)
+        except (StopAnswer, KeyboardInterrupt):
+            printer.end()
+            chat.say("[answer stopped; the conversation goes on]")
+            return
+        except (ValueError, FileNotFoundError) as e:
+            printer.end()
+            chat.say(f"error: {e}")
+            return
+    printer.end()
+
+
 def converse(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> int:
-    """Read user lines until EOF or /exit; stream each answer to stdout (prompts go to stderr when interactive)."""
-
-    def write(piece: str) -> None:
-        stdout.write(piece)
-        stdout.flush()
-
+    """Read user lines until end of input or /exit; run commands, stream each answer to stdout (prompts and
+    messages go to stderr)."""
+    reader = LineReader(stdin, stdout, stderr, interactive)
+    chat = Chat(session, reader, stdout, stderr, interactive)
     if interactive:
-        print(HELP, file=stderr)
+        chat.say(HELP)
     while True:
-        if interactive:
-            stderr.write("user> ")
-            stderr.flush()
-        line = stdin.readline()
-        if not line:
+        text = reader.read("user> ")
+        if text is None:
             break
-        text = line.strip()
+        if text == BAD_LINE:
+            chat.say("that line is not valid UTF-8: not sent (the conversation goes on)")
+            continue
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            session.reset()
+        if text.startswith("/") and not text.startswith("//"):
+            name, _, arg = text.partition(" ")
+            command = COMMANDS.get(name)
+            if command is None:
+                chat.say(f"unknown command {name}: not sent to the model (/help lists the commands)")
+                continue
+            try:
+                if not command.run(chat, arg.strip()):
+                    break
+            except (ValueError, FileNotFoundError) as e:
+                chat.say(f"{name}: {e}")
             continue
-        if interactive:
-            stderr.write("assistant> ")
-        session.ask(text, on_text=write)
-        write("\n")
+        answer(chat, text.removeprefix("/"))
     return 0
 
 
@@ -90,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
     engine, processor = load_engine(args)
     session = ChatSession(engine, processor, args.image, args.thinking, sampling, args.system)
     if args.prompt is not None:
-        session.ask(args.prompt, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        sys.stdout.write("\n")
+        printer = AnswerPrinter(sys.stdout)
+        session.ask(args.prompt, on_text=printer)
+        printer.end()
         return 0
     return converse(session, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty())

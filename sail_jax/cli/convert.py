@@ -27,9 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
             d.add_argument("--scan-layers", action="store_true", help="stack layers (scanned layout)")
             d.add_argument("--mesh", default=None,
                            help="lay arrays out for a mesh, e.g. data=1,fsdp=4,tensor=2,expert=1")
+            d.add_argument("--tokenizer", default=None,
+                           help="tokenizer/processor directory the checkpoint carries (default: the source's own "
+                                "tokenizer files, beside config.json for torch-to-orbax)")
         else:
-            d.add_argument("--tokenizer", default=None, help="copy tokenizer/processor files from this directory")
+            d.add_argument("--tokenizer", default=None,
+                           help="copy tokenizer/processor files from this directory (default: the checkpoint's)")
             d.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
+        if name == "orbax-to-hf":
+            d.add_argument("--remote-code-from", default=None, metavar="ORIGINAL_DIR",
+                           help="the original model's directory: copy its *.py, processor config and chat template "
+                                "so transformers loads the export with trust_remote_code=True")
         if name == "torch-to-orbax":
             d.add_argument("--config", required=True, help="upstream SAIL-VL2 config.json for the architecture")
     assemble = ("a new SAIL-VL2 directory from a transformers Qwen3 / Qwen3-MoE LLM, an AIMv2 or SAIL-ViT vision "
@@ -82,15 +90,26 @@ def run(args: argparse.Namespace) -> int:
 
     common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     if args.direction.endswith("to-orbax"):
-        common.update(scan_layers=args.scan_layers, mesh=parse_mesh(args.mesh) if args.mesh else None)
+        common.update(scan_layers=args.scan_layers, mesh=parse_mesh(args.mesh) if args.mesh else None,
+                      tokenizer=args.tokenizer)
         if args.direction == "hf-to-orbax":
             cfg = convert.hf_to_orbax(args.src, args.dst, **common)
         else:
             cfg = convert.torch_to_orbax(args.src, args.config, args.dst, **common)
         layout = "scanned" if cfg.runtime.scan_layers else "unscanned"
-        print(f"wrote {args.dst}: {layout} layout, params {cfg.runtime.param_dtype}")
+        print(f"wrote {args.dst}: {layout} layout, params {cfg.runtime.param_dtype}{_tokenizer_note(args.dst)}")
         return 0
+    if args.direction == "orbax-to-hf":
+        common["remote_code_from"] = args.remote_code_from
     fn = convert.orbax_to_hf if args.direction == "orbax-to-hf" else convert.export_llm
     fn(args.src, args.dst, tokenizer=args.tokenizer, max_shard_size=parse_size(args.max_shard_size), **common)
-    print(f"wrote {args.dst}")
+    print(f"wrote {args.dst}{_tokenizer_note(args.dst)}")
     return 0
+
+
+def _tokenizer_note(dst: str) -> str:
+    from converters.orbax_io import checkpoint_tokenizer
+
+    if checkpoint_tokenizer(dst) is None:
+        return " (without a tokenizer: the source carries none; pass --tokenizer DIR)"
+    return ""

@@ -1,4 +1,8 @@
-"""`sail-jax generate`: one prompt (text + images) or a JSONL batch through the KV-cache engine."""
+"""`sail-jax generate`: one prompt (text + images) or a JSONL batch through the KV-cache engine.
+
+One prompt: the answer streams to stdout as it is generated; what the command is doing (loading, compiling, speed)
+goes to stderr, so stdout is the answer alone.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args
+from sail_jax.cli._common import (
+    AnswerPrinter,
+    add_model_args,
+    add_sampling_args,
+    load_engine,
+    sampling_from_args,
+    status,
+)
 from sail_jax.files import write_text_atomic
 from sail_jax.jsonl import iter_jsonl
 
@@ -77,12 +88,9 @@ def run(args: argparse.Namespace) -> int:
         return Request(enc["input_ids"][0], enc["pixel_values"] if len(enc["pixel_values"]) else None)
 
     if todo is None:
-        [out] = engine.generate([encode(args.prompt, args.image)], sampling)
-        print(decode_response(processor.tokenizer, out.token_ids))
-        if args.print_ids:
-            print(json.dumps(out.token_ids))
-        return 0
+        return generate_one(engine, processor, encode(args.prompt, args.image), sampling, args.print_ids)
 
+    status(f"generating {len(todo)} answers (the first batch compiles) ...")
     lines = []
     with tqdm(total=len(todo), desc="generate", unit="req", file=sys.stderr) as bar:
         for start in range(0, len(todo), args.batch_size):
@@ -99,4 +107,32 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(chunk))
     write_text_atomic(args.out, "".join(line + "\n" for line in lines))
     print(f"wrote {len(lines)} answers to {args.out}", file=sys.stderr)
+    return 0
+
+
+def generate_one(engine, processor, request, sampling, print_ids: bool) -> int:
+    """Stream one answer to stdout (the text `decode_response` gives), timing on stderr."""
+    import time
+
+    from sail_jax.inference.text import TextStream
+
+    stream, printer = TextStream(processor.tokenizer), AnswerPrinter(sys.stdout)
+    t0 = time.perf_counter()
+    first: list[float] = []
+
+    def on_tokens(_row: int, ids: list[int]) -> None:
+        if not first:
+            first.append(time.perf_counter() - t0)
+        printer(stream.push(ids))
+
+    status(f"prompt of {len(request.input_ids)} tokens: compiling (first use) and generating ...")
+    [out] = engine.generate([request], sampling, on_tokens)
+    printer(stream.flush())
+    printer.end()
+    if print_ids:
+        print(json.dumps(out.token_ids))
+    rest = time.perf_counter() - t0 - first[0]
+    n = len(out.token_ids)
+    speed = f", then {(n - 1) / rest:.1f} tokens/s" if n > 1 and rest > 0 else ""
+    status(f"{n} tokens ({out.finish_reason}); first after {first[0]:.1f}s (prefill, compile included){speed}")
     return 0

@@ -201,7 +201,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, *, cfg: ModelConfig, params: Any, opt_state: Any, train_state: dict, data_iter: Any,
-             snapshot: tuple[Any, Any] | None = None, force: bool = False) -> bool:
+             snapshot: tuple[Any, Any] | None = None, force: bool = False, tokenizer: str | None = None) -> bool:
         """Issue a save every `every_steps` steps (or when `force`d); returns whether it did.
 
         (Orbax's own `should_save` would also save the first step of a run, a full-state write nobody asked for.)
@@ -209,7 +209,7 @@ class Checkpointer:
         if not force and step % self.every_steps:
             return False
         items = {
-            **model_save_args(cfg, params),
+            **model_save_args(cfg, params, tokenizer),
             "opt_state": ocp.args.StandardSave(opt_state),
             "train_state": ocp.args.JsonSave(train_state),
             "data_iter": _iter_save_args(data_iter),

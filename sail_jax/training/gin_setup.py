@@ -140,7 +140,15 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-train_using_gin = gin.configurable("train")(train)
+_train_with_gin = gin.configurable("train")(train)
+
+
+def train_using_gin(**kwargs: Any) -> dict[str, float]:
+    """`train` with its gin bindings; the data's tokenizer (`grain_data.tokenizer_dir`) goes into the checkpoints
+    unless `train.tokenizer_dir` is bound."""
+    if "tokenizer_dir" not in gin.get_bindings("train"):
+        kwargs.setdefault("tokenizer_dir", data_option("tokenizer_dir", None))
+    return _train_with_gin(**kwargs)
 gin.external_configurable(model_config, "model_config")
 gin.external_configurable(synthetic_data, "synthetic_data")
 gin.external_configurable(grain_data, "grain_data")

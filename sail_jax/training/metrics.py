@@ -14,9 +14,11 @@ device kind or an explicit override. On CPU it is only indicative.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,8 +96,11 @@ class MetricsWriter:
         self._truncate_after(start_step)
         self.jsonl = self.jsonl_path.open("a")
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
-        # The bar only draws on a terminal; logs get a plain line every `log_every` steps instead.
+        # The bar only draws on a terminal; logs get a plain line every `log_every` steps instead (`log_line`).
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
+        self.total_steps = total_steps
+        self._t0 = self._last_time = time.monotonic()
+        self._last_step = start_step
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps the restored checkpoint does not contain (they will be redone)."""
@@ -132,8 +137,22 @@ class MetricsWriter:
         if step % self.log_every == 0:
             self.flush()
         if self.bar.disable and (step % self.log_every == 0 or step == 1):
-            print(f"step {step}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                  f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}", flush=True)
+            print(self.log_line(step, metrics), flush=True)
+
+    def log_line(self, step: int, metrics: dict[str, float]) -> str:
+        """What the tqdm bar shows on a terminal, for logs: UTC time, elapsed, steps/s since the last line and the
+        ETA at that rate, then the step's metrics."""
+        now = time.monotonic()
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        eta = _duration((self.total_steps - step) / rate) if rate > 0 else "?"
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        line = (f"{stamp}  step {step}/{self.total_steps}  elapsed {_duration(now - self._t0)}  "
+                f"{rate:.3g} steps/s  eta {eta}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}")
+        if "eval_loss" in metrics:
+            line += f"  eval_loss {metrics['eval_loss']:.4f}"
+        return line
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -149,6 +168,12 @@ class MetricsWriter:
             self.jsonl.close()
             self.tb.close()
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    """H:MM:SS, as tqdm shows times."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _finite_or_str(v: float) -> float | str:

@@ -11,6 +11,7 @@ Non-finite steps are skipped by the step itself (metrics `nonfinite_step`, runni
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -21,10 +22,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from converters.orbax_io import restore_model_params
+from converters.orbax_io import has_tokenizer, restore_model_params
 from sail_jax.config import ModelConfig
-from sail_jax.data.batch import DataFactory, check_batch, local_rows, to_global
+from sail_jax.data.batch import DataFactory, batch_shards, check_batch, local_rows, to_global
 from sail_jax.data.packing import skip_totals
+from sail_jax.data.tokenizer import find_tokenizer_dir
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
@@ -32,7 +34,7 @@ from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
 from sail_jax.training.metrics import MetricsWriter, peak_flops_per_device, step_flops
 from sail_jax.training.optim import OptimizerConfig
 from sail_jax.training.program import build_program
-from sail_jax.training.step import TrainState
+from sail_jax.training.step import TrainState, make_loss_fn
 
 
 class TrainingAborted(RuntimeError):
@@ -61,6 +63,10 @@ def train(
     log_every: int = 100,
     peak_flops: float | None = None,
     epochs: int | None = None,
+    tokenizer_dir: str | None = None,
+    eval_data: DataFactory | None = None,
+    eval_every: int = 0,
+    eval_batches: int = 4,
 ) -> dict[str, float]:
     """Train `model` for `steps` global batches of `batch_size` rows x `seq_len` tokens; returns the last metrics.
 
@@ -70,11 +76,21 @@ def train(
     many slices of the batch (one update, equal to the whole batch's; activation memory of one slice). `epochs` is
     the number of passes over the data that `steps` stands for, shown in the log: the gin entry point
     (`gin_setup.run_length`) derives `steps` from `train.epochs` by counting the packed rows of one pass.
+    `tokenizer_dir` (the data's tokenizer) is copied into every checkpoint, so each one runs on its own. Every
+    `eval_every` steps (0: never) the loss on the first `eval_batches` batches of `eval_data` (a held-out set, same
+    kind of factory as `data`) is logged as `eval_loss`.
     """
     if steps is None:
         raise ValueError("train.steps is not set: give it, or train.epochs through `sail-jax train`, which derives "
                          "the steps from the packed rows of one pass over the data")
+    if eval_every < 0 or eval_batches < 1 or (eval_every and eval_data is None):
+        raise ValueError(f"train.eval_every={eval_every} needs train.eval_data and train.eval_batches >= 1 "
+                         f"(got {eval_batches})")
     cfg = model
+    if tokenizer_dir is not None:
+        tokenizer_dir = str(find_tokenizer_dir(tokenizer_dir).absolute())
+        if not has_tokenizer(tokenizer_dir):
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer here (expected vocab.json + merges.txt)")
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, microbatches=microbatches)
     workdir_ = Path(workdir).absolute()
@@ -92,6 +108,8 @@ def train(
             run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps,
                        batch_size=batch_size, seq_len=seq_len, trainable=program.trainable,
                        targets_per_row=program.targets_per_row, max_consecutive_skips=max_consecutive_skips,
+                       tokenizer_dir=tokenizer_dir, eval_data=eval_data if eval_every else None,
+                       eval_every=eval_every, eval_batches=eval_batches, seed=seed,
                        controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
             with use_mesh(program.mesh):
                 if resume and latest is not None:
@@ -137,6 +155,11 @@ class _Run:
     targets_per_row: int
     max_consecutive_skips: int
     controller: AdaLRS | None
+    tokenizer_dir: str | None = None
+    eval_data: DataFactory | None = None
+    eval_every: int = 0
+    eval_batches: int = 4
+    seed: int = 0
     snapshot: TrainState | None = None
     skipped_total: int = 0
     consecutive_skips: int = 0
@@ -184,6 +207,8 @@ class _Run:
                     writer.message(f"step {step + 1}: {out['dropped_targets']:.0f} target tokens beyond the static "
                                    f"budget of {self.targets_per_row} per row (pooled over each batch shard) were "
                                    f"left out of the loss; raise train.target_fraction")
+                if self.eval_data is not None and (step + 1) % self.eval_every == 0:
+                    out["eval_loss"] = self._eval_loss(state.params)
                 writer.write(step + 1, out)
                 last = out
                 stop = distributed.any_process(preempt.requested)
@@ -194,6 +219,21 @@ class _Run:
                                    f"with --resume")
                     break
         return last
+
+    def _eval_loss(self, params: Any) -> float:
+        """Mean cross-entropy per target over the first `eval_batches` batches of the eval data (no update)."""
+        data = self.eval_data(cfg=self.cfg, global_batch_size=self.batch_size, seq_len=self.seq_len,
+                              process_index=jax.process_index(), process_count=jax.process_count(), seed=self.seed)
+        loss_fn = _eval_loss_fn(self.cfg, self.targets_per_row, self.mesh)
+        rows = local_rows(self.batch_size, jax.process_count())
+        total = count = 0.0
+        for _ in range(self.eval_batches):
+            local = next(data)
+            check_batch(local, rows, self.seq_len, self.cfg)
+            _, m = loss_fn(params, to_global(local, self.mesh, self.batch_size))
+            ce, n = (float(v) for v in jax.device_get((m["ce_loss"], m["targets"])))
+            total, count = total + ce * n, count + n
+        return total / max(count, 1.0)
 
     def _adalrs(self, step: int, loss: float, state: TrainState, copy_fn, writer: MetricsWriter) -> TrainState:
         if self.controller is None:
@@ -216,7 +256,8 @@ class _Run:
                        "adalrs": self.controller.state_dict() if self.controller is not None else None}
         snap = (self.snapshot.params, self.snapshot.opt_state) if self.snapshot is not None else None
         return self.ckpt.save(done, cfg=self.cfg, params=state.params, opt_state=state.opt_state,
-                              train_state=train_state, data_iter=self.data_iter, snapshot=snap, force=force)
+                              train_state=train_state, data_iter=self.data_iter, snapshot=snap, force=force,
+                              tokenizer=self.tokenizer_dir)
 
     def _data_skips(self) -> dict[str, float]:
         """Samples the data pipeline skipped so far, per reason (from its iterator state; {} for other data)."""
@@ -237,3 +278,9 @@ class _Run:
                 f"Aborting: check the data of these steps or lower the learning rate "
                 f"(train.max_consecutive_skips={self.max_consecutive_skips})"
             )
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_loss_fn(cfg: ModelConfig, targets_per_row: int, mesh: Mesh):
+    """The training loss, jitted on its own (forward only), shared by the runs of one configuration."""
+    return jax.jit(make_loss_fn(cfg, targets_per_row, budget_groups=batch_shards(mesh)))
