@@ -1,4 +1,4 @@
-"""`sail-jax generate`: one prompt (text + images) or a JSONL batch through the KV-cache engine."""
+"""`sail-jax generate`: one prompt (text + images or a video) or a JSONL batch through the KV-cache engine."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from sail_jax.cli._common import add_model_args, add_sampling_args, load_engine, sampling_from_args
+from sail_jax.cli._common import (
+    add_model_args,
+    add_sampling_args,
+    add_video_args,
+    load_engine,
+    load_video_arg,
+    sampling_from_args,
+)
 from sail_jax.files import write_text_atomic
 from sail_jax.jsonl import iter_jsonl
 
@@ -17,11 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_sampling_args(p, max_new_tokens=1024)
     p.add_argument("--image", action="append", default=[], help="image file, repeatable (attached in order)")
+    add_video_args(p)
     p.add_argument("--prompt", help="the user text (one-prompt mode)")
     p.add_argument("--thinking", action="store_true", help="append the thinking-mode instruction to the prompt")
     p.add_argument("--print-ids", action="store_true", help="also print the new token ids as a JSON list")
     p.add_argument("--batch", metavar="REQUESTS.jsonl",
-                   help='batch mode: lines {"id", "prompt", "images": [paths relative to the file]}')
+                   help='batch mode: lines {"id", "prompt", "images": [paths] or "video": path}, paths relative to '
+                        'the file')
     p.add_argument("--out", metavar="ANSWERS.jsonl", help='batch mode output: lines {"id", "text", "token_ids"}')
     p.add_argument("--batch-size", type=int, default=8, help="requests generated together in batch mode")
     p.set_defaults(func=run)
@@ -41,14 +50,19 @@ def read_requests(path: Path) -> list[dict]:
         images = r.get("images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise ValueError(f"{path} line {n}: 'images' must be a list of file paths")
+        video = r.get("video")
+        if video is not None and (not isinstance(video, str) or images):
+            raise ValueError(f"{path} line {n}: 'video' must be one file path, without 'images'")
         requests.append({"id": r["id"], "prompt": str(r["prompt"]), "line": n,
-                         "images": [str(path.parent / i) for i in images]})
+                         "images": [str(path.parent / i) for i in images],
+                         "video": None if video is None else str(path.parent / video)})
     return requests
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from sail_jax.data.chat import with_thinking
     from sail_jax.inference.engine import Request
     from sail_jax.inference.text import decode_response
 
@@ -56,20 +70,27 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --prompt and --batch")
     if args.batch and not args.out:
         raise ValueError("--batch needs --out")
-    if args.batch and args.image:
-        raise ValueError("--image is for --prompt; batch requests list their own images")
+    if args.batch and (args.image or args.video):
+        raise ValueError("--image and --video are for --prompt; batch requests list their own")
+    if args.image and args.video:
+        raise ValueError("give --image or --video, not both")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling = sampling_from_args(args)
     todo = read_requests(Path(args.batch)) if args.batch else None
     engine, processor = load_engine(args)
 
-    def encode(prompt: str, images: list[str]) -> Request:
+    def encode(prompt: str, images: list[str], video: str | None = None) -> Request:
+        if video is not None:
+            text = with_thinking(prompt) if args.thinking else prompt
+            enc = processor.encode_video([{"role": "user", "content": text}], load_video_arg(args, video),
+                                         add_generation_prompt=True)
+            return Request(enc["input_ids"], enc["pixel_values"])
         enc = processor(images=images, prompt=prompt, thinking=args.thinking)
         return Request(enc["input_ids"][0], enc["pixel_values"] if len(enc["pixel_values"]) else None)
 
     if todo is None:
-        [out] = engine.generate([encode(args.prompt, args.image)], sampling)
+        [out] = engine.generate([encode(args.prompt, args.image, args.video)], sampling)
         print(decode_response(processor.tokenizer, out.token_ids))
         if args.print_ids:
             print(json.dumps(out.token_ids))
@@ -82,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             requests = []
             for r in chunk:
                 try:
-                    requests.append(encode(r["prompt"], r["images"]))
+                    requests.append(encode(r["prompt"], r["images"], r["video"]))
                 except (FileNotFoundError, ValueError) as e:
                     raise ValueError(f"{args.batch} line {r['line']}: {e}") from None
             for r, out in zip(chunk, engine.generate(requests, sampling)):

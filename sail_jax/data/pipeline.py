@@ -32,6 +32,7 @@ from sail_jax.data.batch import local_rows
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
 from sail_jax.data.transforms import SampleTransform
+from sail_jax.data.video import DEFAULT_NUM_FRAMES
 
 
 def default_num_workers() -> int:
@@ -42,12 +43,16 @@ def default_num_workers() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One component of the mixture. `image_root` defaults to the data file's directory."""
+    """One component of the mixture. `image_root` (the root of image and video paths) defaults to the data file's
+    directory; a video record's frames are `num_frames` sampled uniformly, or with `fps` one every video_fps / fps
+    frames (VLMEvalKit's two modes)."""
 
     path: str
     weight: float = 1.0
     image_root: str | None = None
     name: str | None = None
+    num_frames: int = DEFAULT_NUM_FRAMES
+    fps: float | None = None
 
     @property
     def key(self) -> str:
@@ -67,6 +72,8 @@ class DataConfig:
     Throughput: `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` /
     `read_buffer_size` per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped
     fraction exceeds `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
+    Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
+    (`data.frame_cache`; None: decode every time).
     """
 
     datasets: tuple[DatasetSpec, ...]
@@ -92,6 +99,7 @@ class DataConfig:
     prefetch_batches: int = 2
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 100
+    frame_cache_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -104,6 +112,9 @@ class DataConfig:
         for d in self.datasets:
             if not d.weight > 0:
                 raise ValueError(f"dataset {d.path}: weight must be > 0, got {d.weight}")
+            if d.num_frames < 1 or (d.fps is not None and not d.fps > 0):
+                raise ValueError(f"dataset {d.path}: num_frames must be >= 1 and fps > 0, got "
+                                 f"num_frames={d.num_frames}, fps={d.fps}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
@@ -121,7 +132,8 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or Path(spec.path).parent),
         dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
         image_size=cfg.image_size, over_long=cfg.over_long, conditional_loss=cfg.conditional_loss,
-        system_prompt=cfg.system_prompt,
+        system_prompt=cfg.system_prompt, num_frames=spec.num_frames, fps=spec.fps,
+        frame_cache_dir=None if cfg.frame_cache_dir is None else str(cfg.frame_cache_dir),
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     return ds.map(transform).to_iter_dataset(read)

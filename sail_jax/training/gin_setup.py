@@ -225,7 +225,8 @@ def _describe_gin_error(e: Exception, source: str | None) -> str:
     token, unset = _UNPARSED_TOKEN.search(text), _UNSET_REQUIRED.match(text)
     include = re.fullmatch(r"include\s+['\"](.+)['\"]", stmt)
     if unset:
-        message = f"{unset[1]} is not set (it is %gin.REQUIRED): add --gin.{unset[1]}=..."
+        name = unset[1].removesuffix("/macro.value")  # a macro used inside a value is reported by that path
+        message = f"{name} is not set (it is %gin.REQUIRED): add --gin.{name}=..."
     elif token:  # a bare word where gin expects a Python literal or @/% reference
         message = f"cannot parse value {token.group(1)!r} (strings need quotes: '{token.group(1)}')"
     elif isinstance(e, (OSError, TypeError)) and (include or source and source.startswith("gin file ")):
