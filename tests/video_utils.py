@@ -4,6 +4,7 @@ decoded pixels, so a test sees which frame it really got despite compression."""
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -48,3 +49,23 @@ def write_audio(container) -> None:
     frame.sample_rate = 8000
     for packet in [*stream.encode(frame), *stream.encode()]:
         container.mux(packet)
+
+
+def write_bad_videos(directory: Path) -> dict[str, Path]:
+    """One file per kind of unusable input: not a video, audio only, missing, a video track without frames, and a
+    truncated file (index first, so the cut copy promises more frames than it holds)."""
+    text = directory / "notes.mp4"
+    text.write_text("not a video at all\n")
+    audio = directory / "speech.m4a"
+    with av.open(str(audio), "w") as container:
+        write_audio(container)
+    empty = directory / "empty.mkv"  # only the audio track has packets
+    with av.open(str(empty), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        write_audio(container)
+    data = write_video(directory / "whole.mp4", 50, options={"movflags": "faststart"}).read_bytes()
+    cut = directory / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    return {"not_a_video": text, "audio_only": audio, "missing": directory / "missing.mp4", "zero_frames": empty,
+            "truncated": cut}

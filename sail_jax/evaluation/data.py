@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from sail_jax.data.chat import vlmevalkit_prompt, with_thinking
 from sail_jax.data.images import multi_image_max_num, vlmevalkit_max_num
 from sail_jax.data.processor import SailProcessor
-from sail_jax.data.video import DEFAULT_NUM_FRAMES, frame_lines, load_video
+from sail_jax.data.video import DEFAULT_NUM_FRAMES, VIDEO_PLACEHOLDER, frame_lines, load_video
 
 REQUIRED_COLUMNS = ("index", "image", "question", "answer")
 VIDEO_OPTION_COLUMNS = ("candidates", "options")
@@ -177,9 +177,10 @@ def encode_video_item(processor: SailProcessor, item: Item, kind: str, dataset: 
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{_where(Path(source), item.row, item.index)}: column 'video': {e}") from None
     text = question_prompt(item, kind, dataset)
-    prompt = frame_lines(len(video.indices)) + (with_thinking(text) if thinking else text)
-    enc = processor.encode_video([{"role": "user", "content": prompt}], video, add_generation_prompt=True)
-    return prompt, enc
+    text = with_thinking(text) if thinking else text
+    enc = processor.encode_video([{"role": "user", "content": VIDEO_PLACEHOLDER + "\n" + text}], video,
+                                 add_generation_prompt=True)
+    return frame_lines(len(video.indices)) + text, enc
 
 
 def decode_images(item: Item, path: str | Path = "") -> list[Image.Image]:
