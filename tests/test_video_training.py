@@ -161,3 +161,31 @@ def test_train_step_on_a_mixed_video_and_image_batch(data_dir, tmp_path):
         _, metrics = program.step(state, to_global(batch, program.mesh, 4), np.int32(0), np.float32(1.0))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["targets"]) > 0
     assert float(metrics["skipped"]) == 0
+
+
+def test_sft_phase4_mixes_video_and_images_and_needs_a_video_dataset(tmp_path, capsys):
+    from sail_jax.cli import main
+
+    argv = ["train", "--gin-file=configs/model/tiny.gin", "--gin-file=configs/stage/sft_phase4.gin",
+            f"--gin.WORKDIR='{tmp_path / 'run'}'", "--gin.train.steps=1", "--gin.grain_data.tokenizer_dir='tok'",
+            "--gin.IMAGE_DATA='images.jsonl'", "--dry-run"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "sail-jax train: error: VIDEO_DATA is not set (it is %gin.REQUIRED): add --gin.VIDEO_DATA=...\n"
+    assert main([*argv, "--gin.VIDEO_DATA='video.jsonl'"]) == 0
+    out = capsys.readouterr().out
+    assert "seq_len=16384" in out and ("data: grain_data(datasets=[{'path': 'video.jsonl', 'num_frames': 16, "
+                                       "'weight': 1.0}, {'path': 'images.jsonl', 'weight': 1.0}]") in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_counts_of_a_checkpoint_without_the_video_reasons_restore():
+    import grain
+
+    source = grain.MapDataset.source([{"skip": "bad_video", "dataset": 0, "where": "v:1", "error": "x"}] * 3)
+    it = iter(SkipBadSamplesIterDataset(source.to_iter_dataset(), ["v.jsonl"], max_skip_fraction=1.0))
+    state = it.get_state()
+    old = {**state, "skip_counts": {k: v for k, v in state["skip_counts"].items()
+                                    if k not in ("missing_video", "bad_video")}}
+    it.set_state(old)
+    assert list(it) == [] and skip_counts(it.get_state())["bad_video"] == [3]
