@@ -94,7 +94,7 @@ def test_bad_input_is_skipped_counted_and_located(data_dir, tmp_path, caplog):
     assert len(list(it)) == 2
     assert {k: v[0] for k, v in skip_counts(it.get_state()).items()} == {
         "seen": 7, "truncated": 0, "malformed": 1, "missing_image": 1, "bad_image": 1, "image_mismatch": 1,
-        "too_long": 1}
+        "too_long": 1, "missing_video": 0, "bad_video": 0}
     # The limit compares a 99.87% lower confidence bound of the bad fraction (5 of every 7 lines here) with 0.5.
     with pytest.raises(ValueError, match=rf"dataset {path}: 34 of 47 samples were unusable"):
         list(build_dataset(config(data_dir, [DatasetSpec(str(path))], seq_len=256, num_epochs=None, shuffle=False,

@@ -1,12 +1,10 @@
 """Video frames: VLMEvalKit's index formulas, seeking PyAV decoding (CFR, VFR, no timestamps), tiles, prompt, bad files.
 
-Test videos are written here with PyAV; every frame shows its own index as 8 black/white bars, read back from the
-decoded pixels, so a test sees which frame it really got despite compression.
+Test videos are written with PyAV (tests/video_utils.py): every frame shows its own index, read back from the decoded
+pixels, so a test sees which frame it really got despite compression.
 """
 
 from __future__ import annotations
-
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -27,47 +25,7 @@ from sail_jax.data.video import (
     video_pixel_values,
     video_prompt,
 )
-
-W, H, BITS = 96, 64, 8
-
-
-def _frame(k: int) -> np.ndarray:
-    bars = ((k >> np.arange(BITS)[::-1]) & 1).astype(np.uint8) * 255  # most significant bit left
-    return np.broadcast_to(np.repeat(bars, W // BITS)[None, :, None], (H, W, 3)).copy()
-
-
-def _read_index(frame: np.ndarray) -> int:
-    """The index a frame shows: each bar's centre is white (>127) or black."""
-    step = frame.shape[1] // BITS
-    bits = [frame[8:-8, b * step + 3:(b + 1) * step - 3].mean() > 127 for b in range(BITS)]
-    return int(sum(int(bit) << (BITS - 1 - b) for b, bit in enumerate(bits)))
-
-
-def write_video(path, n: int, fmt: str | None = None, pts_ms: list[int] | None = None, options=None, rate: int = 30):
-    """n frames of libx264 (GOP 8, B-frames on) at `rate` fps, or at the given millisecond timestamps (VFR)."""
-    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
-        stream = container.add_stream("libx264", rate=rate, options={"g": "8", "crf": "18"})
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        if pts_ms is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        for k in range(n):
-            frame = av.VideoFrame.from_ndarray(_frame(k), format="rgb24")
-            if pts_ms is not None:
-                frame.pts, frame.time_base = pts_ms[k], Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def _write_audio(container) -> None:
-    """A short silent AAC track."""
-    stream = container.add_stream("aac", rate=8000)
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-    frame.sample_rate = 8000
-    for packet in [*stream.encode(frame), *stream.encode()]:
-        container.mux(packet)
+from tests.video_utils import H, W, read_index, write_audio, write_video
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +83,7 @@ def test_load_video_decodes_the_sampled_frames(videos, kind, n, num_frames):
     assert out.num_frames_in_file == n
     assert out.indices.tolist() == uniform_frame_indices(n, num_frames).tolist()
     assert out.frames.shape == (num_frames, H, W, 3) and out.frames.dtype == np.uint8
-    assert [_read_index(f) for f in out.frames] == out.indices.tolist()
+    assert [read_index(f) for f in out.frames] == out.indices.tolist()
 
 
 def test_read_frames_any_order_with_repeats(videos):
@@ -134,7 +92,7 @@ def test_read_frames_any_order_with_repeats(videos):
     assert index.keyframes[0] and 1 < index.keyframes.sum() < 50  # GOP 8: several keyframes to seek between
     wanted = [49, 0, 7, 7, 8, 25, 24, 26, 1]
     frames = read_frames(index, wanted)
-    assert [_read_index(f) for f in frames] == wanted
+    assert [read_index(f) for f in frames] == wanted
     # Pixel-exact against decoding every frame in order (seeking and skipping unreferenced frames change nothing).
     with av.open(str(videos["mp4"])) as container:
         every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -146,7 +104,7 @@ def test_read_frames_any_order_with_repeats(videos):
 def test_fps_mode(videos):
     out = load_video(videos["mp4"], fps=2.0)  # 50 frames at 30 fps: 1.67 s -> 3 frames, 15 apart
     assert out.indices.tolist() == [0, 15, 30]
-    assert [_read_index(f) for f in out.frames] == [0, 15, 30]
+    assert [read_index(f) for f in out.frames] == [0, 15, 30]
     with pytest.raises(VideoError, match="too short"):
         load_video(videos["mp4"], fps=0.5)
 
@@ -166,10 +124,10 @@ def test_variable_frame_rate(tmp_path):
     assert naive != list(range(len(pts_ms)))
     for num_frames in (5, 15, 40):
         out = load_video(path, num_frames)
-        assert [_read_index(f) for f in out.frames] == uniform_frame_indices(len(pts_ms), num_frames).tolist()
+        assert [read_index(f) for f in out.frames] == uniform_frame_indices(len(pts_ms), num_frames).tolist()
 
 
-def test_pixel_values_one_tile_per_frame(videos):
+def test_pixel_values_one_tile_perframe_image(videos):
     frames = load_video(videos["mp4"], 3).frames
     pv = video_pixel_values(frames)
     assert pv.shape == (3, 3, 448, 448) and pv.dtype == np.float32
@@ -209,7 +167,7 @@ def test_bad_inputs(tmp_path, videos):
 
     audio = tmp_path / "speech.m4a"
     with av.open(str(audio), "w") as container:
-        _write_audio(container)
+        write_audio(container)
     with pytest.raises(VideoError, match=r"speech\.m4a has no video stream"):
         load_video(audio)
 
@@ -220,7 +178,7 @@ def test_bad_inputs(tmp_path, videos):
     with av.open(str(empty), "w") as container:
         stream = container.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        _write_audio(container)
+        write_audio(container)
     with pytest.raises(VideoError, match=r"empty\.mkv has no video frames"):
         load_video(empty)
 

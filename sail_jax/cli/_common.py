@@ -1,5 +1,5 @@
 """Options and loading shared by the commands (not a command itself): gin flags (`train`, `compile`), model and
-sampling options (`generate`, `chat`, `eval`)."""
+sampling options (`generate`, `chat`, `eval`), video options (`preprocess`, `generate`, `chat`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from sail_jax.data.video import DEFAULT_NUM_FRAMES, VideoFrames, load_video
 from sail_jax.inference.sampling import SamplingParams
 
 
@@ -118,3 +119,20 @@ class AnswerPrinter:
         self.out.write("\n")
         self.out.flush()
 
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    """`--video` with VLMEvalKit's two frame-sampling modes (`preprocess`, `generate`, `chat`)."""
+    p.add_argument("--video", default=None,
+                   help="video file: its frames (one tile each) go before the prompt as 'Frame-k: <image>' lines, or "
+                        "at a <video> marker in the prompt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES,
+                      help="frames sampled uniformly from the video, at int(i * n / (N + 1)) for i = 1..N")
+    mode.add_argument("--fps", type=float, default=None,
+                      help="instead of --num-frames: frames at this rate (one every video_fps / FPS frames)")
+
+
+def load_video_arg(args: argparse.Namespace, path: str | None = None) -> VideoFrames:
+    """The frames of `path` (default: --video) sampled as --num-frames / --fps say."""
+    return load_video(path or args.video, args.num_frames, args.fps)

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from sail_jax.cli._common import AnswerPrinter, add_model_args, add_sampling_args, load_engine, sampling_from_args
+from sail_jax.cli._common import (
+    AnswerPrinter,
+    add_model_args,
+    add_sampling_args,
+    add_video_args,
+    load_engine,
+    load_video_arg,
+    sampling_from_args,
+)
+from sail_jax.data.video import VideoFrames
 
 HELP = ("Type a message and press Enter; Ctrl-C stops an answer, Ctrl-D (or /exit) quits, /help lists the commands "
         "(a line starting with // sends one starting with /).")
@@ -30,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], help="image file, repeatable (attached to the first turn)")
     p.add_argument("--thinking", action="store_true", help="append the thinking-mode instruction to every user turn")
     p.add_argument("--system", default=None, help="system prompt (default: SAIL-VL2's own; '' for none)")
+    add_video_args(p)
     p.add_argument("--prompt", help="ask this one question, print the answer and exit")
     p.set_defaults(func=run)
 
@@ -39,13 +49,22 @@ class StopAnswer(Exception):
 
 
 class ChatSession:
-    """A conversation: every turn re-encodes the whole history (univl-chat). Media wait in `pending` until the next
-    user turn, which gets their `<image>` markers; `--image` files are pending at the start of each conversation.
-    The decoded answer (upstream's decode rule) joins the history."""
+    """A conversation: every turn re-encodes the whole history (univl-chat). Images wait in `pending` until the next
+    user turn, which gets their `<image>` markers; `--image` files are pending at the start of each conversation. A
+    video (`--video`, `/video`) instead puts its frames on the first user turn of the conversation. The decoded
+    answer (upstream's decode rule) joins the history."""
 
-    def __init__(self, engine, processor, images: Sequence[str], thinking: bool, sampling, system: str | None = None):
-        self.engine, self.processor, self.start_images = engine, processor, list(images)
+    def __init__(self, engine, processor, images: Sequence[str], thinking: bool, sampling, system: str | None = None,
+                 video: VideoFrames | None = None):
+        if images and video is not None:
+            raise ValueError("give images or a video, not both")
+        self.engine, self.processor, self.start_images, self.video = engine, processor, list(images), video
         self.thinking, self.sampling, self.system = thinking, sampling, system
+        self.reset()
+
+    def set_video(self, video: VideoFrames) -> None:
+        """A new conversation about `video` (it replaces the images or video of the last one)."""
+        self.start_images, self.video = [], video
         self.reset()
 
     def reset(self) -> None:
@@ -55,6 +74,8 @@ class ChatSession:
         self.pending: list[str] = list(self.start_images)
 
     def attach_image(self, path: str) -> None:
+        if self.video is not None:
+            raise ValueError("this conversation is about a video; images go in a conversation without one")
         path = str(Path(path).expanduser())
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such image file")
@@ -68,15 +89,20 @@ class ChatSession:
         from sail_jax.inference.text import TextStream
         from sail_jax.inference.thinking import with_thinking
 
-        content = add_image_placeholders(with_thinking(text) if self.thinking else text, len(self.pending))
-        turn = {"role": "user", "content": content}
+        content = with_thinking(text) if self.thinking else text
         images = self.images + self.pending
-        try:
-            enc = self.processor.encode_conversation(self.history + [turn], images, system=self.system,
-                                                     add_generation_prompt=True)
-        except (ValueError, FileNotFoundError):
-            self.pending = []  # a bad image must not fail every later turn
-            raise
+        if self.video is not None:
+            turn = {"role": "user", "content": content}
+            enc = self.processor.encode_video(self.history + [turn], self.video, system=self.system,
+                                              add_generation_prompt=True)
+        else:
+            turn = {"role": "user", "content": add_image_placeholders(content, len(self.pending))}
+            try:
+                enc = self.processor.encode_conversation(self.history + [turn], images, system=self.system,
+                                                         add_generation_prompt=True)
+            except (ValueError, FileNotFoundError):
+                self.pending = []  # a bad image must not fail every later turn
+                raise
         stream = TextStream(self.processor.tokenizer)
         ids: list[int] = []
 
@@ -156,6 +182,7 @@ class Chat:
     stdout: TextIO
     stderr: TextIO
     interactive: bool
+    load_video: Callable[[str], VideoFrames] | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.stderr, flush=True)
@@ -196,6 +223,16 @@ def _image(chat: Chat, arg: str) -> bool:
     return True
 
 
+def _video(chat: Chat, arg: str) -> bool:
+    if not arg:
+        raise ValueError("usage: /video PATH")
+    if chat.load_video is None:
+        raise ValueError("videos are not available in this chat")
+    chat.session.set_video(chat.load_video(str(Path(arg).expanduser())))
+    chat.say(f"{arg}: a new conversation about this video")
+    return True
+
+
 def _exit(chat: Chat, arg: str) -> bool:
     return False
 
@@ -203,7 +240,8 @@ def _exit(chat: Chat, arg: str) -> bool:
 COMMANDS: dict[str, Command] = {
     "/help": Command("/help", "list the commands", _help),
     "/image": Command("/image PATH", "attach an image to the next message", _image),
-    "/reset": Command("/reset", "start a new conversation (asks first; --image files attach again)", _reset),
+    "/video": Command("/video PATH", "start a new conversation about a video", _video),
+    "/reset": Command("/reset", "start a new conversation (asks first; --image files or the video again)", _reset),
     "/exit": Command("/exit", "quit (also /quit, Ctrl-D)", _exit),
     "/quit": Command("/quit", "quit", _exit),
 }
@@ -255,11 +293,12 @@ def answer(chat: Chat, text: str) -> None:
     printer.end()
 
 
-def converse(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> int:
+def converse(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool,
+             load_video: Callable[[str], VideoFrames] | None = None) -> int:
     """Read user lines until end of input or /exit; run commands, stream each answer to stdout (prompts and
     messages go to stderr)."""
     reader = LineReader(stdin, stdout, stderr, interactive)
-    chat = Chat(session, reader, stdout, stderr, interactive)
+    chat = Chat(session, reader, stdout, stderr, interactive, load_video)
     if interactive:
         chat.say(HELP)
     while True:
@@ -290,10 +329,12 @@ def converse(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     engine, processor = load_engine(args)
-    session = ChatSession(engine, processor, args.image, args.thinking, sampling, args.system)
+    video = load_video_arg(args) if args.video is not None else None
+    session = ChatSession(engine, processor, args.image, args.thinking, sampling, args.system, video)
     if args.prompt is not None:
         printer = AnswerPrinter(sys.stdout)
         session.ask(args.prompt, on_text=printer)
         printer.end()
         return 0
-    return converse(session, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty())
+    return converse(session, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty(),
+                    load_video=lambda path: load_video_arg(args, path))

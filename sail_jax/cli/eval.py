@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tiles", type=int, default=None, help="override the per-dataset tile limit")
     p.add_argument("--thinking", action="store_true",
                    help="append the thinking instruction and score the \\boxed{} answer")
+    p.add_argument("--data-root", default=None,
+                   help="video benchmarks: directory the 'video' column's paths are relative to (default: the TSV's)")
+    p.add_argument("--num-frames", type=int, default=16, help="video benchmarks: frames sampled uniformly per video")
+    p.add_argument("--fps", type=float, default=None, help="video benchmarks: sample at this rate instead")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 1024, 4096 with --thinking (VLMEvalKit)")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    items = read_tsv(args.data)[: args.limit]
+    items = read_tsv(args.data, args.data_root, args.num_frames, args.fps)[: args.limit]
     engine, processor = load_engine(args)
     result = {"data": str(args.data), **evaluate(engine, processor, items, settings, source=args.data)}
     write_text_atomic(args.out, json.dumps(result, ensure_ascii=False, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""`sail-jax generate`: one prompt (text + images) or a JSONL batch through the KV-cache engine.
+"""`sail-jax generate`: one prompt (text + images or a video) or a JSONL batch through the KV-cache engine.
 
 One prompt: the answer streams to stdout as it is generated; what the command is doing (loading, compiling, speed)
 goes to stderr, so stdout is the answer alone.
@@ -15,7 +15,9 @@ from sail_jax.cli._common import (
     AnswerPrinter,
     add_model_args,
     add_sampling_args,
+    add_video_args,
     load_engine,
+    load_video_arg,
     sampling_from_args,
     status,
 )
@@ -28,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_sampling_args(p, max_new_tokens=1024)
     p.add_argument("--image", action="append", default=[], help="image file, repeatable (attached in order)")
+    add_video_args(p)
     p.add_argument("--prompt", help="the user text (one-prompt mode)")
     p.add_argument("--thinking", action="store_true", help="append the thinking-mode instruction to the prompt")
     p.add_argument("--print-ids", action="store_true", help="also print the new token ids as a JSON list")
     p.add_argument("--batch", metavar="REQUESTS.jsonl",
-                   help='batch mode: lines {"id", "prompt", "images": [paths relative to the file]}')
+                   help='batch mode: lines {"id", "prompt", "images": [paths] or "video": path}, paths relative to '
+                        'the file')
     p.add_argument("--out", metavar="ANSWERS.jsonl", help='batch mode output: lines {"id", "text", "token_ids"}')
     p.add_argument("--allow-absolute-image-paths", action="store_true",
                    help="batch mode: let requests name images outside the requests file's directory")
@@ -57,17 +61,22 @@ def read_requests(path: Path, allow_absolute: bool = False) -> list[dict]:
         images = r.get("images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise ValueError(f"{path} line {n}: 'images' must be a list of file paths")
+        video = r.get("video")
+        if video is not None and (not isinstance(video, str) or images):
+            raise ValueError(f"{path} line {n}: 'video' must be one file path, without 'images'")
         try:
             resolved = [str(resolve_image_path(path.parent, i, allow_absolute)) for i in images]
+            video = None if video is None else str(resolve_image_path(path.parent, video, allow_absolute))
         except ValueError as e:
             raise ValueError(f"{path} line {n}: {e}") from None
-        requests.append({"id": r["id"], "prompt": str(r["prompt"]), "line": n, "images": resolved})
+        requests.append({"id": r["id"], "prompt": str(r["prompt"]), "line": n, "images": resolved, "video": video})
     return requests
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from sail_jax.data.chat import with_thinking
     from sail_jax.inference.engine import Request
     from sail_jax.inference.text import decode_response
 
@@ -75,20 +84,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --prompt and --batch")
     if args.batch and not args.out:
         raise ValueError("--batch needs --out")
-    if args.batch and args.image:
-        raise ValueError("--image is for --prompt; batch requests list their own images")
+    if args.batch and (args.image or args.video):
+        raise ValueError("--image and --video are for --prompt; batch requests list their own")
+    if args.image and args.video:
+        raise ValueError("give --image or --video, not both")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling = sampling_from_args(args)
     todo = read_requests(Path(args.batch), args.allow_absolute_image_paths) if args.batch else None
     engine, processor = load_engine(args)
 
-    def encode(prompt: str, images: list[str]) -> Request:
+    def encode(prompt: str, images: list[str], video: str | None = None) -> Request:
+        if video is not None:
+            text = with_thinking(prompt) if args.thinking else prompt
+            enc = processor.encode_video([{"role": "user", "content": text}], load_video_arg(args, video),
+                                         add_generation_prompt=True)
+            return Request(enc["input_ids"], enc["pixel_values"])
         enc = processor(images=images, prompt=prompt, thinking=args.thinking)
         return Request(enc["input_ids"][0], enc["pixel_values"] if len(enc["pixel_values"]) else None)
 
     if todo is None:
-        return generate_one(engine, processor, encode(args.prompt, args.image), sampling, args.print_ids)
+        return generate_one(engine, processor, encode(args.prompt, args.image, args.video), sampling,
+                            args.print_ids)
 
     status(f"generating {len(todo)} answers (the first batch compiles) ...")
     lines = []
@@ -98,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             requests = []
             for r in chunk:
                 try:
-                    requests.append(encode(r["prompt"], r["images"]))
+                    requests.append(encode(r["prompt"], r["images"], r["video"]))
                 except (FileNotFoundError, ValueError) as e:
                     raise ValueError(f"{args.batch} line {r['line']}: {e}") from None
             for r, out in zip(chunk, engine.generate(requests, sampling)):

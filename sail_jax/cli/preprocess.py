@@ -1,4 +1,6 @@
-"""`sail-jax preprocess`: images + prompt -> inputs.npz (input_ids, pixel_values, tile bookkeeping), host side only."""
+"""`sail-jax preprocess`: images or a video + prompt -> inputs.npz (input_ids, pixel_values, tile bookkeeping), host
+side only. A video writes input_ids [1,L], pixel_values [N,3,S,S], num_patches_list [N] (all 1) and frame_indices
+[N]."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sail_jax.cli._common import add_video_args, load_video_arg
 from sail_jax.files import apply_umask
 
 
@@ -27,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max tiles per image before the thumbnail (default: preprocessor_config.json, 10)")
     p.add_argument("--thinking", action="store_true", help="append the CoT (thinking-mode) instruction to the prompt")
     p.add_argument("--msac", action="store_true", help="multi-scale tiling (single image only)")
+    add_video_args(p)
     p.add_argument("--out", required=True, type=Path, help="output .npz")
     p.set_defaults(func=run)
 
@@ -48,6 +52,8 @@ def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def run(args: argparse.Namespace) -> int:
     from sail_jax.data.processor import SailProcessor
 
+    if args.video is not None:
+        return run_video(args)
     processor = SailProcessor.from_dir(args.tokenizer, max_num=args.max_tiles, msac=args.msac or None)
     if args.msac and len(args.image) != 1:
         raise ValueError(f"--msac applies to a single image, got {len(args.image)}")
@@ -56,4 +62,23 @@ def run(args: argparse.Namespace) -> int:
     tiles = ", ".join(f"{n} ({c}x{r})" for n, (c, r) in zip(out["num_patches_list"], out["tile_grids"]))
     print(f"wrote {args.out}: {out['input_ids'].shape[1]} tokens, {out['pixel_values'].shape[0]} tiles"
           + (f" [{tiles}]" if tiles else ""))
+    return 0
+
+
+def run_video(args: argparse.Namespace) -> int:
+    from sail_jax.data.chat import with_thinking
+    from sail_jax.data.processor import SailProcessor
+
+    if args.image or args.msac or args.max_tiles is not None:
+        raise ValueError("--video takes neither --image, --msac nor --max-tiles (each frame is one tile)")
+    processor = SailProcessor.from_dir(args.tokenizer)
+    video = load_video_arg(args)
+    text = with_thinking(args.prompt) if args.thinking else args.prompt
+    enc = processor.encode_video([{"role": "user", "content": text}], video, system=args.system,
+                                 add_generation_prompt=True)
+    out = {"input_ids": enc["input_ids"][None], "pixel_values": enc["pixel_values"],
+           "num_patches_list": enc["num_patches_list"], "frame_indices": enc["frame_indices"]}
+    save_npz_atomic(args.out, out)
+    print(f"wrote {args.out}: {out['input_ids'].shape[1]} tokens, {len(out['frame_indices'])} frames "
+          f"{out['frame_indices'].tolist()} of {video.num_frames_in_file}")
     return 0

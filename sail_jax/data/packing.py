@@ -73,7 +73,8 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         counts = state["skip_counts"]
         self._seen, self._truncated = list(counts["seen"]), list(counts["truncated"])
-        self._skipped = {r: list(counts[r]) for r in SKIP_REASONS}
+        # A reason added since the checkpoint was written (e.g. the video ones) starts at zero.
+        self._skipped = {r: list(counts.get(r, [0] * len(self._files))) for r in SKIP_REASONS}
 
 
 def skip_fraction_lower_bound(skipped: int, seen: int, z: float = 3.0) -> float:

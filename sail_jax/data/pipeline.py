@@ -33,6 +33,7 @@ from sail_jax.data.batch import local_rows
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
 from sail_jax.data.transforms import SampleTransform
+from sail_jax.data.video import DEFAULT_NUM_FRAMES
 
 
 def default_num_workers() -> int:
@@ -43,12 +44,16 @@ def default_num_workers() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One component of the mixture. `image_root` defaults to the data file's directory."""
+    """One component of the mixture. `image_root` (the root of image and video paths) defaults to the data file's
+    directory; a video record's frames are `num_frames` sampled uniformly, or with `fps` one every video_fps / fps
+    frames (VLMEvalKit's two modes)."""
 
     path: str
     weight: float = 1.0
     image_root: str | None = None
     name: str | None = None
+    num_frames: int = DEFAULT_NUM_FRAMES
+    fps: float | None = None
 
     @property
     def key(self) -> str:
@@ -70,6 +75,8 @@ class DataConfig:
     `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` / `read_buffer_size`
     per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped fraction exceeds
     `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
+    Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
+    (`data.frame_cache`; None: decode every time).
     """
 
     datasets: tuple[DatasetSpec, ...]
@@ -96,6 +103,7 @@ class DataConfig:
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 100
     allow_absolute_image_paths: bool = False
+    frame_cache_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -108,6 +116,9 @@ class DataConfig:
         for d in self.datasets:
             if not d.weight > 0:
                 raise ValueError(f"dataset {d.path}: weight must be > 0, got {d.weight}")
+            if d.num_frames < 1 or (d.fps is not None and not d.fps > 0):
+                raise ValueError(f"dataset {d.path}: num_frames must be >= 1 and fps > 0, got "
+                                 f"num_frames={d.num_frames}, fps={d.fps}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
@@ -126,6 +137,8 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
         image_size=cfg.image_size, over_long=cfg.over_long, loss_on=cfg.loss_on,
         system_prompt=cfg.system_prompt, allow_absolute_image_paths=cfg.allow_absolute_image_paths,
+        num_frames=spec.num_frames, fps=spec.fps,
+        frame_cache_dir=None if cfg.frame_cache_dir is None else str(cfg.frame_cache_dir),
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     return ds.map(transform).to_iter_dataset(read)

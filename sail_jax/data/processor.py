@@ -21,6 +21,7 @@ from sail_jax.config import IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID, IMG_START_TO
 from sail_jax.data import chat
 from sail_jax.data.images import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, load_image, preprocess_image
 from sail_jax.data.tokenizer import SailTokenizer, find_tokenizer_dir
+from sail_jax.data.video import VideoFrames, place_video
 
 ImageInput = str | os.PathLike | Image.Image
 _IMAGE_TOKEN_IDS = np.array([IMG_START_TOKEN_ID, IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID])
@@ -134,6 +135,24 @@ class SailProcessor:
         input_ids = np.array(ids, np.int32)
         loss_mask &= ~np.isin(input_ids, _IMAGE_TOKEN_IDS)
         return {"input_ids": input_ids, "loss_mask": loss_mask, **out}
+
+    def encode_video(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        video: VideoFrames,
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """A conversation about one video -> `encode_conversation`'s arrays plus frame_indices [N].
+
+        As VLMEvalKit runs SAIL-VL2 on video: the frames are listed as `Frame-k: <image>` lines at the `<video>`
+        marker (or before the first user text, `video.place_video`) and each frame is ONE tile (max tiles 1, so no
+        thumbnail, no MSAC), expanded like an image's `<image>`."""
+        msgs = place_video(messages, len(video.indices))
+        frames = [Image.fromarray(f) for f in video.frames]
+        one_tile = replace(self, max_num=1, min_num=1, msac=False)
+        enc = one_tile.encode_conversation(msgs, frames, system, add_generation_prompt)
+        return {**enc, "frame_indices": np.asarray(video.indices, np.int64)}
 
     def __call__(
         self,

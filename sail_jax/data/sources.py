@@ -1,9 +1,10 @@
 """Random-access record sources for LLaVA-style conversation data (JSONL or ArrayRecord) and the record parser.
 
 A record is one JSON object: `{"id", "image": path | [paths] (optional), "conversations": [{"from": "human" |
-"gpt" | "system", "value": str}, ...]}`; image paths are relative to an image root (by default the data file's
-directory). Sources return the raw bytes plus a `where` string ("file:line" or "file:record N"), and parsing happens
-in the per-sample transform, so a malformed line becomes a counted, located skip instead of a crash at start-up.
+"gpt" | "system", "value": str}, ...]}`, or a LLaVA-Video-style one with `"video": path` instead of images; image
+and video paths are relative to a media root (by default the data file's directory). Sources return the raw bytes
+plus a `where` string ("file:line" or "file:record N"), and parsing happens in the per-sample transform, so a
+malformed line becomes a counted, located skip instead of a crash at start-up.
 
 Both sources implement Grain's random-access protocol (`__len__`, `__getitem__`) and pickle cheaply into worker
 processes: the JSONL source keeps only its line-offset index and opens the file lazily in each process.
@@ -122,11 +123,13 @@ def open_source(path: str | os.PathLike) -> JsonlSource | ArrayRecordSource:
 
 @dataclass(frozen=True)
 class Conversation:
-    """A parsed record: messages in the processor's form (roles system/user/assistant) and absolute image paths."""
+    """A parsed record: messages in the processor's form (roles system/user/assistant), absolute image paths and the
+    absolute video path (a record has images or a video, not both)."""
 
     messages: list[dict[str, str]]
     images: list[Path]
     id: str | None = None
+    video: Path | None = None
 
 
 def decode_object(data: bytes) -> dict:
@@ -163,12 +166,18 @@ def parse_record(data: bytes, image_root: str | os.PathLike, allow_absolute: boo
     paths = [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise BadSample("malformed", "'image' must be a path or a list of paths")
+    video = obj.get("video")
+    if video is not None and (not isinstance(video, str) or not video):
+        raise BadSample("malformed", "'video' must be a path")
+    if video is not None and paths:
+        raise BadSample("malformed", "a record has 'image' or 'video', not both")
     try:
         images = [resolve_image_path(image_root, p, allow_absolute) for p in paths]
+        video_path = None if video is None else resolve_image_path(image_root, video, allow_absolute)
     except ValueError as e:
         raise BadSample("malformed", str(e)) from None
     record_id = obj.get("id")
-    return Conversation(messages, images, None if record_id is None else str(record_id))
+    return Conversation(messages, images, None if record_id is None else str(record_id), video_path)
 
 
 def resolve_image_path(root: str | os.PathLike, name: str, allow_absolute: bool = False) -> Path:

@@ -19,6 +19,11 @@ sample is CoT when any of its responses is (`info["cot"]`, for statistics).
 The trainer divides the summed loss by the target count of the whole global batch, so in a mixed batch both kinds
 share one denominator (the Think-Fusion objective).
 
+Video records (`"video": path`) are sampled as VLMEvalKit samples for the model (`num_frames` uniformly, or `fps`),
+each frame ONE tile listed as `Frame-k: <image>` at the `<video>` marker (LLaVA-Video's own files mark the video
+with a lone `<image>`, read as the marker; none: before the first question); the frames count as the sample's
+tiles. Frames come through `frame_cache.load_tile_frames`, cached on disk when `frame_cache_dir` is set.
+
 Images share the row's tile budget: with n images each is tiled with max_num = min(max_num, max_tiles // n - 1)
 (so tiles + thumbnail fit), or 1 tile each when that budget is below 3. Over-long samples (more than `seq_len`
 tokens or `max_tiles` tiles) are dropped, or with `over_long="truncate"` cut to the longest prefix that fits,
@@ -39,13 +44,15 @@ from PIL import Image
 
 from sail_jax.config import IMG_END_TOKEN_ID, IMG_START_TOKEN_ID
 from sail_jax.data import chat
+from sail_jax.data.frame_cache import load_tile_frames
 from sail_jax.data.images import load_image
 from sail_jax.data.processor import SailProcessor
-from sail_jax.data.sources import BadSample, RawRecord, parse_record
+from sail_jax.data.sources import BadSample, Conversation, RawRecord, parse_record
+from sail_jax.data.video import DEFAULT_NUM_FRAMES, VIDEO_PLACEHOLDER
 
 OVER_LONG_POLICIES = ("drop", "truncate")
 LOSS_ON = ("thought_and_answer", "conditional", "answer")
-SKIP_REASONS = ("malformed", "missing_image", "bad_image", "image_mismatch", "too_long")
+SKIP_REASONS = ("malformed", "missing_image", "bad_image", "image_mismatch", "too_long", "missing_video", "bad_video")
 
 
 @functools.lru_cache(maxsize=4)
@@ -115,6 +122,9 @@ class SampleTransform(grain.transforms.Map):
     loss_on: str = "thought_and_answer"
     system_prompt: str | None = None
     allow_absolute_image_paths: bool = False
+    num_frames: int = DEFAULT_NUM_FRAMES
+    fps: float | None = None
+    frame_cache_dir: str | None = None
 
     def __post_init__(self):
         if self.over_long not in OVER_LONG_POLICIES:
@@ -124,6 +134,8 @@ class SampleTransform(grain.transforms.Map):
         if self.seq_len < 1 or self.max_tiles < 1 or self.max_num < 1:
             raise ValueError(f"seq_len, max_tiles and max_num must be >= 1, got {self.seq_len}, {self.max_tiles}, "
                              f"{self.max_num}")
+        if self.num_frames < 1 or (self.fps is not None and not self.fps > 0):
+            raise ValueError(f"num_frames must be >= 1 and fps > 0, got num_frames={self.num_frames}, fps={self.fps}")
 
     @property
     def processor(self) -> SailProcessor:
@@ -137,23 +149,9 @@ class SampleTransform(grain.transforms.Map):
 
     def encode(self, record: RawRecord) -> dict[str, Any]:
         conv = parse_record(record.data, self.image_root, self.allow_absolute_image_paths)
-        texts = [m["content"] for m in conv.messages]
-        markers = sum(t.count(chat.IMAGE_PLACEHOLDER) for t in texts)
-        # With no marker at all the processor puts `<image>\n` per image before the first user turn (model.chat).
-        if (markers or not conv.images) and markers != len(conv.images):
-            raise BadSample("image_mismatch", f"{markers} {chat.IMAGE_PLACEHOLDER} marker(s) for "
-                                              f"{len(conv.images)} image(s)")
-        images = [self._load(p) for p in conv.images]
-        proc = self.processor
-        max_num = per_image_max_num(self.max_num, len(images), self.max_tiles)
-        if max_num != proc.max_num:
-            proc = dataclasses.replace(proc, max_num=max_num)
-        try:
-            enc = proc.encode_conversation(conv.messages, images, system=self.system_prompt)
-        except ValueError as e:  # roles and markers are checked above: what is left is tiling a bad image
-            raise BadSample("bad_image", str(e)) from e
+        enc = self._encode_images(conv) if conv.video is None else self._encode_video(conv)
         ids, mask = enc["input_ids"], enc["loss_mask"].astype(np.int32)
-        tok = proc.tokenizer
+        tok = self.processor.tokenizer
         think_ids = (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
         is_blank = lambda t: not tok.decode(t.tolist(), skip_special_tokens=False).strip()
         mask, cot = response_loss_mask(ids, mask, think_ids, is_blank, self.loss_on)
@@ -170,6 +168,42 @@ class SampleTransform(grain.transforms.Map):
         info = {"dataset": self.dataset, "where": record.where, "tokens": len(ids), "tiles": len(pixels),
                 "truncated": truncated, "cot": cot}
         return {"input_ids": ids, "loss_mask": mask, "pixel_values": pixels, "info": info}
+
+    def _encode_images(self, conv: Conversation) -> dict[str, np.ndarray]:
+        texts = [m["content"] for m in conv.messages]
+        markers = sum(t.count(chat.IMAGE_PLACEHOLDER) for t in texts)
+        # With no marker at all the processor puts `<image>\n` per image before the first user turn (model.chat).
+        if (markers or not conv.images) and markers != len(conv.images):
+            raise BadSample("image_mismatch", f"{markers} {chat.IMAGE_PLACEHOLDER} marker(s) for "
+                                              f"{len(conv.images)} image(s)")
+        images = [self._load(p) for p in conv.images]
+        proc = self.processor
+        max_num = per_image_max_num(self.max_num, len(images), self.max_tiles)
+        if max_num != proc.max_num:
+            proc = dataclasses.replace(proc, max_num=max_num)
+        try:
+            return proc.encode_conversation(conv.messages, images, system=self.system_prompt)
+        except ValueError as e:  # roles and markers are checked above: what is left is tiling a bad image
+            raise BadSample("bad_image", str(e)) from e
+
+    def _encode_video(self, conv: Conversation) -> dict[str, np.ndarray]:
+        messages = conv.messages
+        texts = [m["content"] for m in messages]
+        images, videos = (sum(t.count(m) for t in texts) for m in (chat.IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER))
+        if images == 1 and videos == 0:  # LLaVA-Video's spelling of the video marker
+            messages = [{**m, "content": m["content"].replace(chat.IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
+                        for m in messages]
+        elif images or videos > 1:
+            raise BadSample("image_mismatch", f"{videos} {VIDEO_PLACEHOLDER} and {images} {chat.IMAGE_PLACEHOLDER} "
+                                              f"marker(s) for one video")
+        proc = self.processor
+        try:
+            video = load_tile_frames(conv.video, self.num_frames, self.fps, proc.image_size, self.frame_cache_dir)
+        except FileNotFoundError as e:
+            raise BadSample("missing_video", str(e)) from e
+        except ValueError as e:  # VideoError and unusable sampling (a clip too short for fps)
+            raise BadSample("bad_video", str(e)) from e
+        return proc.encode_video(messages, video, system=self.system_prompt)
 
     @staticmethod
     def _load(path: Path) -> Image.Image:

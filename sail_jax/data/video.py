@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 from PIL import Image
 
-from sail_jax.data.chat import IMAGE_PLACEHOLDER
+from sail_jax.data.chat import IMAGE_PLACEHOLDER, content_text
 from sail_jax.data.images import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, preprocess_image
 
 DEFAULT_NUM_FRAMES = 16
+VIDEO_PLACEHOLDER = "<video>"
 MCQ_INSTRUCTION = "\nAnswer with the option's letter from the given choices directly."
 
 
@@ -291,12 +293,50 @@ def preprocess_video(
     }
 
 
-def video_prompt(question: str, num_frames: int, mcq: bool = False) -> str:
-    """`Frame-1: <image>\\n...Frame-N: <image>\\n` + question (+ the letter instruction for Video-MME-style MCQ).
+def frame_lines(num_frames: int) -> str:
+    """`Frame-1: <image>\\n...Frame-N: <image>\\n`: VLMEvalKit's listing of a video's frames before the question.
 
     Each `<image>` is one frame of one tile: the processor's `<image>` expansion with num_patches_list all 1 turns it
     into `<img>` + 256 `<IMG_CONTEXT>` + `</img>`."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    frames = "".join(f"Frame-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_frames + 1))
-    return frames + question + (MCQ_INSTRUCTION if mcq else "")
+    return "".join(f"Frame-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_frames + 1))
+
+
+def video_prompt(question: str, num_frames: int, mcq: bool = False) -> str:
+    """The frame lines + question (+ the letter instruction for Video-MME-style MCQ)."""
+    return frame_lines(num_frames) + question + (MCQ_INSTRUCTION if mcq else "")
+
+
+def place_video(messages: Sequence[Mapping[str, Any]], num_frames: int) -> list[dict[str, Any]]:
+    """Messages with the frame lines at the one `<video>` marker (a following newline is absorbed, so
+    `<video>\\nQ` reads as VLMEvalKit's prompt), or before the first user message's text when there is no marker.
+
+    `<image>` markers are refused: a video prompt's `<image>` markers are its frames."""
+    msgs = [{**m, "content": content_text(m.get("content", ""))} for m in messages]
+    texts = [m["content"] for m in msgs]
+    if any(IMAGE_PLACEHOLDER in t for t in texts):
+        raise ValueError(f"a prompt with a video cannot also hold {IMAGE_PLACEHOLDER} markers")
+    markers = sum(t.count(VIDEO_PLACEHOLDER) for t in texts)
+    if markers > 1:
+        raise ValueError(f"the prompt has {markers} {VIDEO_PLACEHOLDER} markers; one video is allowed")
+    lines = frame_lines(num_frames)
+    if markers == 0:
+        first_user = next((m for m in msgs if m.get("role") == "user"), None)
+        if first_user is None:
+            raise ValueError("a video was given but the conversation has no user message")
+        first_user["content"] = lines + first_user["content"]
+        return msgs
+    for m in msgs:
+        text = m["content"]
+        if VIDEO_PLACEHOLDER in text:
+            marker = VIDEO_PLACEHOLDER + "\n" if VIDEO_PLACEHOLDER + "\n" in text else VIDEO_PLACEHOLDER
+            m["content"] = text.replace(marker, lines, 1)
+    return msgs
+
+
+def resize_frames(frames: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """[N,H,W,3] uint8 -> [N,S,S,3] uint8, resized as the image path resizes a one-tile image (PIL's default
+    filter), so that tiling the result again gives the same tiles (PIL returns a same-size resize unchanged)."""
+    size = (image_size, image_size)
+    return np.stack([np.asarray(Image.fromarray(f).resize(size)) for f in frames])

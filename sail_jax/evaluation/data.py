@@ -3,6 +3,11 @@
 TSV layout: columns `index`, `image`, `question`, `answer`, optional `hint`, `category` and option columns `A`, `B`, …
 An `image` cell holds base64 image data, a list of them for multi-image rows (a JSON / Python list literal, as
 VLMEvalKit writes it), or — VLMEvalKit's space saver — the `index` of another row whose image it shares.
+
+Video benchmarks (Video-MME layout) have a `video` column instead of `image`: a file path relative to a data root
+(default: the TSV's directory); their options are letter columns or a `candidates` / `options` list literal
+(`['A. apple', 'B. pear']`, or bare texts lettered in order), and the category is `category`, else `task_type`.
+The prompt lists the sampled frames (`Frame-k: <image>` lines, one tile each) before the question text.
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from sail_jax.data.chat import vlmevalkit_prompt, with_thinking
 from sail_jax.data.images import load_image, multi_image_max_num, vlmevalkit_max_num
+from sail_jax.data.processor import SailProcessor
+from sail_jax.data.video import DEFAULT_NUM_FRAMES, VIDEO_PLACEHOLDER, frame_lines, load_video
 
 REQUIRED_COLUMNS = ("index", "image", "question", "answer")
+VIDEO_OPTION_COLUMNS = ("candidates", "options")
+_LETTERED = re.compile(r"^\(?([A-Z])[.)]\s*(.*)$", re.DOTALL)
 MCQ_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 MCQ_SUFFIX_CN = "\n请直接回答选项字母。"
 OPEN_SUFFIX = "\nAnswer the question directly."
@@ -36,9 +46,19 @@ _PLAIN_VQA = ("MathVista", "MathVision", "VCR", "MTVQA", "MMVet", "MathVerse", "
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
+@dataclass(frozen=True)
+class VideoRef:
+    """A video row's file and how its frames are sampled (`num_frames` uniformly, or at `fps`)."""
+
+    path: Path
+    num_frames: int = DEFAULT_NUM_FRAMES
+    fps: float | None = None
+
+
 @dataclass
 class Item:
-    """One benchmark row: `images` holds base64 strings (decoded lazily), `answers` the acceptable answers."""
+    """One benchmark row: `images` holds base64 strings (decoded lazily), or `video` the row's video file;
+    `answers` the acceptable answers."""
 
     index: str
     row: int  # 1-based data row in the file, for messages
@@ -48,6 +68,7 @@ class Item:
     options: dict[str, str] = field(default_factory=dict)
     hint: str | None = None
     category: str | None = None
+    video: VideoRef | None = None
 
 
 def _where(path: Path, row: int, index: str) -> str:
@@ -69,8 +90,22 @@ def _parse_list(text: str) -> list[str] | None:
     return None
 
 
-def read_tsv(path: str | Path) -> list[Item]:
-    """All rows of a VLMEvalKit TSV; a missing column or an empty required cell names the file, row and column."""
+def _video_options(cell: str, where: str) -> dict[str, str]:
+    """A `candidates` list literal as {letter: text}: `A. text` entries keep their letter, bare texts are lettered
+    in order."""
+    entries = _parse_list(cell)
+    if entries is None:
+        raise ValueError(f"{where}: the options cell is not a list literal: {cell[:60]!r}")
+    matches = [_LETTERED.match(e.strip()) for e in entries]
+    if entries and all(matches):
+        return {m.group(1): m.group(2).strip() for m in matches}
+    return {string.ascii_uppercase[k]: e.strip() for k, e in enumerate(entries)}
+
+
+def read_tsv(path: str | Path, data_root: str | Path | None = None, num_frames: int = DEFAULT_NUM_FRAMES,
+             fps: float | None = None) -> list[Item]:
+    """All rows of a VLMEvalKit TSV; a missing column or an empty required cell names the file, row and column.
+    Video rows take their files under `data_root` (default: the TSV's directory), sampled by `num_frames` / `fps`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such benchmark file")
@@ -78,16 +113,21 @@ def read_tsv(path: str | Path) -> list[Item]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         columns = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        is_video = "video" in columns and "image" not in columns
+        required = ("index", "video", "question", "answer") if is_video else REQUIRED_COLUMNS
+        missing = [c for c in required if c not in columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; found {columns}")
         option_cols = [c for c in string.ascii_uppercase if c in columns]
         raw = list(reader)
+    if is_video:
+        root = Path(data_root) if data_root is not None else path.parent
+        return [_video_item(path, n, r, root, option_cols, num_frames, fps) for n, r in enumerate(raw, start=1)]
     by_index = {r["index"]: r for r in raw}
     items = []
     for n, r in enumerate(raw, start=1):
         where = _where(path, n, r["index"])
-        for col in REQUIRED_COLUMNS:
+        for col in required:
             if not (r.get(col) or "").strip():
                 raise ValueError(f"{where}: empty {col!r}")
         cell = r["image"].strip()
@@ -105,6 +145,41 @@ def read_tsv(path: str | Path) -> list[Item]:
             category=(r.get("category") or "").strip() or None,
         ))
     return items
+
+
+def _video_item(path: Path, n: int, r: dict[str, str], root: Path, option_cols: list[str], num_frames: int,
+                fps: float | None) -> Item:
+    where = _where(path, n, r["index"])
+    for col in ("index", "video", "question", "answer"):
+        if not (r.get(col) or "").strip():
+            raise ValueError(f"{where}: empty {col!r}")
+    options = {c: r[c] for c in option_cols if (r.get(c) or "").strip()}
+    listed = next((r[c] for c in VIDEO_OPTION_COLUMNS if (r.get(c) or "").strip()), None)
+    if not options and listed is not None:
+        options = _video_options(listed, where)
+    answer = r["answer"].strip()
+    return Item(
+        index=r["index"], row=n, question=r["question"], answers=_parse_list(answer) or [answer], images=[],
+        options=options, hint=(r.get("hint") or "").strip() or None,
+        category=(r.get("category") or r.get("task_type") or "").strip() or None,
+        video=VideoRef(root / r["video"].strip(), num_frames, fps),
+    )
+
+
+def encode_video_item(processor: SailProcessor, item: Item, kind: str, dataset: str | None, thinking: bool = False,
+                      source: str | Path = "") -> tuple[str, dict[str, np.ndarray]]:
+    """(user prompt with placeholders, processor output) for a video row, as VLMEvalKit asks SAIL-VL2: the
+    `Frame-k: <image>` lines, then the question text (options and letter instruction for MCQ); one tile per frame."""
+    ref = item.video
+    try:
+        video = load_video(ref.path, ref.num_frames, ref.fps)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{_where(Path(source), item.row, item.index)}: column 'video': {e}") from None
+    text = question_prompt(item, kind, dataset)
+    text = with_thinking(text) if thinking else text
+    enc = processor.encode_video([{"role": "user", "content": VIDEO_PLACEHOLDER + "\n" + text}], video,
+                                 add_generation_prompt=True)
+    return frame_lines(len(video.indices)) + text, enc
 
 
 def decode_images(item: Item, path: str | Path = "") -> list[Image.Image]:

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sail_jax.data.processor import SailProcessor
-from sail_jax.evaluation.data import Item, build_prompt, decode_images, postprocess, tiling
+from sail_jax.evaluation.data import Item, build_prompt, decode_images, encode_video_item, postprocess, tiling
 from sail_jax.evaluation.scoring import KINDS, score_item, summarize
 from sail_jax.inference.engine import Engine, Request
 from sail_jax.inference.sampling import SamplingParams
@@ -39,6 +39,8 @@ class EvalSettings:
 def encode_item(processor: SailProcessor, item: Item, settings: EvalSettings, source: str | Path = "") -> tuple[
         str, dict]:
     """(user prompt with placeholders, processor output) for one row, tiled as VLMEvalKit tiles it."""
+    if item.video is not None:
+        return encode_video_item(processor, item, settings.kind, settings.dataset, settings.thinking, source)
     prompt = build_prompt(item, settings.kind, settings.dataset, settings.thinking)
     images = decode_images(item, source)
     max_num, msac = tiling(len(images), settings.dataset, settings.max_tiles)
