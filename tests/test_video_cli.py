@@ -110,7 +110,7 @@ def test_generate_chat_and_batch_take_a_video(clips, engine, tmp_path, capsys):
     script = f"/video {tmp_path / 'missing.mp4'}\n/video {clips['a']}\nWhat happens?\n/exit\n"
     assert converse(session, io.StringIO(script), io.StringIO(), stderr, interactive=False,
                     load_video=lambda p: load_video(p, 2)) == 0
-    assert "error: video file not found" in stderr.getvalue() and "missing.mp4" in stderr.getvalue()
+    assert "/video: video file not found" in stderr.getvalue() and "missing.mp4" in stderr.getvalue()
     assert session.video is not None and session.history[1]["content"] == text
 
     # batch: a "video" request beside a text one, paths relative to the requests file
