@@ -49,6 +49,7 @@ class Item:
     options: dict[str, str] = field(default_factory=dict)
     hint: str | None = None
     category: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)  # every cell but `image`, in file order (prediction files)
 
 
 def _where(path: Path, row: int, index: str) -> str:
@@ -104,6 +105,7 @@ def read_tsv(path: str | Path) -> list[Item]:
             options={c: r[c] for c in option_cols if (r.get(c) or "").strip()},
             hint=(r.get("hint") or "").strip() or None,
             category=(r.get("category") or "").strip() or None,
+            fields={c: r.get(c) or "" for c in columns if c != "image"},
         ))
     return items
 
