@@ -74,11 +74,14 @@ def test_bad_row_is_recorded_and_the_run_goes_on(tmp_path, capsys):
     assert [r["index"] for r in records] == ["1", "0", "2", "1"]
 
 
-def test_max_new_tokens_zero_is_refused(tmp_path, capsys):
+def test_max_new_tokens_zero_and_duplicate_indices_are_refused(tmp_path, capsys):
     tsv = shapes_tsv(tmp_path / "Shapes.tsv")
     assert main(eval_args(tsv, tmp_path / "r.json", "--max-new-tokens", "0")) == 2
     assert "max new tokens must be >= 1, got 0" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == [tsv]
+    write_tsv(tmp_path / "Dup.tsv", [{"index": 7, "image": png_b64("red"), "question": "q", "answer": "a"}] * 2)
+    assert main(eval_args(tmp_path / "Dup.tsv", tmp_path / "r.json")) == 2
+    assert "Dup.tsv: rows 1 and 2 share index '7'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dup.tsv", "Shapes.tsv"]  # nothing written
 
 
 def test_batch_generation_isolates_a_failing_request(tmp_path, capsys):

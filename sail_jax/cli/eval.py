@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         prediction_file_name,
         write_predictions,
     )
-    from sail_jax.evaluation.runner import EvalSettings, evaluate
+    from sail_jax.evaluation.runner import EvalSettings, check_indices, evaluate
     from sail_jax.rl.judge import make_judge
 
     dataset = args.dataset_name or Path(args.data).stem
@@ -78,14 +78,15 @@ def run(args: argparse.Namespace) -> int:
     )
     judge = make_judge(args.judge, timeout_s=args.judge_timeout) if args.judge else None
     items = read_tsv(args.data)[: args.limit]
+    check_indices(items, args.data)
     out = Path(args.out)
     model = args.model_name or Path(args.checkpoint).resolve().name
     header = {"sail_jax_eval": 1, "checkpoint": str(Path(args.checkpoint).resolve()),
               "data": str(Path(args.data).resolve()), "kind": kind, "dataset": dataset, "max_tiles": args.max_tiles,
               "thinking": args.thinking, "max_new_tokens": settings.max_new_tokens}
-    engine, processor = load_engine(args)
-    log = PredictionLog(out.with_name(out.stem + ".predictions.jsonl"), header)
+    log = PredictionLog(out.with_name(out.stem + ".predictions.jsonl"), header)  # refuses other settings early
     try:
+        engine, processor = load_engine(args)
         result, rows = evaluate(engine, processor, items, settings, source=args.data, log=log, judge=judge)
     finally:
         log.close()

@@ -165,16 +165,21 @@ def score_records(items: Sequence[Item], records: dict[str, dict[str, Any]], set
     return {**report, "items": out_items}, rows
 
 
-def evaluate(engine: Engine, processor: SailProcessor, items: Sequence[Item], settings: EvalSettings,
-             source: str | Path = "", progress: bool = True, log: PredictionLog | None = None,
-             judge: Judge | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate for every item not already done in `log` (appending each record to it), then score all of them;
-    returns the report (summary, metric scores, per-item records) and the VLMEvalKit prediction rows."""
+def check_indices(items: Sequence[Item], source: str | Path = "") -> None:
+    """Indices key the prediction log and VLMEvalKit's files: two rows may not share one."""
     seen: dict[str, int] = {}
     for item in items:
         if item.index in seen:
             raise ValueError(f"{source}: rows {seen[item.index]} and {item.row} share index {item.index!r}")
         seen[item.index] = item.row
+
+
+def evaluate(engine: Engine, processor: SailProcessor, items: Sequence[Item], settings: EvalSettings,
+             source: str | Path = "", progress: bool = True, log: PredictionLog | None = None,
+             judge: Judge | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate for every item not already done in `log` (appending each record to it), then score all of them;
+    returns the report (summary, metric scores, per-item records) and the VLMEvalKit prediction rows."""
+    check_indices(items, source)
     records = dict(log.done) if log is not None else {}
 
     def keep(record: dict[str, Any]) -> None:
