@@ -1,4 +1,4 @@
-"""Where the shipped data lives: `configs/` (gin files) and `assets/` (the bundled tokenizer).
+"""Where the shipped data lives: `configs/` (gin files) and `assets/` (the bundled tokenizer, LLM-judge prompts).
 
 In a source checkout (or its editable install) they are top-level folders beside the `sail_jax` package; a built
 wheel ships them inside it as `sail_jax/configs` and `sail_jax/assets`. Lookups go through `DATA_ROOT`, so a path
@@ -13,3 +13,4 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_ROOT = PACKAGE_DIR if (PACKAGE_DIR / "configs").is_dir() else PACKAGE_DIR.parent
 CONFIGS_DIR = DATA_ROOT / "configs"
 TOKENIZER_DIR = DATA_ROOT / "assets" / "tokenizer"
+JUDGE_PROMPTS_DIR = DATA_ROOT / "assets" / "judge_prompts"  # one LLM-judge prompt per benchmark

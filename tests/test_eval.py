@@ -186,14 +186,16 @@ def test_eval_cli_end_to_end(mcq_tsv, tmp_path, capsys):
     assert res["per_category"]["shape"]["n"] == 2
     assert sum(c["correct"] for c in res["per_category"].values()) == res["correct"]
     assert f"TinyShapes (mcq): accuracy {res['accuracy']:.4f}" in capsys.readouterr().out
-    assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # atomic write leaves no temporary file
+    # atomic writes leave no temporary file: the results, the per-item log and VLMEvalKit's prediction file
+    assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint_TinyShapes.xlsx", "tiny.json",
+                                                            "tiny.predictions.jsonl"]
 
 
 def test_eval_cli_reports_bad_tsv(tmp_path, capsys):
     bad = tmp_path / "bad.tsv"
-    write_tsv(bad, [{"index": 0, "image": "not-base64!", "question": "q", "answer": "A"}])
+    write_tsv(bad, [{"index": 0, "image": "q", "question": "q"}])
     rc = main(["eval", "--checkpoint", str(CKPT), "--data", str(bad), "--kind", "vqa", "--out",
                str(tmp_path / "r.json")])
     assert rc == 2
-    assert "bad.tsv: row 1 (index 0): column 'image', image 0: not decodable" in capsys.readouterr().err
+    assert "bad.tsv: missing column(s) ['answer']" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()

@@ -46,14 +46,16 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) ->
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
-def sampling_from_args(args: argparse.Namespace, max_new_tokens: int | None = None) -> SamplingParams:
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     """Greedy unless a positive --temperature is given; filters without sampling are an error, not a no-op."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.greedy and args.temperature:
         raise ValueError("--greedy and --temperature are exclusive")
     temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
     if temperature == 0 and (args.top_k or args.top_p < 1):
         raise ValueError("--top-k / --top-p only apply when sampling: give --temperature > 0")
-    return SamplingParams(max_new_tokens=max_new_tokens or args.max_new_tokens, temperature=temperature,
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 

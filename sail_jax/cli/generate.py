@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", metavar="REQUESTS.jsonl",
                    help='batch mode: lines {"id", "prompt", "images": [paths] or "video": path}, paths relative to '
                         'the file')
-    p.add_argument("--out", metavar="ANSWERS.jsonl", help='batch mode output: lines {"id", "text", "token_ids"}')
+    p.add_argument("--out", metavar="ANSWERS.jsonl",
+                   help='batch mode output: lines {"id", "text", "token_ids"}, or {"id", "error"} for a failed request')
     p.add_argument("--allow-absolute-image-paths", action="store_true",
                    help="batch mode: let requests name images outside the requests file's directory")
     p.add_argument("--batch-size", type=int, default=8, help="requests generated together in batch mode")
@@ -107,23 +108,41 @@ def run(args: argparse.Namespace) -> int:
         return generate_one(engine, processor, encode(args.prompt, args.image, args.video), sampling,
                             args.print_ids)
 
+    from sail_jax.evaluation.runner import describe, generate_each
+
+    # One bad request does not end the batch: it gets {"id", "error"} in place of an answer, the others go on, and
+    # the exit status is 1 (the requests file itself is checked before the model loads).
     status(f"generating {len(todo)} answers (the first batch compiles) ...")
-    lines = []
+    lines, failed = [], 0
     with tqdm(total=len(todo), desc="generate", unit="req", file=sys.stderr) as bar:
         for start in range(0, len(todo), args.batch_size):
             chunk = todo[start:start + args.batch_size]
-            requests = []
+            ready, requests, answers = [], [], {}
             for r in chunk:
                 try:
                     requests.append(encode(r["prompt"], r["images"], r["video"]))
-                except (FileNotFoundError, ValueError) as e:
-                    raise ValueError(f"{args.batch} line {r['line']}: {e}") from None
-            for r, out in zip(chunk, engine.generate(requests, sampling)):
-                text = decode_response(processor.tokenizer, out.token_ids)
-                lines.append(json.dumps({"id": r["id"], "text": text, "token_ids": out.token_ids}, ensure_ascii=False))
+                    ready.append(r)
+                except Exception as e:  # this request's failure only
+                    answers[r["line"]] = {"id": r["id"], "error": describe(e)}
+            for r, out in zip(ready, generate_each(engine, requests, sampling) if requests else []):
+                if isinstance(out, Exception):
+                    answers[r["line"]] = {"id": r["id"], "error": describe(out)}
+                else:
+                    text = decode_response(processor.tokenizer, out.token_ids)
+                    answers[r["line"]] = {"id": r["id"], "text": text, "token_ids": out.token_ids}
+            for r in chunk:
+                if "error" in answers[r["line"]]:
+                    failed += 1
+                    print(f"sail-jax generate: {args.batch} line {r['line']}: {answers[r['line']]['error']}",
+                          file=sys.stderr)
+                lines.append(json.dumps(answers[r["line"]], ensure_ascii=False))
             bar.update(len(chunk))
     write_text_atomic(args.out, "".join(line + "\n" for line in lines))
     print(f"wrote {len(lines)} answers to {args.out}", file=sys.stderr)
+    if failed:
+        print(f"sail-jax generate: {failed} of {len(lines)} requests failed (see 'error' in {args.out})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

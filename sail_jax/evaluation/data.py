@@ -69,6 +69,7 @@ class Item:
     hint: str | None = None
     category: str | None = None
     video: VideoRef | None = None
+    fields: dict[str, str] = field(default_factory=dict)  # every cell but `image`, in file order (prediction files)
 
 
 def _where(path: Path, row: int, index: str) -> str:
@@ -143,6 +144,7 @@ def read_tsv(path: str | Path, data_root: str | Path | None = None, num_frames: 
             options={c: r[c] for c in option_cols if (r.get(c) or "").strip()},
             hint=(r.get("hint") or "").strip() or None,
             category=(r.get("category") or "").strip() or None,
+            fields={c: r.get(c) or "" for c in columns if c != "image"},
         ))
     return items
 

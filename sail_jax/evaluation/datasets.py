@@ -21,6 +21,7 @@ from sail_jax.evaluation.metrics import (
     mcq_accuracy,
     mmbench_circular,
     mme,
+    mmvet,
     ocrbench,
     relaxed_accuracy,
     vqa_soft_accuracy,
@@ -37,6 +38,7 @@ METRICS: dict[str, Callable[[Iterable[Row]], dict[str, Any]]] = {
     "ocrbench": ocrbench,
     "mmmu": mmmu,
     "mathvista": mathvista,
+    "mmvet": mmvet,
 }
 
 # first word of the dataset name -> (kind, metric)
@@ -53,6 +55,7 @@ _DATASETS = {
     "chartqa": ("vqa", "relaxed_accuracy"),
     "textvqa": ("vqa", "vqa_soft"),
     "mathvista": ("vqa", "mathvista"),
+    "mmvet": ("vqa", "mmvet"),
 }
 _SUFFIXES = frozenset({"dev", "test", "val", "validation", "mini", "testmini", "en", "cn", "v11", "no", "mask"})
 _FILE_EXTENSIONS = (".tsv", ".xlsx", ".csv", ".json", ".jsonl")

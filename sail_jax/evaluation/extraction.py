@@ -155,11 +155,18 @@ def mathvista_extract(row: Row, i: int = 0) -> str | None:
     return None
 
 
+def mathvista_hit(row: Row, i: int = 0) -> bool:
+    """The rule-based extraction equals the answer."""
+    return mathvista_extract(row, i) == str(required_field(row, "answer", i)).strip()
+
+
 def mathvista(rows: Iterable[Row]) -> dict[str, Any]:
-    """MathVista with rule-based extraction: percent correct, overall, per `task` and per skill (VLMEvalKit's
-    report)."""
+    """MathVista: percent correct, overall, per `task` and per skill (VLMEvalKit's report). An item is right when the
+    rule-based extraction matches; otherwise an LLM judge's `score` column counts where the rows carry one (VLMEvalKit
+    also asks its judge only when the rules fail)."""
     rows = list(rows)
-    hits = [float(mathvista_extract(r, i) == str(required_field(r, "answer", i)).strip()) for i, r in enumerate(rows)]
+    hits = [1.0 if mathvista_hit(r, i) else 0.0 if is_blank(r.get("score")) else float(r["score"])
+            for i, r in enumerate(rows)]
     out: dict[str, Any] = {"n": len(hits), "overall": percent(hits)}
     tasks = [(r["task"], h) for r, h in zip(rows, hits) if not is_blank(r.get("task"))]
     skills = [(s, h) for r, h in zip(rows, hits) if not is_blank(r.get("skills")) for s in list_cell(r["skills"])]

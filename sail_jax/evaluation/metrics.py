@@ -4,7 +4,8 @@ A row is a mapping with VLMEvalKit's prediction-file columns (`index`, `question
 `l2-category`, option columns `A`, `B`, …, `image_path` …). An `answer` cell may hold a list, or a JSON / Python list
 literal of the acceptable answers, as VLMEvalKit's TSVs store them. Scores are percentages (0-100) as VLMEvalKit and
 the leaderboards print them; MME's subtask scores (0-200) and totals are MME points, OCRBench's final score is a count
-of correct items (out of 1000 on the full set). MMMU and MathVista answer extraction is in `extraction.py`.
+of correct items (out of 1000 on the full set). LLM-judged benchmarks (MM-Vet) read the judge's 0-1 `score` column.
+MMMU and MathVista answer extraction is in `extraction.py`.
 """
 
 from __future__ import annotations
@@ -378,3 +379,20 @@ def ocrbench(rows: Iterable[Row]) -> dict[str, Any]:
         counts[group] += hit
         hits.append(float(hit))
     return {"n": len(hits), "overall": percent(hits), "final_score": int(sum(hits)), "per_group": counts}
+
+
+# ---------------------------------------------------------------------------------------------------- MM-Vet
+
+MMVET_CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
+
+
+def mmvet(rows: Iterable[Row]) -> dict[str, Any]:
+    """MM-Vet: the mean LLM-judge `score` (0-1 per item) in percent, overall, per capability (the items whose
+    `category` lists it, e.g. "ocr,math") and per capability combination (`,` written `_`), as VLMEvalKit reports."""
+    rows = list(rows)
+    scores = [float(required_field(r, "score", i)) for i, r in enumerate(rows)]
+    categories = [str(required_field(r, "category", i)) for i, r in enumerate(rows)]
+    capabilities = {cap: percent([s for s, c in zip(scores, categories) if cap in c]) for cap in MMVET_CAPABILITIES
+                    if any(cap in c for c in categories)}
+    return {"n": len(scores), "overall": percent(scores), "per_capability": capabilities,
+            "per_category": percent_by((c.replace(",", "_"), s) for c, s in zip(categories, scores))}
