@@ -124,8 +124,11 @@ def test_generate_chat_and_batch_take_a_video(clips, engine, tmp_path, capsys):
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert answers[0]["id"] == "v" and answers[0]["token_ids"] == ref
     reqs.write_text(json.dumps({"id": "v", "prompt": "Q", "video": "videos/none.mp4"}) + "\n")
-    assert main(["generate", "--checkpoint", CKPT, "--batch", str(reqs), "--out", str(out)]) == 2
+    # A bad request is that request's error line, the batch goes on, the exit status says one failed.
+    assert main(["generate", "--checkpoint", CKPT, "--batch", str(reqs), "--out", str(out)]) == 1
     assert "requests.jsonl line 1: video file not found" in capsys.readouterr().err
+    [answer] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert answer["id"] == "v" and "video file not found" in answer["error"]
 
 
 def write_tsv(path, rows: list[dict]) -> None:
@@ -163,7 +166,10 @@ def test_eval_on_a_video_mcq_tsv(clips, tmp_path, capsys):
         assert rec["extracted"] == choice and rec["correct"] == (choice == item.answers[0])
     assert result["correct"] == sum(r["correct"] for r in result["items"])
     write_tsv(tsv, [{**rows[0], "video": "videos/gone.mp4"}])
+    # An unusable row is recorded with its error (the run goes on) and the exit status is 1.
     assert main(["eval", "--checkpoint", CKPT, "--data", str(tsv), "--data-root", str(root), "--kind", "mcq",
-                 "--out", str(out)]) == 2
-    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # besides the progress bar
-    assert "sail-jax eval: error: " in line and "row 1 (index 0): column 'video': video file not found" in line
+                 "--out", str(tmp_path / "gone.json")]) == 1
+    err = capsys.readouterr().err
+    assert "row 1 (index 0): column 'video': video file not found" in err, err
+    [record] = json.loads((tmp_path / "gone.json").read_text())["items"]
+    assert "video file not found" in record["error"]

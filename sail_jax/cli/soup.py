@@ -99,7 +99,8 @@ def _scorer(args: argparse.Namespace, scratch: Path) -> Callable[[Sequence[str]]
         model_args = argparse.Namespace(checkpoint=path, tokenizer=tokenizer, dtype=args.dtype, tensor_parallel=1,
                                         decode_steps=8)
         engine, processor = load_engine(model_args)
-        return evaluate(engine, processor, items, settings, source=args.eval_data, progress=False)["accuracy"]
+        result, _ = evaluate(engine, processor, items, settings, source=args.eval_data, progress=False)
+        return result["accuracy"]
 
     return score
 
