@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ from etils import epath
 from converters.core import ConversionError, Leaf, flat_abstract
 from converters.model_config import config_differences, model_config_from_dict, model_config_to_dict
 from sail_jax.config import ModelConfig
+from sail_jax.files import as_path
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -65,6 +67,24 @@ _TH = ocp.type_handlers
 def is_our_checkpoint(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / PARAMS).is_dir() and (d / MODEL_CONFIG).is_dir()
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """What `--checkpoint PATH` (and `train.init_from`) names, as an absolute path or URL: a training workdir (or
+    its `checkpoints/`) stands for its newest finalised step; a checkpoint directory, or anything else, for itself
+    (callers report what is missing). Local paths are made absolute here, once: Orbax fails on relative ones."""
+    p = as_path(path)
+    if not p.is_dir() or is_our_checkpoint(p) or (p / "config.json").exists():
+        return os.fspath(p)
+    steps_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    steps = sorted((int(c.name) for c in steps_dir.iterdir() if c.name.isdigit()), reverse=True)
+    # Finalised: renamed from its temporary name (local), or carrying its commit marker (object stores).
+    latest = next((s for s in steps if ocp.step.is_path_finalized(steps_dir / str(s))), None)
+    if latest is not None:
+        return os.fspath(steps_dir / str(latest))
+    if steps_dir != p:
+        raise FileNotFoundError(f"{path}: training workdir without a complete checkpoint in {steps_dir}")
+    return os.fspath(p)
 
 
 def _typestr(cls: type) -> str:
@@ -212,7 +232,7 @@ def check_compatible(directory: str | Path, cfg: ModelConfig, abstract_params: A
 def restore_model_params(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> Any:
     """Params of D, checked against `cfg`, restored into the shardings and dtypes of `abstract_params`
     (ShapeDtypeStructs with shardings): what `init_from` seeds training with."""
-    d = Path(directory).absolute()
+    d = Path(resolve_checkpoint(directory))
     check_compatible(d, cfg, abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(epath.Path(d / PARAMS), abstract_params)
