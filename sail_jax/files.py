@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     """`path` as an `epath.Path`: URLs as they are, local paths absolute (against the current directory)."""
     text = os.fspath(path)
     return epath.Path(text if is_url(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def files_under(directory: str | os.PathLike) -> list[epath.Path]:
+    """Every file under `directory`, sorted. (`rglob` is refused on gs://, and `walk` there yields its directories
+    without the `gs://`: the directories are walked here by name, from the top.)"""
+    root = as_path(directory)
+    out, todo = [], [root]
+    while todo:
+        d = todo.pop()
+        _, dirs, names = next(d.walk(), (d, [], []))
+        out += [d / n for n in names]
+        todo += [d / n for n in dirs]
+    return sorted(out)
 
 
 def current_umask() -> int:
@@ -75,3 +89,45 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class _ObjectAppender:
+    """An appendable text file on an object store, which has no append: the object is rewritten whole (existing
+    content + what was written) on every `flush`, each upload replacing it at once."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.text = path.read_text() if path.exists() else ""
+        self._dirty = False
+
+    def write(self, text: str) -> int:
+        self.text += text
+        self._dirty = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_text(self.text)
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+def open_append(path: str | os.PathLike):
+    """A text file opened for appending: a local file, or an object rewritten on each `flush` (see above)."""
+    if is_url(path):
+        return _ObjectAppender(as_path(path))
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller closes it)
+
+
+def upload_tree(local: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ()) -> None:
+    """Copy the local directory `local` to `dst` (a URL) file by file, the top-level entries named in `last` after
+    all others: a reader that takes those as the sign of a complete directory never sees a partial one."""
+    src, target = Path(local), as_path(dst)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for p in sorted(files, key=lambda p: p.relative_to(src).parts[0] in last):
+        out = target / p.relative_to(src).as_posix()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("rb") as f, out.open("wb") as g:
+            shutil.copyfileobj(f, g, 1 << 24)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from sail_jax.cli._common import add_gin_args
+from sail_jax.files import as_path
 
 EPILOG = """exit status:
   0    the run reached train.steps
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(gin_setup.describe(resolved, dict(mesh.shape), steps_note))
         return 0
-    workdir = Path(gin_setup.workdir())
+    workdir = as_path(gin_setup.workdir())
     # The workdir lock is taken before anything is written there, so a second run changes nothing.
     with distributed.workdir_lock(workdir):
         if jax.process_index() == 0:

@@ -18,7 +18,6 @@ import functools
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, batch_shards, check_batch, local_rows, to_global
 from sail_jax.data.packing import skip_totals
 from sail_jax.data.tokenizer import find_tokenizer_dir
+from sail_jax.files import as_path
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
@@ -127,7 +127,7 @@ def train(
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer here (expected vocab.json + merges.txt)")
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, microbatches=microbatches)
-    workdir_ = Path(workdir).absolute()
+    workdir_ = as_path(workdir)
     workdir_.mkdir(parents=True, exist_ok=True)
     with distributed.workdir_lock(workdir_):
         ckpt = Checkpointer(workdir_, checkpoint)
