@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from etils import epath
 
 from converters.core import ConversionError, check_source, leaf_dtypes, make_plan
 from converters.hf_checkpoint import SafetensorsCheckpoint
@@ -32,6 +33,7 @@ from converters.hf_config import (
 from converters.hf_writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_safetensors_dir
 from converters.mapping import TRANSFORMS, model_entries
 from converters.orbax_io import (
+    MODEL_CONFIG,
     PARAMS,
     TOKENIZER,
     ParamsReader,
@@ -46,7 +48,7 @@ from converters.orbax_io import (
     write_step_metadata,
 )
 from sail_jax.config import ModelConfig
-from sail_jax.files import apply_umask
+from sail_jax.files import apply_umask, as_path, is_url, upload_tree
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json",
@@ -87,11 +89,15 @@ class OrbaxSource:
 
 
 def open_source(src: str | Path) -> tuple[ModelConfig, TensorSource]:
-    """(config, tensors) of an upstream SAIL-VL2 directory or of our checkpoint directory."""
-    src = Path(src)
+    """(config, tensors) of an upstream SAIL-VL2 directory or of our checkpoint directory (either local, ours also
+    on an object store)."""
     if is_our_checkpoint(src):
         source = OrbaxSource(src)
         return source.cfg, source
+    if is_url(src):
+        raise ConversionError(f"{src}: not a sail-jax checkpoint (params/ + model_config/); upstream safetensors "
+                              f"directories are read from local paths only: copy it to a local directory first")
+    src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
     if not (src / "config.json").exists():
@@ -115,7 +121,12 @@ def remove_leftovers(dst: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_destination(dst: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds (removed otherwise)."""
+    """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds (removed otherwise). For an
+    object-store URL, see `_staged_upload`."""
+    if is_url(dst):
+        with _staged_upload(as_path(dst), overwrite) as tmp:
+            yield tmp
+        return
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
@@ -138,6 +149,27 @@ def atomic_destination(dst: str | Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(dst)
+
+
+@contextlib.contextmanager
+def _staged_upload(dst: epath.Path, overwrite: bool) -> Iterator[Path]:
+    """A local temporary directory, uploaded to `dst` only if the block succeeds. An object store has no rename:
+    the files are uploaded one by one, the files that mark a complete checkpoint (config.json, model_config/,
+    _CHECKPOINT_METADATA) last, so a reader never takes an interrupted upload for a checkpoint; an existing
+    destination (--overwrite) is deleted just before the upload."""
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() and not looks_like_checkpoint(dst):
+        raise ConversionError(f"{dst} does not look like a checkpoint (no config.json or params/), so --overwrite "
+                              f"will not replace it; remove it yourself or choose another --dst")
+    tmp = Path(tempfile.mkdtemp(prefix="sail-jax-upload-"))
+    try:
+        yield tmp
+        if dst.exists():
+            dst.rmtree()
+        upload_tree(tmp, dst, last=("config.json", MODEL_CONFIG, "_CHECKPOINT_METADATA"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -235,7 +267,7 @@ def torch_to_orbax(src: str | Path, config: str | Path, dst: str | Path, tokeniz
 
 def _copy_tokenizer(tokenizer: str | Path, dst: Path, with_remote_code: bool) -> None:
     """Copy tokenizer / processor files (every file but weights and the configs we write ourselves)."""
-    src = Path(tokenizer)
+    src = as_path(tokenizer)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such tokenizer directory")
     for f in sorted(src.iterdir()):
@@ -244,7 +276,10 @@ def _copy_tokenizer(tokenizer: str | Path, dst: Path, with_remote_code: bool) ->
         if not with_remote_code and (f.suffix == ".py" or f.name in ("preprocessor_config.json",
                                                                       "processor_config.json")):
             continue
-        shutil.copy2(f, dst / f.name)
+        if is_url(f):
+            (dst / f.name).write_bytes(f.read_bytes())
+        else:
+            shutil.copy2(f, dst / f.name)
 
 
 def _write_hf(

@@ -31,7 +31,7 @@ import dataclasses
 import itertools
 import json
 import math
-import shutil
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +46,7 @@ from etils import epath
 from converters.core import ConversionError, Leaf, flat_abstract
 from converters.model_config import config_differences, model_config_from_dict, model_config_to_dict
 from sail_jax.config import ModelConfig
+from sail_jax.files import as_path
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -63,8 +64,26 @@ _TH = ocp.type_handlers
 
 
 def is_our_checkpoint(directory: str | Path) -> bool:
-    d = Path(directory)
+    d = as_path(directory)
     return (d / PARAMS).is_dir() and (d / MODEL_CONFIG).is_dir()
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """What `--checkpoint PATH` (and `train.init_from`) names, as an absolute path or URL: a training workdir (or
+    its `checkpoints/`) stands for its newest finalised step; a checkpoint directory, or anything else, for itself
+    (callers report what is missing). Local paths are made absolute here, once: Orbax fails on relative ones."""
+    p = as_path(path)
+    if not p.is_dir() or is_our_checkpoint(p) or (p / "config.json").exists():
+        return os.fspath(p)
+    steps_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    steps = sorted((int(c.name) for c in steps_dir.iterdir() if c.name.isdigit()), reverse=True)
+    # Finalised: renamed from its temporary name (local), or carrying its commit marker (object stores).
+    latest = next((s for s in steps if ocp.step.is_path_finalized(steps_dir / str(s))), None)
+    if latest is not None:
+        return os.fspath(steps_dir / str(latest))
+    if steps_dir != p:
+        raise FileNotFoundError(f"{path}: training workdir without a complete checkpoint in {steps_dir}")
+    return os.fspath(p)
 
 
 def _typestr(cls: type) -> str:
@@ -80,10 +99,10 @@ def save_model_config(directory: Path, cfg: ModelConfig) -> None:
 
 def read_model_config_dict(directory: str | Path) -> dict:
     """D/model_config as the stored dict (not yet a ModelConfig: a comparison can name fields it does not know)."""
-    item = Path(directory) / MODEL_CONFIG
+    item = as_path(directory) / MODEL_CONFIG
     if not item.is_dir():
         raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG}/ item (not a sail-jax checkpoint)")
-    return ocp.JsonCheckpointHandler().restore(epath.Path(item), args=ocp.args.JsonRestore())
+    return ocp.JsonCheckpointHandler().restore(item, args=ocp.args.JsonRestore())
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:
@@ -92,25 +111,25 @@ def load_model_config(directory: str | Path) -> ModelConfig:
 
 def has_tokenizer(directory: str | Path) -> bool:
     """Whether `directory` holds a tokenizer we can build (tokenizer.json, or vocab.json + merges.txt)."""
-    d = Path(directory)
+    d = as_path(directory)
     return (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())
 
 
-def checkpoint_tokenizer(directory: str | Path) -> Path | None:
+def checkpoint_tokenizer(directory: str | Path) -> epath.Path | None:
     """The tokenizer a checkpoint carries: our D/tokenizer, or an upstream directory's own files; None if none."""
-    d = Path(directory)
+    d = as_path(directory)
     return next((c for c in (d / TOKENIZER, d) if has_tokenizer(c)), None)
 
 
-def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
-    """Copy the `TOKENIZER_FILES` of `src` into `dst` (created); returns the names copied."""
-    src = Path(src)
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the `TOKENIZER_FILES` of `src` into `dst` (created; either may be a URL); returns the names copied."""
+    src, dst = as_path(src), as_path(dst)
     if not has_tokenizer(src):
         raise FileNotFoundError(f"{src}: no tokenizer here (expected tokenizer.json, or vocab.json + merges.txt)")
     dst.mkdir(parents=True, exist_ok=True)
     names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     for n in names:
-        shutil.copyfile(src / n, dst / n)
+        (dst / n).write_bytes((src / n).read_bytes())  # small files
     return names
 
 
@@ -120,10 +139,10 @@ class TokenizerHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, args: TokenizerSave) -> None:
         if jax.process_index() == 0:
-            copy_tokenizer_files(args.source, Path(directory))
+            copy_tokenizer_files(args.source, directory)
 
-    def restore(self, directory: epath.Path, args: TokenizerSave | None = None) -> Path:
-        return Path(directory)
+    def restore(self, directory: epath.Path, args: TokenizerSave | None = None) -> epath.Path:
+        return directory
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -169,10 +188,10 @@ def _param_name(path: tuple[str, ...]) -> str:
 
 
 def _tree_metadata(directory: str | Path):
-    params = Path(directory) / PARAMS
+    params = as_path(directory) / PARAMS
     if not params.is_dir():
         raise FileNotFoundError(f"{directory}: no {PARAMS}/ item")
-    return ocp.StandardCheckpointHandler().metadata(epath.Path(params))
+    return ocp.StandardCheckpointHandler().metadata(params)
 
 
 def _arrays(meta) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -212,10 +231,10 @@ def check_compatible(directory: str | Path, cfg: ModelConfig, abstract_params: A
 def restore_model_params(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> Any:
     """Params of D, checked against `cfg`, restored into the shardings and dtypes of `abstract_params`
     (ShapeDtypeStructs with shardings): what `init_from` seeds training with."""
-    d = Path(directory).absolute()
+    d = as_path(resolve_checkpoint(directory))
     check_compatible(d, cfg, abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(epath.Path(d / PARAMS), abstract_params)
+        return ckptr.restore(d / PARAMS, abstract_params)
 
 
 def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
@@ -254,7 +273,7 @@ def restore_params(
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), target)
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
-    return ocp.StandardCheckpointer().restore(epath.Path(Path(directory) / PARAMS), target)
+    return ocp.StandardCheckpointer().restore(as_path(directory) / PARAMS, target)
 
 
 class ParamsWriter:
@@ -381,7 +400,7 @@ class ParamsReader:
     """Read slices of the arrays in D/params without loading whole (stacked) arrays."""
 
     def __init__(self, directory: str | Path):
-        self.dir = epath.Path(Path(directory) / PARAMS)
+        self.dir = as_path(directory) / PARAMS
         meta = _tree_metadata(directory)
         self.arrays = _arrays(meta)
         self._use_zarr3 = bool(meta.use_zarr3)

@@ -1,17 +1,52 @@
-"""Output files written atomically, with the permissions the user's umask gives.
+"""Paths on any filesystem, and output files written atomically with the permissions the user's umask gives.
 
-Outputs are written under a temporary name beside their destination and renamed into place, so an interrupted run
+Every path a run reads or writes (workdir, checkpoints, metrics, TensorBoard, data files, `--checkpoint`, the
+converters' `--src/--dst`) goes through `as_path`: an etils `epath.Path`, the path type Orbax itself uses, which
+reads and writes local files with `os`/`pathlib` and cloud URLs (`gs://`, `s3://`, ... through fsspec: gcsfs for
+`gs://`) with the same methods. Local paths are made absolute once, here: Orbax and TensorStore resolve a relative
+path against no fixed directory.
+
+Local outputs are written under a temporary name beside their destination and renamed into place, so an interrupted run
 never leaves a partial file. `tempfile.mkstemp` / `mkdtemp` create that name as 0600 / 0700 (they are meant for
 private scratch files), and a rename keeps the mode: without `apply_umask` a converted checkpoint or an answers file
-would be readable by its owner only, whatever the umask says.
+would be readable by its owner only, whatever the umask says. On an object store there is no rename (a "rename" is
+a copy then a delete); there an object is written in one upload, which the store makes visible only once complete,
+so a reader sees the old object or the new one, never a part: `write_text_atomic` writes the object directly.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
+
+from etils import epath
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names a location on a remote filesystem (`gs://bucket/x`, `s3://...`), not a local path."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: URLs as they are, local paths absolute (against the current directory)."""
+    text = os.fspath(path)
+    return epath.Path(text if is_url(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def files_under(directory: str | os.PathLike) -> list[epath.Path]:
+    """Every file under `directory`, sorted. (`rglob` is refused on gs://, and `walk` there yields its directories
+    without the `gs://`: the directories are walked here by name, from the top.)"""
+    root = as_path(directory)
+    out, todo = [], [root]
+    while todo:
+        d = todo.pop()
+        _, dirs, names = next(d.walk(), (d, [], []))
+        out += [d / n for n in names]
+        todo += [d / n for n in dirs]
+    return sorted(out)
 
 
 def current_umask() -> int:
@@ -35,8 +70,14 @@ def apply_umask(path: str | Path) -> None:
     os.chmod(path, base & ~current_umask())
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write beside `path` and rename over it: an interrupted run never leaves a partial file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write beside `path` and rename over it: an interrupted run never leaves a partial file. On an object store,
+    one upload (atomic there, see the module docstring)."""
+    if is_url(path):
+        target = as_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,3 +89,45 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class _ObjectAppender:
+    """An appendable text file on an object store, which has no append: the object is rewritten whole (existing
+    content + what was written) on every `flush`, each upload replacing it at once."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.text = path.read_text() if path.exists() else ""
+        self._dirty = False
+
+    def write(self, text: str) -> int:
+        self.text += text
+        self._dirty = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_text(self.text)
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+def open_append(path: str | os.PathLike):
+    """A text file opened for appending: a local file, or an object rewritten on each `flush` (see above)."""
+    if is_url(path):
+        return _ObjectAppender(as_path(path))
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller closes it)
+
+
+def upload_tree(local: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ()) -> None:
+    """Copy the local directory `local` to `dst` (a URL) file by file, the top-level entries named in `last` after
+    all others: a reader that takes those as the sign of a complete directory never sees a partial one."""
+    src, target = Path(local), as_path(dst)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for p in sorted(files, key=lambda p: p.relative_to(src).parts[0] in last):
+        out = target / p.relative_to(src).as_posix()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("rb") as f, out.open("wb") as g:
+            shutil.copyfileobj(f, g, 1 << 24)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sail_jax.training.trainer import PREEMPTED_EXIT_CODE
 from tests.trainer_utils import REPO, TINY_GIN, load_item, metrics, trees_equal
 
 DRIVER = str(REPO / "tests" / "train_driver.py")
@@ -98,13 +99,13 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(reference, cache, tmp_pat
     rc, log = finish(proc)
     killed_at = complete_steps(w)[-1]
     assert rc == -signal.SIGKILL and killed_at < 6, log
-    # 2. resumed, then preempted with SIGTERM: checkpoint at the next step boundary, exit 0
+    # 2. resumed, then preempted with SIGTERM: checkpoint at the next step boundary, exit 143 (requeue)
     proc = start(w, cache, "--resume", delay=0.5)
     wait_for(lambda: logged_beyond(w, killed_at), proc)
     proc.send_signal(signal.SIGTERM)
     rc, log = finish(proc)
     preempted_at = complete_steps(w)[-1]
-    assert rc == 0 and f"SIGTERM: checkpointed step {preempted_at}" in log, log
+    assert rc == PREEMPTED_EXIT_CODE == 143 and f"SIGTERM: checkpointed step {preempted_at}" in log, log
     assert killed_at < preempted_at < 6
     # 3. resumed to the end: identical to the uninterrupted run, bit for bit
     rc, log = finish(start(w, cache, "--resume"))
@@ -207,7 +208,7 @@ def test_a_second_run_on_the_same_workdir_is_refused(cache, tmp_path):
     wait_for(lambda: logged_beyond(w, 0), first)  # the SIGTERM handler is installed
     first.send_signal(signal.SIGTERM)
     rc, log = finish(first)
-    assert rc == 0, log
+    assert rc == PREEMPTED_EXIT_CODE, log
 
 
 def test_disk_full_is_one_line(cache, tmp_path):

@@ -111,6 +111,25 @@ def test_resume_of_a_finished_run_does_nothing(runs):
     assert len(metrics(runs["base"])) == 6
 
 
+def test_a_schedule_change_on_resume_is_refused_unless_allowed(runs, tmp_path, capsys):
+    import shutil
+
+    w = tmp_path / "changed"
+    shutil.copytree(runs["base"], w)
+    base = ["train", f"--gin_file={TINY_GIN}", f"--gin.WORKDIR='{w}'", "--resume"]
+    assert main([*base, "--gin.train.steps=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("sail-jax train: error: train.steps changed on --resume: 6 (checkpoint 6) -> 8; the learning "
+                       "rate would jump. Pass --allow-schedule-change (train.allow_schedule_change=True) to accept it")
+    assert main([*base, "--gin.OptimizerConfig.learning_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "OptimizerConfig.learning_rate changed on --resume: 0.003 (checkpoint 6) -> 0.001;" in err
+    assert len(metrics(w)) == 6
+    assert main([*base, "--gin.train.steps=8", "--allow-schedule-change"]) == 0
+    assert [r["step"] for r in metrics(w)] == list(range(1, 9))
+    assert load_item(w, 8, "train_state")["schedule"]["steps"] == 8
+
+
 def test_init_from_a_model_checkpoint(runs, tmp_path):
     source = runs["base"] / "checkpoints" / "6"
     run_train(tmp_path / "ok", f"train.init_from = '{source}'")

@@ -25,8 +25,22 @@ def add_gin_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(accepts_gin_flags=True)
 
 
+def checkpoint_arg(text: str) -> str:
+    """argparse `type` of every `--checkpoint` / converter `--src`: a training workdir stands for its newest
+    complete step, and local paths become absolute (`converters.orbax_io.resolve_checkpoint`)."""
+    from converters.orbax_io import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+CHECKPOINT_HELP = "SAIL-VL2 checkpoint directory (upstream layout or ours), or a training workdir (its newest step)"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="SAIL-VL2 checkpoint directory (upstream layout or ours)")
+    p.add_argument("--checkpoint", required=True, type=checkpoint_arg, help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", default=None,
                    help="directory with vocab.json/merges.txt/preprocessor_config.json (default: the one the "
                         "checkpoint carries)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sail_jax.cli._common import checkpoint_arg
+
 DIRECTIONS = {
     "hf-to-orbax": "upstream SAIL-VL2 directory (config.json + safetensors) -> our Orbax checkpoint",
     "orbax-to-hf": "our Orbax checkpoint -> upstream SAIL-VL2 directory (loadable by the original code)",
@@ -17,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     directions = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     for name, help_text in DIRECTIONS.items():
         d = directions.add_parser(name, help=help_text, description=help_text)
-        d.add_argument("--src", required=True, help="source directory (or .bin/.pt file for torch-to-orbax)")
+        d.add_argument("--src", required=True, type=checkpoint_arg,
+                       help="source directory (or .bin/.pt file for torch-to-orbax; a training workdir: its newest "
+                            "step)")
         d.add_argument("--dst", required=True, help="destination directory (written atomically)")
         d.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                        help="store tensors in this dtype (default: as stored in the source)")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sail_jax.cli._common import CHECKPOINT_HELP, checkpoint_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("forward", help="numerics entry point: ViT/adapter/embeds/logits statistics to .npz")
-    p.add_argument("--checkpoint", required=True, help="upstream SAIL-VL2 checkpoint directory (or ours)")
+    p.add_argument("--checkpoint", required=True, type=checkpoint_arg, help=CHECKPOINT_HELP)
     p.add_argument("--inputs", required=True, help=".npz with input_ids [1,N] and pixel_values [T,3,448,448]")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter/compute dtype")

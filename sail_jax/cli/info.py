@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 
+from sail_jax.cli._common import checkpoint_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print devices, versions and model presets")
     p.add_argument("--counts", action="store_true", help="also count each preset's parameters (abstract init)")
-    p.add_argument("--checkpoint", default=None,
-                   help="describe this checkpoint (ours or upstream): model, layout, dtype, tokenizer")
+    p.add_argument("--checkpoint", default=None, type=checkpoint_arg,
+                   help="describe this checkpoint (ours or upstream; a training workdir: its newest step): model, "
+                        "layout, dtype, tokenizer")
     p.set_defaults(func=run)
 
 

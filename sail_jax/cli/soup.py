@@ -15,13 +15,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sail_jax.cli._common import checkpoint_arg
 from sail_jax.evaluation.scoring import KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("soup", help="weighted average of homogeneous checkpoints (model soup)")
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="input checkpoint directory (ours or upstream); repeat, at least twice")
+    p.add_argument("--checkpoint", action="append", required=True, type=checkpoint_arg,
+                   help="input checkpoint directory (ours or upstream) or training workdir (its newest step); "
+                        "repeat, at least twice")
     p.add_argument("--weights", default=None, help="comma-separated positive weights, one per --checkpoint "
                    "(normalised to sum 1; default uniform)")
     p.add_argument("--out", required=True, help="destination directory (written atomically, in the inputs' format)")

@@ -15,16 +15,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from sail_jax.cli._common import add_gin_args
+from sail_jax.files import as_path
+
+EPILOG = """exit status:
+  0    the run reached train.steps
+  1    aborted (non-finite steps in a row) or a checkpoint could not be written
+  2    bad input (config, data, a resume that changes the schedule without --allow-schedule-change)
+  143  preempted: SIGTERM checkpointed the next step boundary; rerun with --resume (schedulers requeue on it)
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train with gin configs (see configs/)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", help="train with gin configs (see configs/)", description=__doc__, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="on --resume, accept a train.steps or learning-rate schedule that differs from the "
+                        "checkpoint's (refused otherwise: the rate would jump)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and check the config, print it, create nothing (no workdir) and exit")
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host)")
@@ -46,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from sail_jax.training import gin_setup
     from sail_jax.training.checkpointing import CheckpointSaveFailed
     from sail_jax.training.program import LAYOUT_ARGS, run_layout
-    from sail_jax.training.trainer import TrainingAborted
+    from sail_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted, TrainingAborted
 
     sys.unraisablehook = _quiet_closed_loop
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
@@ -57,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(gin_setup.describe(resolved, dict(mesh.shape), steps_note))
         return 0
-    workdir = Path(gin_setup.workdir())
+    workdir = as_path(gin_setup.workdir())
     # The workdir lock is taken before anything is written there, so a second run changes nothing.
     with distributed.workdir_lock(workdir):
         if jax.process_index() == 0:
@@ -65,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
             if steps_note:
                 print(steps_note, file=sys.stderr)
         try:  # the steps as resolved: derived when train.epochs gives the run length
-            last = gin_setup.train_using_gin(resume=args.resume, steps=resolved["steps"])
+            last = gin_setup.train_using_gin(resume=args.resume, steps=resolved["steps"],
+                                             **({"allow_schedule_change": True} if args.allow_schedule_change else {}))
+        except Preempted as e:
+            if jax.process_index() == 0:
+                print(e, file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
         except TrainingAborted as e:
             print(f"sail-jax train: aborted: {e}", file=sys.stderr)
             return 1

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,7 @@ from etils import epath
 from converters.orbax_io import check_compatible, model_save_args, params_restore_args
 from sail_jax.config import ModelConfig
 from sail_jax.data.pipeline import DataConfigMismatch
-from sail_jax.files import write_text_atomic
+from sail_jax.files import as_path, files_under, is_url, write_text_atomic
 from sail_jax.training import distributed
 
 MANIFEST = "checksums.json"
@@ -125,7 +126,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: epath.Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -133,18 +134,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(step_dir: Path) -> None:
+def write_manifest(step_dir: str | Path) -> None:
     """`checksums.json`: {relative path: size, sha256} of every file under `step_dir` (atomic), except the step's
     own `_CHECKPOINT_METADATA`, which Orbax rewrites when it commits the step."""
-    files = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(step_dir.rglob("*"))
-             if p.is_file() and (p.parent != step_dir or p.name not in (MANIFEST, "_CHECKPOINT_METADATA"))}
+    step_dir = as_path(step_dir)
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().length, "sha256": _sha256(p)}
+             for p in files_under(step_dir)
+             if p.parent != step_dir or p.name not in (MANIFEST, "_CHECKPOINT_METADATA")}
     write_text_atomic(step_dir / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1))
 
 
-def verify_manifest(step_dir: Path, step: int) -> bool:
+def verify_manifest(step_dir: str | Path, step: int) -> bool:
     """Check every file against `checksums.json`; False when the step has none (written before checksums
     existed), raises CheckpointUnreadable naming the first bad file."""
+    step_dir = as_path(step_dir)
     path = step_dir / MANIFEST
     if not path.is_file():
         return False
@@ -158,7 +161,7 @@ def verify_manifest(step_dir: Path, step: int) -> bool:
             item = rel.split("/")[0]
             what = f"{item}/: missing item" if "/" in rel and not (step_dir / item).is_dir() else f"{rel}: missing"
             raise CheckpointUnreadable(step, what)
-        size = f.stat().st_size
+        size = f.stat().length
         if size < want["size"]:
             raise CheckpointUnreadable(step, f"{rel}: truncated ({size} of {want['size']} bytes)")
         if size != want["size"] or _sha256(f) != want["sha256"]:
@@ -170,7 +173,7 @@ class Checkpointer:
     """The workdir's `checkpoints/` manager."""
 
     def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = as_path(workdir) / "checkpoints"
         self.every_steps = cfg.every_steps
         self.async_save = cfg.async_save
         self._saving: int | None = None
@@ -185,6 +188,9 @@ class Checkpointer:
             async_options=ocp.AsyncOptions(post_finalization_callback=self._seal,
                                            create_directories_asynchronously=False),
         )
+        if is_url(self.directory) and jax.process_index() == 0:
+            _remove_partial_steps(self.directory)
+        distributed.barrier("sail_jax_partial_steps")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         logging.getLogger("absl").addFilter(_drop_orbax_thread_errors)
 
@@ -271,12 +277,12 @@ class Checkpointer:
         raise ValueError(f"no checkpoint in {self.directory} can be restored (steps {bad} are unreadable, see "
                          f"above); start a new workdir without --resume")
 
-    def _move_aside(self, steps: list[int]) -> Path:
+    def _move_aside(self, steps: list[int]) -> epath.Path:
         target = self.directory.parent / UNREADABLE_DIR
         if jax.process_index() == 0:
             target.mkdir(exist_ok=True)
             for step in steps:
-                shutil.move(self.directory / str(step), target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                _move(self.directory / str(step), target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         distributed.barrier("sail_jax_move_unreadable")
         self.manager.reload()
         return target
@@ -302,6 +308,30 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
         logging.getLogger("absl").removeFilter(_drop_orbax_thread_errors)
+
+
+def _remove_partial_steps(directory: epath.Path) -> None:
+    """Delete the step directories that a killed save left on an object store. There Orbax writes a step in place
+    and marks it complete last (`commit_success.txt`); a partial step is never restored, but a new save of the same
+    step would find the old objects (and OCDBT would read its stale manifest)."""
+    if not directory.is_dir():
+        return
+    for d in directory.iterdir():
+        if d.name.isdigit() and not ocp.step.is_path_finalized(d):
+            print(f"removing {d}: an incomplete checkpoint (its save was interrupted)", file=sys.stderr, flush=True)
+            d.rmtree()
+
+
+def _move(src: epath.Path, dst: epath.Path) -> None:
+    """Move a step directory: a rename locally; on an object store (no directories to rename) a copy of every
+    object, then the source removed."""
+    if not is_url(src):
+        shutil.move(src, dst)
+        return
+    for f in files_under(src):
+        (dst / f.relative_to(src).as_posix()).parent.mkdir(parents=True, exist_ok=True)
+        f.copy(dst / f.relative_to(src).as_posix())
+    src.rmtree()
 
 
 def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:

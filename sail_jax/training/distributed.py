@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sail_jax.files import is_url
+
 
 def initialize(
     coordinator_address: str | None = None,
@@ -73,9 +75,10 @@ def workdir_lock(workdir: str | Path) -> Iterator[None]:
     run on the same workdir is refused in one line instead of interleaving its metrics and checkpoints.
 
     The kernel drops the lock when the process ends, however it ends. Filesystems without `flock` support (some
-    FUSE mounts of object stores) are run unlocked with a warning: there, one workdir per run is up to the user.
+    FUSE mounts of object stores) are run unlocked with a warning, and so are object-store URLs (`gs://...`, no
+    lock exists there): one workdir per run is up to the user.
     """
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 or is_url(workdir):
         yield
         return
     path = Path(workdir).absolute() / ".lock"

@@ -148,7 +148,20 @@ def train_using_gin(**kwargs: Any) -> dict[str, float]:
     unless `train.tokenizer_dir` is bound."""
     if "tokenizer_dir" not in gin.get_bindings("train"):
         kwargs.setdefault("tokenizer_dir", data_option("tokenizer_dir", None))
-    return _train_with_gin(**kwargs)
+    try:
+        return _train_with_gin(**kwargs)
+    except Exception as e:
+        raise _without_gin_note(e) from None
+
+
+def _without_gin_note(e: Exception) -> Exception:
+    """The trainer's own exception, not gin's proxy of it (which appends "In call to configurable 'train'" on a
+    second line): errors of a run are reported in one line."""
+    original = e.__context__
+    if isinstance(original, Exception) and type(e).__bases__ == (type(original),) and \
+            str(e).startswith(str(original)):
+        return original.with_traceback(e.__traceback__)
+    return e
 gin.external_configurable(model_config, "model_config")
 gin.external_configurable(synthetic_data, "synthetic_data")
 gin.external_configurable(grain_data, "grain_data")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from pathlib import Path
 import jax
 
 from sail_jax.config import ModelConfig
-from sail_jax.files import write_text_atomic
+from sail_jax.files import as_path, open_append, write_text_atomic
 
 # Dense bf16 peak FLOP/s per device, matched as substrings of `device.device_kind.lower()` in order.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -91,11 +92,11 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
-        workdir = Path(workdir)
+        workdir = as_path(workdir)
         self.jsonl_path = workdir / "metrics.jsonl"
         self._truncate_after(start_step)
-        self.jsonl = self.jsonl_path.open("a")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.jsonl = open_append(self.jsonl_path)
+        self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))  # tensorboardX writes gs:// URLs itself
         # The bar only draws on a terminal; logs get a plain line every `log_every` steps instead (`log_line`).
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
         self.total_steps = total_steps
@@ -106,7 +107,7 @@ class MetricsWriter:
         """On resume, drop lines of steps the restored checkpoint does not contain (they will be redone)."""
         if not self.jsonl_path.exists():
             return
-        lines = self.jsonl_path.read_text(errors="replace").splitlines()
+        lines = self.jsonl_path.read_bytes().decode(errors="replace").splitlines()
         kept, torn = [], 0
         for ln in lines:
             try:

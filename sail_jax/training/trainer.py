@@ -2,7 +2,10 @@
 
 One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint, or `resume` from
 the workdir's latest checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
-donated) -> metrics -> AdaLRS -> checkpoint. SIGTERM checkpoints at the next step boundary and returns.
+donated) -> metrics -> AdaLRS -> checkpoint. SIGTERM checkpoints at the next step boundary and raises `Preempted`
+(`sail-jax train` exits with PREEMPTED_EXIT_CODE, so a scheduler requeues the job rather than count it done). The
+learning-rate schedule (`train.steps` and the optimizer's schedule fields) is stored in every checkpoint; a resume
+that changes it is refused unless `allow_schedule_change` (the rate would otherwise jump silently).
 Non-finite steps are skipped by the step itself (metrics `nonfinite_step`, running total `nonfinite_steps`);
 `max_consecutive_skips` in a row abort the run. Samples the data pipeline skipped are logged per reason
 (`skipped_REASON`, `truncated_samples`) every `log_every` steps and on the last.
@@ -15,7 +18,6 @@ import functools
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,6 +29,7 @@ from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, batch_shards, check_batch, local_rows, to_global
 from sail_jax.data.packing import skip_totals
 from sail_jax.data.tokenizer import find_tokenizer_dir
+from sail_jax.files import as_path
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
@@ -36,9 +39,38 @@ from sail_jax.training.optim import OptimizerConfig
 from sail_jax.training.program import build_program
 from sail_jax.training.step import TrainState, make_loss_fn
 
+# 128 + SIGTERM: what a shell reports for a process ended by SIGTERM; a non-zero exit tells schedulers to requeue.
+PREEMPTED_EXIT_CODE = 143
+# The fields that define lr(step): changing one on a resume makes the rate jump.
+SCHEDULE_FIELDS = ("learning_rate", "warmup_fraction", "final_lr_fraction")
+
 
 class TrainingAborted(RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps in a row); the message says why."""
+
+
+class Preempted(Exception):
+    """SIGTERM: the step `step` is checkpointed (and the checkpoint complete); continue with --resume."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"SIGTERM: checkpointed step {step} in {directory}; continue with --resume")
+        self.step = step
+
+
+def schedule_of(steps: int, optimizer: OptimizerConfig) -> dict[str, float]:
+    """The learning-rate schedule a checkpoint records (compared on resume)."""
+    return {"steps": steps, **{f: getattr(optimizer, f) for f in SCHEDULE_FIELDS}}
+
+
+def check_schedule(saved: dict | None, current: dict[str, float], step: int) -> None:
+    """Refuse a resume whose schedule differs from the checkpoint's, naming the first changed field."""
+    for field, value in current.items():
+        old = (saved or {}).get(field, value)  # checkpoints from before the schedule was recorded: not checked
+        if old != value:
+            name = "train.steps" if field == "steps" else f"OptimizerConfig.{field}"
+            raise ValueError(f"{name} changed on --resume: {old} (checkpoint {step}) -> {value}; the learning rate "
+                             f"would jump. Pass --allow-schedule-change (train.allow_schedule_change=True) to accept "
+                             f"it")
 
 
 def train(
@@ -67,6 +99,7 @@ def train(
     eval_data: DataFactory | None = None,
     eval_every: int = 0,
     eval_batches: int = 4,
+    allow_schedule_change: bool = False,
 ) -> dict[str, float]:
     """Train `model` for `steps` global batches of `batch_size` rows x `seq_len` tokens; returns the last metrics.
 
@@ -78,7 +111,8 @@ def train(
     (`gin_setup.run_length`) derives `steps` from `train.epochs` by counting the packed rows of one pass.
     `tokenizer_dir` (the data's tokenizer) is copied into every checkpoint, so each one runs on its own. Every
     `eval_every` steps (0: never) the loss on the first `eval_batches` batches of `eval_data` (a held-out set, same
-    kind of factory as `data`) is logged as `eval_loss`.
+    kind of factory as `data`) is logged as `eval_loss`. `allow_schedule_change` lets a resume change `steps` or
+    the optimizer's schedule fields (refused otherwise).
     """
     if steps is None:
         raise ValueError("train.steps is not set: give it, or train.epochs through `sail-jax train`, which derives "
@@ -93,7 +127,7 @@ def train(
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer here (expected vocab.json + merges.txt)")
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, microbatches=microbatches)
-    workdir_ = Path(workdir).absolute()
+    workdir_ = as_path(workdir)
     workdir_.mkdir(parents=True, exist_ok=True)
     with distributed.workdir_lock(workdir_):
         ckpt = Checkpointer(workdir_, checkpoint)
@@ -110,6 +144,7 @@ def train(
                        targets_per_row=program.targets_per_row, max_consecutive_skips=max_consecutive_skips,
                        tokenizer_dir=tokenizer_dir, eval_data=eval_data if eval_every else None,
                        eval_every=eval_every, eval_batches=eval_batches, seed=seed,
+                       schedule=schedule_of(steps, optimizer), allow_schedule_change=allow_schedule_change,
                        controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
             with use_mesh(program.mesh):
                 if resume and latest is not None:
@@ -130,6 +165,8 @@ def train(
                 finally:
                     writer.close()
             finished = True
+            if run.preempted:
+                raise Preempted(run.preempted, str(ckpt.directory))  # after `finish` has completed the checkpoint
             return last
         finally:
             ckpt.finish(raise_errors=finished)  # after an error, that error is the one reported
@@ -160,6 +197,9 @@ class _Run:
     eval_every: int = 0
     eval_batches: int = 4
     seed: int = 0
+    schedule: dict[str, float] = dataclasses.field(default_factory=dict)
+    allow_schedule_change: bool = False
+    preempted: int = 0  # the step checkpointed on SIGTERM
     snapshot: TrainState | None = None
     skipped_total: int = 0
     consecutive_skips: int = 0
@@ -169,6 +209,8 @@ class _Run:
         _, (params, opt_state, saved, snapshot) = self.ckpt.restore_latest(
             _warn, cfg=self.cfg, abstract_params=abstract_state.params,
             abstract_opt_state=abstract_state.opt_state, data_iter=self.data_iter)
+        if not self.allow_schedule_change:
+            check_schedule(saved.get("schedule"), self.schedule, int(saved["step"]))
         self.skipped_total, self.consecutive_skips = int(saved["skipped_total"]), int(saved["consecutive_skips"])
         if self.controller is not None and saved.get("adalrs") is not None:
             self.controller.load_state_dict(saved["adalrs"])
@@ -215,8 +257,7 @@ class _Run:
                 if self._save(step + 1, state, force=stop or step + 1 == self.steps):
                     writer.flush()
                 if stop:
-                    writer.message(f"SIGTERM: checkpointed step {step + 1} in {self.ckpt.directory}; continue "
-                                   f"with --resume")
+                    self.preempted = step + 1 if step + 1 < self.steps else 0  # the last step: the run is done
                     break
         return last
 
@@ -252,7 +293,7 @@ class _Run:
 
     def _save(self, done: int, state: TrainState, force: bool) -> bool:
         train_state = {"step": done, "skipped_total": self.skipped_total,
-                       "consecutive_skips": self.consecutive_skips,
+                       "consecutive_skips": self.consecutive_skips, "schedule": self.schedule,
                        "adalrs": self.controller.state_dict() if self.controller is not None else None}
         snap = (self.snapshot.params, self.snapshot.opt_state) if self.snapshot is not None else None
         return self.ckpt.save(done, cfg=self.cfg, params=state.params, opt_state=state.opt_state,
