@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from sail_jax.config import PRESETS
+from sail_jax.config import IMG_CONTEXT_TOKEN_ID, PRESETS
 from sail_jax.data.batch import BUDGET_KEYS, abstract_batch, check_batch, to_global
 from sail_jax.data.packing import balance_rows, pack_rows
+from sail_jax.data.pipeline import DataConfig, DatasetSpec, build_dataset, resolve_tile_budget
 from sail_jax.data.tile_budget import (
     BudgetedBatchIterDataset,
     assign_rows,
@@ -21,6 +22,7 @@ from sail_jax.data.tile_budget import (
     balanced_loads,
     pack_tiles,
 )
+from sail_jax.evaluation.demo import make_demo_data
 from sail_jax.sharding import mesh_from_spec, use_mesh
 from sail_jax.training.program import build_program
 from sail_jax.training.step import make_loss_fn
@@ -153,3 +155,32 @@ def test_budgeted_vit_gives_the_fixed_slot_loss_and_gradients_on_8_devices():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     spec = abstract_batch(CFG, 16, 64, 4, mesh_from_spec({"fsdp": 8}), tile_budget=budget)
     assert spec["pixel_values"].shape == (8 * budget, 3, 56, 56) and spec["tile_index"].shape == (8, budget, 2)
+
+
+def test_pipeline_with_auto_budget_sees_each_demo_sample_once_and_restores(data_dir, tmp_path):
+    make_demo_data(tmp_path, n=24, seed=0, n_heldout=2)
+    cfg = DataConfig(datasets=(DatasetSpec(str(tmp_path / "train.jsonl")),), tokenizer_dir=str(data_dir / "tokenizer"),
+                     seq_len=512, batch_size=4, max_tiles=8, image_size=56, num_devices=2, num_workers=0,
+                     num_packing_bins=4, num_epochs=1, tile_budget="auto", tile_budget_quantile=0.5)
+    budget = resolve_tile_budget(cfg, 1)
+    assert budget >= 8
+    it = iter(build_dataset(cfg, 0, 1))
+    first = next(it)
+    state = it.get_state()
+    batches = [first, *it]
+    again = iter(build_dataset(cfg, 0, 1))
+    again.set_state(state)
+    for a, b in zip(batches[1:], list(again), strict=True):
+        for k in BUDGET_KEYS:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    samples = 0
+    for b in batches:
+        index = b["tile_index"]
+        assert index.shape == (2, budget, 2)
+        tiles = np.array([[(index[d, :, 0] == r).sum() for r in range(2)] for d in range(2)]).reshape(-1)
+        np.testing.assert_array_equal((b["input_ids"] == IMG_CONTEXT_TOKEN_ID).sum(axis=1), tiles * 4)
+        samples += int(b["segment_ids"].max(axis=1).sum())
+    assert samples == 24
+    assert all("deferred_rows" in b for b in batches)
+    with pytest.raises(ValueError, match="tile_budget=4: expected None, 'auto' or an int >= max_tiles=8"):
+        dataclasses.replace(cfg, tile_budget=4)
