@@ -53,7 +53,7 @@ def test_batches_follow_the_contract(data_dir, demo):
     batches = list(it)
     samples = 0
     for b in batches:
-        assert tuple(b) == KEYS and all(b[k].dtype == d for k, d in DTYPES.items())
+        assert tuple(b) == KEYS and all(b[k].dtype == DTYPES[k] for k in KEYS)
         assert all(b[k].shape == (4, 512) and b[k].dtype == np.int32
                    for k in ("input_ids", "segment_ids", "positions", "loss_mask"))
         assert b["pixel_values"].shape == (4, 8, 3, TILE, TILE) and b["pixel_values"].dtype == np.float32

@@ -1,13 +1,16 @@
 """`sail-jax compile`: compile the train step of a gin config ahead of time and print its memory per device.
 
     sail-jax compile --gin-file=configs/stage/sft.gin --gin-file=configs/model/8b.gin --gin.train.steps=1000 \\
-        --topology=v5p:8x8x4 [--gin.train.mesh="{'fsdp': -1, 'tensor': 4}"] [--max-tiles 16] [--out report.json]
+        --topology=v5p:8x8x4 [--gin.train.mesh="{'fsdp': -1, 'tensor': 4}"] [--max-tiles 16] [--tile-budget 24] \\
+        [--out report.json]
 
 It reads the same gin files as `train` and compiles the same jitted step (model, optimizer, trainable groups,
 mesh, loss budget, batch shapes), so a run can be sized before the slice is held. `--topology` names a TPU
 topology; its devices are compile-only, so this needs libtpu but no TPU (without it: this host's devices).
-The data and workdir need not be set. Exit code 1 when the step does not fit the devices' HBM. `--dry-run`
-resolves and checks the config and prints it (model, runtime, optimizer, data, mesh) without compiling.
+The data and workdir need not be set. `--tile-budget N` (default: the data factory's `tile_budget` when it is a
+number) compiles the budgeted batch, whose ViT runs on N tiles per batch shard instead of rows x max_tiles slots.
+Exit code 1 when the step does not fit the devices' HBM. `--dry-run` resolves and checks the config and prints it
+(model, runtime, optimizer, data, mesh) without compiling.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="TPU topology to compile for, e.g. v5p:4x4x4, v5e:4x8, v6e:8x8 (needs libtpu)")
     p.add_argument("--max-tiles", type=int, default=None,
                    help="tile slots per row (default: the data factory's max_tiles)")
+    p.add_argument("--tile-budget", type=int, default=None,
+                   help="tiles per batch shard the ViT runs on (default: the data factory's tile_budget if a number; "
+                        "otherwise fixed slots)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.add_argument("--dry-run", action="store_true", help="resolve and check the config, print it; compile nothing")
     p.set_defaults(func=run)
@@ -52,14 +58,28 @@ def resolve_config(gin_files: Sequence[str], bindings: Sequence[str], search_pat
     return kwargs, int(max_tiles)
 
 
+def tile_budget_option(tile_budget: int | None) -> int | None:
+    """`--tile-budget`, else the data factory's `tile_budget` when it is a number (after `resolve_config`)."""
+    from sail_jax.training import gin_setup
+
+    if tile_budget is not None:
+        return tile_budget
+    bound = gin_setup.data_option("tile_budget", None)
+    return bound if isinstance(bound, int) else None
+
+
 def compile_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
-                   max_tiles: int | None = None, topology: str | None = None) -> tuple[dict[str, Any], Any]:
+                   max_tiles: int | None = None, topology: str | None = None, tile_budget: int | None = None
+                   ) -> tuple[dict[str, Any], Any]:
     """Parse gin as `train` does, compile its step; (what was compiled, report)."""
     from sail_jax.training import aot
 
     kwargs, max_tiles = resolve_config(gin_files, bindings, search_paths, max_tiles)
-    _, report = aot.compile_train_step(**kwargs, max_tiles=max_tiles, devices=aot.topology_devices(topology))
-    what = {"topology": topology, "max_tiles": max_tiles, "batch_size": kwargs["batch_size"],
+    tile_budget = tile_budget_option(tile_budget)
+    _, report = aot.compile_train_step(**kwargs, max_tiles=max_tiles, tile_budget=tile_budget,
+                                       devices=aot.topology_devices(topology))
+    what = {"topology": topology, "max_tiles": max_tiles, "tile_budget": tile_budget,
+            "batch_size": kwargs["batch_size"],
             "seq_len": kwargs["seq_len"], "microbatches": kwargs["microbatches"],
             "trainable": list(kwargs["trainable"])}
     return what, report
@@ -98,9 +118,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run(args.gin_file, bindings, args.gin_search_path, args.max_tiles, args.topology))
         return 0
-    what, report = compile_config(args.gin_file, bindings, args.gin_search_path, args.max_tiles, args.topology)
+    what, report = compile_config(args.gin_file, bindings, args.gin_search_path, args.max_tiles, args.topology,
+                                  args.tile_budget)
+    tiles = (f"{what['max_tiles']} tile slots per row" if what["tile_budget"] is None
+             else f"tile budget {what['tile_budget']} per batch shard")
     print(f"{args.topology or 'this host'}: batch {what['batch_size']} x {what['seq_len']} tokens, "
-          f"{what['max_tiles']} tile slots per row, trainable {what['trainable']}: {report.summary()}")
+          f"{tiles}, trainable {what['trainable']}: {report.summary()}")
     if args.out:
         write_report(args.out, what, report)
     if report.fits is False:

@@ -7,6 +7,15 @@ this process's rows of each global batch as a dict of numpy arrays:
     pixel_values                                                 [B, max_tiles, C, S, S]     float32
     tile_mask                                                    [B, max_tiles]              bool
 
+or, with a tile budget (`data.tile_budget`: the ViT runs on `budget` tiles per data-parallel device, not on every
+slot), the tiles of each of G groups of B/G contiguous rows packed into that group's `budget` slots:
+
+    pixel_values                                                 [G * budget, C, S, S]       float32
+    tile_index  (row within the group's rows, tile k of that row; -1 = empty slot)   [G, budget, 2]   int32
+
+G is the number of data-parallel devices (times the micro-batches of a step), so each device holds its rows and
+exactly their tiles.
+
 with `get_state()` / `set_state(state)` (Grain `DatasetIterator` semantics) so checkpoints store where it is.
 `to_global` assembles every process's rows into global arrays whose rows go over the data-parallel mesh axes;
 `abstract_batch` is that same global batch as sharded `ShapeDtypeStruct`s, for compiling ahead of time.
@@ -28,10 +37,11 @@ from sail_jax.sharding import batch_sharding
 
 DTYPES: dict[str, type] = {
     "input_ids": np.int32, "segment_ids": np.int32, "positions": np.int32, "loss_mask": np.int32,
-    "pixel_values": np.float32, "tile_mask": np.bool_,
+    "pixel_values": np.float32, "tile_mask": np.bool_, "tile_index": np.int32,
 }
-KEYS = tuple(DTYPES)
+KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "pixel_values", "tile_mask")  # fixed tile slots
 TOKEN_KEYS = KEYS[:4]  # the [B, T] arrays
+BUDGET_KEYS = (*TOKEN_KEYS, "pixel_values", "tile_index")  # tiles packed into a per-device budget
 # The mesh axes the batch rows are split over (the `activation_batch` rule of `sail_jax.sharding`).
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -56,47 +66,79 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def batch_shapes(cfg: ModelConfig, rows: int, seq_len: int, max_tiles: int) -> dict[str, tuple[int, ...]]:
-    """The shape of each key for `rows` rows."""
+def batch_keys(batch: Mapping[str, object]) -> tuple[str, ...]:
+    """The contract keys of this batch: `BUDGET_KEYS` when it carries `tile_index`, else `KEYS`."""
+    return BUDGET_KEYS if "tile_index" in batch else KEYS
+
+
+def batch_shapes(cfg: ModelConfig, rows: int, seq_len: int, max_tiles: int, tile_budget: int | None = None,
+                 groups: int = 1) -> dict[str, tuple[int, ...]]:
+    """The shape of each key for `rows` rows: `max_tiles` slots per row, or `tile_budget` per group of rows."""
     v = cfg.vision
     shapes = {k: (rows, seq_len) for k in TOKEN_KEYS}
-    shapes["pixel_values"] = (rows, max_tiles, v.num_channels, v.image_size, v.image_size)
-    shapes["tile_mask"] = (rows, max_tiles)
+    tile = (v.num_channels, v.image_size, v.image_size)
+    if tile_budget is None:
+        shapes["pixel_values"] = (rows, max_tiles, *tile)
+        shapes["tile_mask"] = (rows, max_tiles)
+    else:
+        shapes["pixel_values"] = (groups * tile_budget, *tile)
+        shapes["tile_index"] = (groups, tile_budget, 2)
     return shapes
 
 
 def check_batch(batch: Mapping[str, np.ndarray], rows: int, seq_len: int, cfg: ModelConfig) -> None:
     """Fail with the offending key, shape or dtype when a process-local batch does not follow the contract (any
-    number of tile slots)."""
-    missing = [k for k in KEYS if k not in batch]
+    number of tile slots, or any tile budget and number of groups that divides the rows)."""
+    keys = batch_keys(batch)
+    missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"data batch lacks {missing}; got keys {sorted(batch)}")
     pix, v = batch["pixel_values"], cfg.vision
-    if pix.ndim != 5:
+    if "tile_index" in batch:
+        index = batch["tile_index"]
+        if index.ndim != 3 or index.shape[-1] != 2 or not index.shape[0] or rows % index.shape[0]:
+            raise ValueError(f"data batch['tile_index'] has shape {index.shape}; expected (groups, tile_budget, 2) "
+                             f"with groups dividing the {rows} rows")
+        shapes = batch_shapes(cfg, rows, seq_len, 0, index.shape[1], index.shape[0])
+    elif pix.ndim != 5:
         raise ValueError(f"data batch['pixel_values'] has shape {pix.shape}; expected "
                          f"({rows}, max_tiles, {v.num_channels}, {v.image_size}, {v.image_size})")
-    for k, shape in batch_shapes(cfg, rows, seq_len, pix.shape[1]).items():
+    else:
+        shapes = batch_shapes(cfg, rows, seq_len, pix.shape[1])
+    for k, shape in shapes.items():
         if batch[k].shape != shape:
             raise ValueError(f"data batch[{k!r}] has shape {batch[k].shape}; expected {shape}")
-    for k, dtype in DTYPES.items():
-        kind = np.dtype(dtype).kind
+    for k in keys:
+        kind = np.dtype(DTYPES[k]).kind
         if np.dtype(batch[k].dtype).kind not in ("f" if kind == "f" else "biu"):
-            raise ValueError(f"data batch[{k!r}] has dtype {batch[k].dtype}; expected {np.dtype(dtype).name}")
+            raise ValueError(f"data batch[{k!r}] has dtype {batch[k].dtype}; expected {np.dtype(DTYPES[k]).name}")
+    if "tile_index" in batch:
+        row = np.asarray(batch["tile_index"])[..., 0]
+        if (row < -1).any() or (row >= rows // row.shape[0]).any():
+            raise ValueError(f"data batch['tile_index'] names rows outside [-1, {rows // row.shape[0]}) of a group")
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
-    """Assemble the global batch from every process's rows (cast to the contract's dtypes), its rows sharded over
-    the data-parallel axes of the mesh."""
+    """Assemble the global batch from every process's rows (cast to the contract's dtypes), its rows (and tile
+    groups) sharded over the data-parallel axes of the mesh."""
+    keys = batch_keys(batch)
+    scale = global_rows // batch["input_ids"].shape[0]  # processes
+    if "tile_index" in batch and (groups := batch["tile_index"].shape[0] * scale) % batch_shards(mesh):
+        raise ValueError(f"the batch's {groups} tile groups do not split over the {batch_shards(mesh)} batch shards "
+                         f"of the mesh; set the data's num_devices to the batch shards (x micro-batches) each "
+                         f"process feeds")
     out = {}
-    for k, dtype in DTYPES.items():
-        x = np.asarray(batch[k], dtype)
-        global_shape = (global_rows, *x.shape[1:])
+    for k in keys:
+        x = np.asarray(batch[k], DTYPES[k])
+        global_shape = (x.shape[0] * scale, *x.shape[1:])
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), x, global_shape)
     return out
 
 
-def abstract_batch(cfg: ModelConfig, global_rows: int, seq_len: int, max_tiles: int, mesh: Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch `to_global` builds, as sharded shapes (nothing allocated)."""
+def abstract_batch(cfg: ModelConfig, global_rows: int, seq_len: int, max_tiles: int, mesh: Mesh,
+                   tile_budget: int | None = None, groups: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch `to_global` builds, as sharded shapes (nothing allocated); with `tile_budget`, `groups`
+    (default: the mesh's batch shards) groups of rows with that many tiles each."""
+    groups = batch_shards(mesh) if groups is None else groups
     return {k: jax.ShapeDtypeStruct(s, DTYPES[k], sharding=batch_sharding(mesh, s))
-            for k, s in batch_shapes(cfg, global_rows, seq_len, max_tiles).items()}
+            for k, s in batch_shapes(cfg, global_rows, seq_len, max_tiles, tile_budget, groups).items()}

@@ -27,7 +27,8 @@ from sail_jax.files import write_text_atomic
 
 # DataConfig fields that change speed or batching, never which rows the packer makes.
 NOT_PACKING = ("batch_size", "num_devices", "num_epochs", "num_workers", "worker_buffer_size", "read_threads",
-               "read_buffer_size", "prefetch_batches", "max_skip_fraction", "min_samples_for_skip_check")
+               "read_buffer_size", "prefetch_batches", "max_skip_fraction", "min_samples_for_skip_check",
+               "tile_budget", "tile_budget_quantile")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,15 @@
     .mp_prefetch(num_workers)                     image decoding, tiling, tokenization in worker processes
     SkipBadSamplesIterDataset                     counts/logs/filters skip markers in the main process
     Grain BestFitPackIterDataset                  rows of seq_len tokens and max_tiles tiles (packing.pack_rows)
-    VisualBatchIterDataset                        batch_size rows, tile-balanced over the local devices
+    VisualBatchIterDataset                        batch_size rows, tile-balanced over the local devices, or with
+    | BudgetedBatchIterDataset                    `tile_budget`: each device's rows hold <= budget tiles, packed
+                                                  into its budget slots; rows over it wait (data.tile_budget)
     ThreadPrefetchIterDataset                     a few batches ahead, in a thread
 
 Each step yields the process-local part of the global batch, as the batch contract (`data.batch`) defines it:
 input_ids, segment_ids, positions, loss_mask [B,T] int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask
-[B,max_tiles] bool. The iterator is a Grain
+[B,max_tiles] bool (with a tile budget: pixel_values [devices*budget,3,S,S] and tile_index [devices,budget,2]
+instead of the slots and mask, plus the host-side count `deferred_rows`). The iterator is a Grain
 `DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
 apply to records as read, i.e. before bad samples are skipped.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,11 @@ from sail_jax.config import PAD_TOKEN_ID, ModelConfig
 from sail_jax.data.batch import local_rows
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
+from sail_jax.data.tile_budget import BudgetedBatchIterDataset, auto_budget, row_tiles
 from sail_jax.data.transforms import SampleTransform
 from sail_jax.data.video import DEFAULT_NUM_FRAMES
+
+log = logging.getLogger("sail_jax.data")
 
 
 def default_num_workers() -> int:
@@ -75,6 +82,9 @@ class DataConfig:
     `num_workers` processes (0: none) with `worker_buffer_size` samples each, `read_threads` / `read_buffer_size`
     per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped fraction exceeds
     `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
+    Tile budget (`tile_budget`): None runs the ViT on every slot; an int or "auto" packs each device's tiles into
+    that many slots (>= max_tiles), "auto" choosing it once as the `tile_budget_quantile` of the balanced
+    per-device tile loads of the first `CALIBRATION_BATCHES` batches of process 0's rows (the same on every host).
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
     (`data.frame_cache`; None: decode every time).
     """
@@ -104,6 +114,8 @@ class DataConfig:
     min_samples_for_skip_check: int = 100
     allow_absolute_image_paths: bool = False
     frame_cache_dir: str | None = None
+    tile_budget: int | str | None = None
+    tile_budget_quantile: float = 0.9
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -121,6 +133,11 @@ class DataConfig:
                                  f"num_frames={d.num_frames}, fps={d.fps}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        budget = self.tile_budget
+        if not (budget is None or budget == "auto" or (isinstance(budget, int) and budget >= self.max_tiles)):
+            raise ValueError(f"tile_budget={budget!r}: expected None, 'auto' or an int >= max_tiles={self.max_tiles}")
+        if not 0 < self.tile_budget_quantile <= 1:
+            raise ValueError(f"tile_budget_quantile={self.tile_budget_quantile} must be in (0, 1]")
 
 
 def _component(cfg: DataConfig, index: int, process_index: int, process_count: int) -> grain.IterDataset:
@@ -175,20 +192,51 @@ def row_dataset(cfg: DataConfig, process_index: int | None = None,
     return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
 
 
+def batch_devices(cfg: DataConfig) -> int:
+    """The devices one process's batch is balanced over: `cfg.num_devices`, else `jax.local_device_count()` when
+    it divides the batch, else 1 (no tile balancing)."""
+    if cfg.num_devices is not None:
+        return cfg.num_devices
+    import jax
+
+    local = jax.local_device_count()
+    return local if cfg.batch_size % local == 0 else 1
+
+
+CALIBRATION_BATCHES = 16  # batches of rows that an "auto" tile budget is chosen from
+
+
+def resolve_tile_budget(cfg: DataConfig, process_count: int | None = None) -> int | None:
+    """The static tile budget per device: `cfg.tile_budget` as given, or for "auto" chosen from the first
+    `CALIBRATION_BATCHES` batches of process 0's packed rows (so every process computes the same number)."""
+    if cfg.tile_budget != "auto":
+        return cfg.tile_budget
+    it = iter(row_dataset(cfg, 0, process_count if process_count is not None else _process_count()))
+    loads = [row_tiles(row) for _, row in zip(range(CALIBRATION_BATCHES * cfg.batch_size), it)]
+    batches = [loads[i:i + cfg.batch_size] for i in range(0, len(loads) - cfg.batch_size + 1, cfg.batch_size)]
+    budget = auto_budget(batches, batch_devices(cfg), cfg.tile_budget_quantile, cfg.max_tiles)
+    log.info("tile budget: %d tiles per device (quantile %g of %d batches' balanced loads)", budget,
+             cfg.tile_budget_quantile, len(batches))
+    return budget
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def build_dataset(cfg: DataConfig, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
     """The batch dataset of this process (module docstring); `iter()` it for a checkpointable iterator.
 
-    `process_index`/`process_count` default to jax's; `cfg.num_devices` (the devices this process feeds) to
-    `jax.local_device_count()` when it divides the batch, else 1 (no tile balancing)."""
-    n_devices = cfg.num_devices
-    if n_devices is None:
-        import jax
-
-        local = jax.local_device_count()
-        n_devices = local if cfg.batch_size % local == 0 else 1
-    ds = VisualBatchIterDataset(row_dataset(cfg, process_index, process_count), cfg.batch_size, n_devices,
-                                PAD_TOKEN_ID)
+    `process_index`/`process_count` default to jax's; the batch is balanced over `batch_devices(cfg)`."""
+    n_devices, rows = batch_devices(cfg), row_dataset(cfg, process_index, process_count)
+    budget = resolve_tile_budget(cfg, process_count)
+    if budget is None:
+        ds = VisualBatchIterDataset(rows, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+    else:
+        ds = BudgetedBatchIterDataset(rows, cfg.batch_size, n_devices, budget, cfg.max_tiles, PAD_TOKEN_ID)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return FingerprintedIterDataset(ds, data_fingerprint(cfg))
@@ -201,10 +249,15 @@ STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tile
                  "num_epochs", "allow_absolute_image_paths")
 
 
+# With a tile budget these decide the batches too (left out without one, so older checkpoints still match).
+BUDGET_FIELDS = ("tile_budget", "tile_budget_quantile")
+
+
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint."""
+    fields = STREAM_FIELDS + (BUDGET_FIELDS if cfg.tile_budget is not None else ())
     return json.loads(json.dumps({k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k)
-                                  for k in STREAM_FIELDS}))
+                                  for k in fields}))
 
 
 class DataConfigMismatch(ValueError):

@@ -8,6 +8,11 @@ batches) the same holds within each row: a row's slots take its own tiles, which
 row holds as many slots as its tiles have features, and keeps the gather local to the row's device (a global
 gather makes XLA collect every device's features on each one: 55 of the 80 GiB per chip of the 8B SFT step).
 
+With a tile budget (`tile_index` [G, K, 2], the trainer's budgeted batches) `pixel_values` holds only real tiles,
+K per group of B/G contiguous rows (one group per data-parallel device), so the ViT runs on G*K tiles, not on every
+slot; each tile names its row within the group and its ordinal k within that row, and its features go to that
+row's k-th run of `<IMG_CONTEXT>` tokens, gathered within the group (again local to the device).
+
 AnyRes (`images`, a `PackedImages` from `anyres.pack_images`) replaces the tiles: the packed ViT row is
 pixel-shuffled per image by a precomputed gather, and the k-th `<IMG_CONTEXT>` token receives the k-th real
 LLM token of the packed images (image order, row-major within each image; h*w/4 tokens per image).
@@ -45,6 +50,34 @@ def scatter_image_features(
     take = is_ctx & (ordinal < n_valid)
     rows = valid_rows[jnp.clip(ordinal, 0, n_feat - 1)]
     out = jnp.where(take[:, None], features[rows].astype(flat.dtype), flat)
+    return out.reshape(b, t, d)
+
+
+def scatter_tile_features(
+    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, tile_index: jax.Array, context_id: int
+) -> jax.Array:
+    """Write tile features [G*K, n, D] into `embeds` [B, T, D]: tile (g, j) with `tile_index[g, j]` = (row r, k)
+    fills the k-th n-token run of `context_id` tokens of row g*(B/G) + r (row -1: an empty slot). Context tokens
+    without a tile keep their text embedding, as in `scatter_image_features`."""
+    groups, budget = tile_index.shape[:2]
+    b, t, d = embeds.shape
+    if b % groups or features.shape[0] != groups * budget:
+        raise ValueError(f"{groups} tile groups of {budget} do not match {b} rows and {features.shape[0]} tiles")
+    n, rows = features.shape[1], b // groups
+    runs = -(-t // n)  # most tile runs a row can hold
+
+    def group(e, ids, f, index):  # [r, T, D], [r, T], [K, n, D], [K, 2]
+        is_ctx = ids == context_id
+        ordinal = jnp.cumsum(is_ctx, axis=1) - 1
+        row = jnp.where(index[:, 0] >= 0, index[:, 0], rows)  # empty slots: out of range, dropped
+        table = jnp.full((rows, runs), -1, jnp.int32).at[row, index[:, 1]].set(
+            jnp.arange(budget, dtype=jnp.int32), mode="drop")
+        tile = jnp.take_along_axis(table, jnp.clip(ordinal // n, 0, runs - 1), axis=1)  # [r, T]
+        vals = f[jnp.maximum(tile, 0), ordinal % n]
+        return jnp.where((is_ctx & (tile >= 0))[..., None], vals.astype(e.dtype), e)
+
+    split = lambda x: x.reshape(groups, -1, *x.shape[1:])
+    out = jax.vmap(group)(split(embeds), split(input_ids), split(features), tile_index)
     return out.reshape(b, t, d)
 
 
@@ -109,8 +142,10 @@ class SailVL(nn.Module):
         pixel_values: jax.Array | None = None,
         tile_mask: jax.Array | None = None,
         images: PackedImages | None = None,
+        tile_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Token embeddings with image features (fixed tiles or packed AnyRes images) in `<IMG_CONTEXT>` slots."""
+        """Token embeddings with image features (fixed tiles, budgeted tiles with `tile_index`, or packed AnyRes
+        images) in `<IMG_CONTEXT>` slots."""
         embeds = self.language_model.embed(input_ids)
         if images is not None:
             if pixel_values is not None:
@@ -119,6 +154,9 @@ class SailVL(nn.Module):
             return scatter_image_features(embeds, input_ids, feats, mask, self.cfg.img_context_token_id)
         if pixel_values is None:
             return embeds
+        if tile_index is not None:  # [G*K, 3, H, W]: only the budgeted tiles run through the ViT
+            feats = self.extract_feature(pixel_values)
+            return scatter_tile_features(embeds, input_ids, feats, tile_index, self.cfg.img_context_token_id)
         tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
         if tile_mask is None:
             tile_mask = jnp.ones(tiles.shape[0], bool)
@@ -163,8 +201,9 @@ class SailVL(nn.Module):
         cache: dict[str, jax.Array] | None = None,
         return_hidden: bool = False,
         images: PackedImages | None = None,
+        tile_index: jax.Array | None = None,
     ) -> LMOutput:
-        embeds = self.embed(input_ids, pixel_values, tile_mask, images)
+        embeds = self.embed(input_ids, pixel_values, tile_mask, images, tile_index)
         return self.language_model(
             inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
             return_hidden=return_hidden,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from sail_jax.config import ModelConfig
-from sail_jax.data.batch import abstract_batch
+from sail_jax.data.batch import abstract_batch, batch_shards
 from sail_jax.params import parameter_counts
 from sail_jax.sharding import use_mesh
 from sail_jax.training.metrics import peak_flops_per_device, step_flops
@@ -125,18 +125,21 @@ def compile_train_step(
     target_fraction: float = 1.0,
     steps: int = 1,
     microbatches: int = 1,
+    tile_budget: int | None = None,
 ) -> tuple[jax.stages.Compiled, CompileReport]:
     """Compile `train`'s step (`program.build_program`) for `devices` (default: this process's) and measure it;
-    arguments as `train`'s, `max_tiles` the tile slots per row."""
-    if max_tiles < 0:
-        raise ValueError(f"max_tiles={max_tiles} must be >= 0")
+    arguments as `train`'s, `max_tiles` the tile slots per row, or with `tile_budget` the tiles per batch shard
+    (and micro-batch) that the ViT runs on (`data.tile_budget`)."""
+    if max_tiles < 0 or (tile_budget is not None and tile_budget < 0):
+        raise ValueError(f"max_tiles={max_tiles} and tile_budget={tile_budget} must be >= 0")
     t0 = time.perf_counter()
     program = build_program(model=model, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction,
                             microbatches=microbatches, devices=devices)
     mesh_, targets_per_row, trainable = program.mesh, program.targets_per_row, program.trainable
     with use_mesh(mesh_):
-        batch = abstract_batch(model, batch_size, seq_len, max_tiles, mesh_)
+        groups = batch_shards(mesh_) * microbatches
+        batch = abstract_batch(model, batch_size, seq_len, max_tiles, mesh_, tile_budget, groups)
         compiled = program.step.lower(program.abstract_state, batch, np.int32(0), np.float32(1.0)).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -144,7 +147,8 @@ def compile_train_step(
     kind = device.device_kind
     # XLA's own cost analysis counts a scanned layer stack once, so the model's FLOPs come from the config.
     flops = step_flops(model, tokens=batch_size * seq_len, targets=batch_size * targets_per_row,
-                       tiles=batch_size * max_tiles, seq_len=seq_len, trainable=trainable)
+                       tiles=batch_size * max_tiles if tile_budget is None else groups * tile_budget,
+                       seq_len=seq_len, trainable=trainable)
     report = CompileReport(
         device_kind=kind, num_devices=mesh_.size, mesh={a: int(s) for a, s in mesh_.shape.items()},
         parameters=parameter_counts(model)["total"],

@@ -83,6 +83,16 @@ def lm_head_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
     return lm["embed_tokens"]["embedding"].T if cfg.llm.tie_word_embeddings else lm["lm_head"]["kernel"]
 
 
+def vision_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None,
+                                                        jax.Array]:
+    """(pixel_values or None when there are no tiles, tile_mask, tile_index, real tiles) of a fixed-slot or a
+    budgeted batch (`data.batch`)."""
+    pixels = batch["pixel_values"]
+    if "tile_index" in batch:
+        return pixels if pixels.shape[0] else None, None, batch["tile_index"], jnp.sum(batch["tile_index"][..., 0] >= 0)
+    return pixels if pixels.shape[1] else None, batch["tile_mask"], None, jnp.sum(batch["tile_mask"])
+
+
 def _groups(rows: int, budget_groups: int | None) -> int:
     groups = rows if budget_groups is None else budget_groups
     if rows % groups:
@@ -103,10 +113,10 @@ def make_loss_terms(cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 
 
     def terms(params: dict, batch: dict[str, jax.Array], totals: StepTotals | None = None):
         ids, seg = batch["input_ids"], batch["segment_ids"]
-        pixels = batch["pixel_values"] if batch["pixel_values"].shape[1] else None
+        pixels, tile_mask, tile_index, tiles = vision_inputs(batch)
         out = model.apply(
-            {"params": params}, ids, pixels, batch["tile_mask"], positions=batch["positions"], segment_ids=seg,
-            return_hidden=True,
+            {"params": params}, ids, pixels, tile_mask, positions=batch["positions"], segment_ids=seg,
+            return_hidden=True, tile_index=tile_index,
         )
         targets, weights = next_token_targets(ids, batch["loss_mask"], seg)
         rows = ids.shape[0]
@@ -127,7 +137,7 @@ def make_loss_terms(cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 
             "targets": count,
             "dropped_targets": jnp.sum(dropped).astype(jnp.float32),
             "tokens": jnp.sum(seg != 0).astype(jnp.float32),
-            "tiles": jnp.sum(batch["tile_mask"]).astype(jnp.float32),
+            "tiles": tiles.astype(jnp.float32),
             "routing": out.aux,
         }
         return ce + aux_loss, sums
@@ -191,9 +201,9 @@ def make_train_step(
         """Forward-only pass over the micro-batches: the step's expert assignment and token counts per layer."""
 
         def counts(b: dict[str, jax.Array]) -> StepTotals:
-            pixels = b["pixel_values"] if b["pixel_values"].shape[1] else None
-            aux = model.apply({"params": params}, b["input_ids"], pixels, b["tile_mask"], positions=b["positions"],
-                              segment_ids=b["segment_ids"], return_hidden=True).aux
+            pixels, tile_mask, tile_index, _ = vision_inputs(b)
+            aux = model.apply({"params": params}, b["input_ids"], pixels, tile_mask, positions=b["positions"],
+                              segment_ids=b["segment_ids"], return_hidden=True, tile_index=tile_index).aux
             return {k: aux[k] for k in ("expert_counts", "num_tokens")}
 
         body = lambda acc, j: (jax.tree.map(jnp.add, acc, counts(micro_batch(batch, j, microbatches, blocks))), None)
@@ -203,6 +213,9 @@ def make_train_step(
 
     def accumulate(grad_fn, train_p: dict, params: dict, batch: dict[str, jax.Array]):
         """(loss, sums, grads) of the whole batch from its micro-batches; gradients summed in float32."""
+        if "tile_index" in batch and batch["tile_index"].shape[0] % (blocks * microbatches):
+            raise ValueError(f"{batch['tile_index'].shape[0]} tile groups do not split into {blocks} batch shards x "
+                             f"{microbatches} micro-batches; set the data's num_devices to shards x micro-batches")
         totals = {"targets": budgeted_target_count(batch, targets_per_row, microbatches, blocks)}
         if has_router_loss(cfg):
             totals.update(routing_totals(params, batch))

@@ -1,0 +1,200 @@
+"""Visual packing on a budget: each data-parallel device runs the ViT on at most `budget` tiles, not on
+rows x max_tiles slots, so empty slots cost nothing.
+
+The units are generic "loads" (tiles here; AnyRes patches reuse the same assignment and budget with patch counts):
+
+* `assign_rows` places rows on devices (a fixed number of rows each, the rows the batch sharding gives a device)
+  so that no device's load passes the budget: rows carried over from earlier batches first, in their order, then
+  the fresh rows by decreasing load, each on the least-loaded device that still has room (longest-processing-time
+  greedy under two capacities). A row that fits nowhere is DEFERRED: it waits for a later batch, never dropped.
+* `balanced_loads` / `auto_budget`: the budget is static (the step is compiled for it), so it is chosen once from
+  the data: a quantile of the per-device loads that balancing gives on the first batches, rounded up.
+* `pack_tiles` lays the tiles of each device's rows out as that device's block of `budget` tile slots plus
+  `tile_index` [devices, budget, 2]: (row within the device's rows, tile ordinal within that row), -1 where a slot is
+  empty; the model scatters each tile's features into its own row (`models.sail_vl.scatter_tile_features`).
+* `BudgetedBatchIterDataset` is the pipeline stage that does all this per batch and keeps deferred rows in its
+  checkpointable state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from sail_jax.data.batch import DTYPES
+
+
+def assign_rows(loads: Sequence[int], n_devices: int, rows_per_device: int, budget: int, ordered: int = 0,
+                start_load: np.ndarray | None = None, start_rows: np.ndarray | None = None) -> np.ndarray:
+    """Device of each row (-1: deferred). The first `ordered` rows are placed in their order (rows carried over
+    from earlier batches, oldest first), the rest by decreasing load; each goes to the least-loaded device with
+    fewer than `rows_per_device` rows whose load stays <= `budget`. `start_load` / `start_rows` [n_devices]: what
+    the devices already hold (updated in place)."""
+    loads = np.asarray(loads, np.int64)
+    load = np.zeros(n_devices, np.int64) if start_load is None else start_load
+    count = np.zeros(n_devices, np.int64) if start_rows is None else start_rows
+    device = np.full(len(loads), -1, np.int64)
+    rest = ordered + np.argsort(-loads[ordered:], kind="stable")
+    for r in (*range(ordered), *rest):
+        ok = (count < rows_per_device) & (load + loads[r] <= budget)
+        if ok.any():
+            d = int(np.flatnonzero(ok)[np.argmin(load[ok])])
+            device[r], load[d], count[d] = d, load[d] + loads[r], count[d] + 1
+    return device
+
+
+def balanced_loads(loads: Sequence[int], n_devices: int) -> np.ndarray:
+    """Per-device loads of one batch's rows balanced over `n_devices` (equal row counts, no budget)."""
+    loads = np.asarray(loads, np.int64)
+    if n_devices < 1 or len(loads) % n_devices:
+        raise ValueError(f"{len(loads)} rows cannot be split evenly over {n_devices} device(s)")
+    device = assign_rows(loads, n_devices, len(loads) // n_devices, int(loads.sum()))
+    return np.bincount(device, weights=loads, minlength=n_devices).astype(np.int64)
+
+
+def auto_budget(batches: Sequence[Sequence[int]], n_devices: int, quantile: float, min_budget: int,
+                multiple: int = 1) -> int:
+    """The `quantile` of the balanced per-device loads over `batches` (each a batch's row loads), rounded up to a
+    `multiple`, at least `min_budget` (the largest load one row can have, so every row fits on an empty device)."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"tile budget quantile={quantile} must be in (0, 1]")
+    per_device = np.concatenate([balanced_loads(b, n_devices) for b in batches]) if batches else np.zeros(1)
+    q = math.ceil(float(np.quantile(per_device, quantile)))
+    return max(min_budget, multiple * math.ceil(q / multiple))
+
+
+def pack_tiles(pixel_values: np.ndarray, tile_mask: np.ndarray, n_devices: int, budget: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed tile slots [B, max_tiles, ...] + mask [B, max_tiles] -> (pixels [n_devices*budget, ...], tile_index
+    [n_devices, budget, 2]) for devices taking contiguous blocks of B / n_devices rows. The k-th real tile of a row
+    keeps ordinal k. Fails if a device's rows hold more than `budget` tiles."""
+    rows = tile_mask.shape[0]
+    if n_devices < 1 or rows % n_devices:
+        raise ValueError(f"{rows} rows cannot be split evenly over {n_devices} device(s)")
+    per_device = rows // n_devices
+    pixels = np.zeros((n_devices * budget, *pixel_values.shape[2:]), pixel_values.dtype)
+    index = np.full((n_devices, budget, 2), -1, np.int32)
+    for d in range(n_devices):
+        r, slot = np.nonzero(tile_mask[d * per_device:(d + 1) * per_device])
+        if len(r) > budget:
+            raise ValueError(f"device {d}'s rows hold {len(r)} tiles, more than the tile budget {budget}")
+        ordinal = np.arange(len(r)) - np.searchsorted(r, r)  # k-th real tile of its row (nonzero is row-major)
+        pixels[d * budget:d * budget + len(r)] = pixel_values[d * per_device + r, slot]
+        index[d, :len(r)] = np.stack([r, ordinal], axis=1)
+    return pixels, index
+
+
+def row_tiles(row: Mapping[str, Any]) -> int:
+    """Real tiles of a packed row (`pack_rows` output)."""
+    return int((row["pixel_values_segment_ids"] > 0).sum())
+
+
+class _BudgetedBatchIterator(grain.DatasetIterator):
+    """Deferred rows survive checkpoints without storing pixels: the state is the parent's state before the
+    oldest waiting row (`parent`), how many rows were read since (`read`) and which of them still wait
+    (`waiting`); restoring re-reads those rows and keeps the waiting ones."""
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, n_devices: int, budget: int, pad_id: int):
+        super().__init__(parent)
+        self._batch_size, self._n_devices, self._budget, self._pad_id = batch_size, n_devices, budget, pad_id
+        self._read = 0  # rows read from the parent so far (an ordinal per row)
+        self._marks: list[tuple[int, Any]] = [(0, parent.get_state())]  # (ordinal, parent state before it)
+        self._waiting: list[tuple[int, dict[str, Any]]] = []  # deferred (ordinal, row), oldest first
+        self._template: dict[str, Any] | None = None
+        self._exhausted = False
+
+    def _pull(self, n: int) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        while len(out) < n and not self._exhausted:
+            try:
+                row = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            if self._template is None:
+                self._template = {k: np.zeros_like(v) for k, v in row.items() if isinstance(v, np.ndarray)}
+            out.append((self._read, row))
+            self._read += 1
+        return out
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        n, per_device = self._n_devices, self._batch_size // self._n_devices
+        load, count = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        placed: list[list[tuple[int, dict[str, Any]]]] = [[] for _ in range(n)]
+        waiting: list[tuple[int, dict[str, Any]]] = []
+
+        def place(rows: list[tuple[int, dict[str, Any]]], ordered: int) -> None:
+            device = assign_rows([row_tiles(r) for _, r in rows], n, per_device, self._budget, ordered, load, count)
+            for d, row in zip(device, rows):
+                (waiting if d < 0 else placed[d]).append(row)
+
+        place(self._waiting, len(self._waiting))  # rows deferred earlier go first, oldest first
+        # Fresh rows fill the free slots; deferring stops reading once a batch of rows waits.
+        while (free := self._batch_size - int(count.sum())) and len(waiting) < self._batch_size:
+            fresh = self._pull(free)
+            if not fresh:
+                break
+            place(fresh, 0)
+        if not count.sum():
+            raise StopIteration
+        waiting.sort(key=lambda x: x[0])
+        self._waiting = waiting
+        self._marks.append((self._read, self._parent.get_state()))
+        oldest = waiting[0][0] if waiting else self._read
+        while len(self._marks) > 1 and self._marks[1][0] <= oldest:
+            self._marks.pop(0)
+        return self._batch([sorted(rows, key=lambda x: x[0]) for rows in placed], len(waiting))
+
+    def _batch(self, placed: list[list[tuple[int, dict[str, Any]]]], deferred: int) -> dict[str, np.ndarray]:
+        per_device = self._batch_size // self._n_devices
+        rows = [r for device_rows in placed for r in [x[1] for x in device_rows]
+                + [self._template] * (per_device - len(device_rows))]
+        stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
+        segment_ids = stack("input_ids_segment_ids", "segment_ids")
+        pixels, index = pack_tiles(np.stack([r["pixel_values"] for r in rows]),
+                                   np.stack([r["pixel_values_segment_ids"] for r in rows]) > 0,
+                                   self._n_devices, self._budget)
+        return {  # the budgeted batch contract of `data.batch`, plus the host-side count of waiting rows
+            "input_ids": np.where(segment_ids > 0, stack("input_ids", "input_ids"),
+                                  DTYPES["input_ids"](self._pad_id)),
+            "segment_ids": segment_ids,
+            "positions": stack("input_ids_positions", "positions"),
+            "loss_mask": stack("loss_mask", "loss_mask"),
+            "pixel_values": pixels.astype(DTYPES["pixel_values"], copy=False),
+            "tile_index": index,
+            "deferred_rows": np.int64(deferred),
+        }
+
+    def get_state(self) -> dict[str, Any]:
+        first, state = self._marks[0]
+        return {"parent": state, "read": self._read - first, "waiting": [o - first for o, _ in self._waiting]}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._read, self._exhausted, self._marks = 0, False, [(0, state["parent"])]
+        keep = set(state["waiting"])
+        self._waiting = [x for x in self._pull(int(state["read"])) if x[0] in keep]
+
+
+class BudgetedBatchIterDataset(grain.IterDataset):
+    """Packed rows -> batches of exactly `batch_size` rows over `n_devices` devices, each device's rows holding at
+    most `budget` tiles in total; rows that do not fit wait for the next batch (module docstring). Each batch
+    carries `deferred_rows`: how many rows wait after it."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, n_devices: int, budget: int, max_tiles: int,
+                 pad_id: int = 0):
+        super().__init__(parent)
+        if batch_size < 1 or n_devices < 1 or batch_size % n_devices:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of devices "
+                             f"({n_devices}) that share it")
+        if budget < max_tiles:
+            raise ValueError(f"tile_budget={budget} must be >= max_tiles={max_tiles} (a full row must fit on a "
+                             f"device)")
+        self._args = (batch_size, n_devices, budget, pad_id)
+
+    def __iter__(self) -> _BudgetedBatchIterator:
+        return _BudgetedBatchIterator(self._parent.__iter__(), *self._args)
