@@ -7,7 +7,8 @@ this process's rows of each global batch as a dict of numpy arrays:
     pixel_values                                                 [B, max_tiles, C, S, S]     float32
     tile_mask                                                    [B, max_tiles]              bool
 
-with `get_state()` / `set_state(state)` (Grain `DatasetIterator` semantics) so checkpoints store where it is.
+with `get_state()` / `set_state(state)` (Grain `DatasetIterator` semantics) so checkpoints store where it is
+(a state marked as a global position resumes on another process count: `data.elastic`).
 `to_global` assembles every process's rows into global arrays whose rows go over the data-parallel mesh axes;
 `abstract_batch` is that same global batch as sharded `ShapeDtypeStruct`s, for compiling ahead of time.
 Keys a pipeline adds beyond these stay on the host.
