@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import grain.checkpoint
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from sail_jax.config import get_preset
 from sail_jax.data.elastic import NotResplittable, merge_states
-from sail_jax.data.pipeline import grain_data
+from sail_jax.data.pipeline import DataConfig, build_dataset, grain_data
 from sail_jax.evaluation.demo import make_demo_data
+from sail_jax.training.checkpointing import IteratorRestore
 from sail_jax.training.synthetic import synthetic_data
 
 TINY = get_preset("tiny")
@@ -26,11 +29,13 @@ def demo(tmp_path_factory):
     return out
 
 
-def grain_processes(demo, data_dir, process_count: int, shards: int = 2) -> list:
+OPTIONS = dict(max_tiles=8, max_num=2, num_workers=0, num_packing_bins=4, num_devices=1, prefetch_batches=0)
+
+
+def grain_processes(demo, data_dir, process_count: int, shards: int | None = 2) -> list:
     return [grain_data(cfg=CFG, global_batch_size=BATCH, seq_len=512, process_index=p, process_count=process_count,
                        seed=3, datasets=[{"path": str(demo / "train.jsonl")}],
-                       tokenizer_dir=str(data_dir / "tokenizer"), data_shards=shards, max_tiles=8, max_num=2,
-                       num_workers=0, num_packing_bins=4, num_devices=1, prefetch_batches=0)
+                       tokenizer_dir=str(data_dir / "tokenizer"), data_shards=shards, **OPTIONS)
             for p in range(process_count)]
 
 
@@ -70,7 +75,7 @@ def test_positions_that_cannot_be_re_split_are_refused(demo, data_dir):
         merge_states([single[0].get_state()], 2)
     with pytest.raises(NotResplittable, match=r"saved per process by 2 process\(es\) and cannot be re-split for 1"):
         merge_states([{"step": 3}, {"step": 3}], 1)
-    with pytest.raises(NotResplittable, match="grain_data.data_shards must stay the same"):
+    with pytest.raises(NotResplittable, match="must stay the same on resume: set --gin.grain_data.data_shards=1"):
         grain_processes(demo, data_dir, 1, shards=4)[0].set_state(single[0].get_state())
 
 
@@ -86,3 +91,17 @@ def test_synthetic_position_is_global():
     (resumed,) = resume([it.get_state() for it in two], [source(0, 1)])
     for want in reference[1:]:
         assert_batches_equal(next(resumed), want)
+
+
+def test_a_checkpoint_from_before_data_shards_resumes_on_its_process_count(demo, data_dir, tmp_path):
+    """Written by Grain's own handler from a bare pipeline iterator, as `grain_data` made them before."""
+    cfg = DataConfig(datasets=({"path": str(demo / "train.jsonl")},), tokenizer_dir=str(data_dir / "tokenizer"),
+                     seq_len=512, batch_size=BATCH, image_size=56, seed=3, **OPTIONS)
+    old = iter(build_dataset(cfg, 0, 1))
+    next(old)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(1, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(old)))
+    (new,) = grain_processes(demo, data_dir, 1, shards=None)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.restore(1, args=ocp.args.Composite(data_iter=IteratorRestore(new)))
+    assert_batches_equal(next(new), next(old))

@@ -139,4 +139,4 @@ def test_grain_run_resumes_from_one_process_on_two_and_keeps_its_data_shards(cac
     # Another number of data shards cannot continue this stream: refused in one line, exit 2.
     (proc,) = launch(w, cache, tmp_path / "log-3", (*data, "--gin.grain_data.data_shards=1"), "--resume")
     rc, log = finish(proc)
-    assert rc == 2 and "grain_data.data_shards must stay the same on resume" in log, log
+    assert rc == 2 and "must stay the same on resume: set --gin.grain_data.data_shards=2" in log, log

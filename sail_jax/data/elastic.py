@@ -56,7 +56,8 @@ def merge_states(states: Sequence[Any], process_count: int) -> dict[str, Any]:
         n = next(iter(counts))
         if n % process_count:
             raise NotResplittable(f"the data stream has {n} data shards, which {process_count} processes cannot "
-                                  f"split evenly (use a process count that divides {n})")
+                                  f"split evenly (use a process count that divides {n}; the number of data shards "
+                                  f"is fixed when the run starts: grain_data.data_shards)")
         return {"elastic": SHARDS, "num_shards": n, "shards": shards}
     raise NotResplittable(f"the data iterator position was saved per process by {old} process(es) and cannot be "
                           f"re-split for {process_count}: this data source has no global position (Grain data "
@@ -95,7 +96,8 @@ class ShardedIterator(Iterator[dict[str, np.ndarray]]):
                      "shards": {str(v): state for v in self._its}}
         if int(state["num_shards"]) != self.num_shards:
             raise NotResplittable(f"the checkpoint's data stream has {state['num_shards']} data shards, this run "
-                                  f"{self.num_shards} (grain_data.data_shards must stay the same on resume)")
+                                  f"{self.num_shards} (grain_data.data_shards, by default the process count, must "
+                                  f"stay the same on resume: set --gin.grain_data.data_shards={state['num_shards']})")
         for v, it in self._its.items():
             it.set_state(state["shards"][str(v)])
             if hasattr(it, "start_prefetch"):  # as Grain's own checkpoint handler does after restoring
