@@ -174,8 +174,9 @@ def test_sft_phase4_mixes_video_and_images_and_needs_a_video_dataset(tmp_path, c
     assert err == "sail-jax train: error: VIDEO_DATA is not set (it is %gin.REQUIRED): add --gin.VIDEO_DATA=...\n"
     assert main([*argv, "--gin.VIDEO_DATA='video.jsonl'"]) == 0
     out = capsys.readouterr().out
-    assert "seq_len=16384" in out and ("data: grain_data(datasets=[{'path': 'video.jsonl', 'num_frames': 16, "
-                                       "'weight': 1.0}, {'path': 'images.jsonl', 'weight': 1.0}]") in out
+    assert "seq_len=16384" in out and ("data: grain_data(data_shards=None, datasets=[{'path': 'video.jsonl', "
+                                       "'num_frames': 16, 'weight': 1.0}, {'path': 'images.jsonl', 'weight': 1.0}]"
+                                       ) in out
     assert not (tmp_path / "run").exists()
 
 

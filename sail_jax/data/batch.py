@@ -16,7 +16,8 @@ slot), the tiles of each of G groups of B/G contiguous rows packed into that gro
 G is the number of data-parallel devices (times the micro-batches of a step), so each device holds its rows and
 exactly their tiles.
 
-with `get_state()` / `set_state(state)` (Grain `DatasetIterator` semantics) so checkpoints store where it is.
+with `get_state()` / `set_state(state)` (Grain `DatasetIterator` semantics) so checkpoints store where it is
+(a state marked as a global position resumes on another process count: `data.elastic`).
 `to_global` assembles every process's rows into global arrays whose rows go over the data-parallel mesh axes;
 `abstract_batch` is that same global batch as sharded `ShapeDtypeStruct`s, for compiling ahead of time.
 Keys a pipeline adds beyond these stay on the host.

@@ -24,6 +24,7 @@ import grain
 import numpy as np
 
 from sail_jax.data.batch import DTYPES
+from sail_jax.data.elastic import SHARDS
 from sail_jax.data.transforms import SKIP_REASONS
 
 log = logging.getLogger("sail_jax.data")
@@ -95,6 +96,12 @@ def skip_totals(state: Any) -> dict[str, int]:
     """{"skipped_REASON": n, "truncated_samples": n} summed over datasets, from a pipeline iterator state (the
     `skip_counts` of the SkipBadSamples stage, however deep the stages above nest it); {} without one."""
     if isinstance(state, Mapping):
+        if state.get("elastic") == SHARDS:  # one pipeline per data shard (`data.elastic`): their sum
+            totals: dict[str, int] = {}
+            for shard in state["shards"].values():
+                for k, n in skip_totals(shard).items():
+                    totals[k] = totals.get(k, 0) + n
+            return totals
         if "skip_counts" in state:
             counts = state["skip_counts"]
             return {**{f"skipped_{r}": int(sum(counts[r])) for r in SKIP_REASONS},

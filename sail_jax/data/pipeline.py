@@ -34,6 +34,7 @@ import numpy as np
 
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig
 from sail_jax.data.batch import local_rows
+from sail_jax.data.elastic import ShardedIterator, owned_shards
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
 from sail_jax.data.tile_budget import BudgetedBatchIterDataset, auto_budget, row_tiles
@@ -311,16 +312,30 @@ def grain_data(
     seed: int,
     datasets: Any,
     tokenizer_dir: str,
+    data_shards: int | None = None,
     **options: Any,
-) -> grain.DatasetIterator:
+) -> ShardedIterator:
     """The trainer's data factory (`data.batch.DataFactory`) over this pipeline.
 
     The model config fixes the tile size; `datasets` is a sequence of `DatasetSpec`s or dicts
     (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as keyword options (e.g. from gin).
+    `data_shards` (default: the process count) fixes how many pipelines the data is split into for the whole run:
+    each process reads a block of them, so the run can resume on any process count that divides it with the same
+    global batches (`data.elastic`).
     """
+    shards = process_count if data_shards is None else data_shards
+    if data_shards is not None and (data_shards < 1 or global_batch_size % data_shards):
+        raise ValueError(f"grain_data.data_shards={data_shards} must be >= 1 and divide the global batch size "
+                         f"{global_batch_size}")
+    shard_rows = local_rows(global_batch_size, shards)
     data_cfg = DataConfig(
-        datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
-        batch_size=local_rows(global_batch_size, process_count), image_size=cfg.vision.image_size, seed=seed,
-        **options,
+        datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len, batch_size=shard_rows,
+        image_size=cfg.vision.image_size, seed=seed, **options,
     )
-    return iter(build_dataset(data_cfg, process_index, process_count))
+    mine = owned_shards(shards, process_index, process_count)
+    if data_cfg.num_devices is None:  # tile balancing over the devices that take each shard's rows
+        import jax
+
+        devices, rem = divmod(jax.local_device_count(), len(mine))
+        data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
+    return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)

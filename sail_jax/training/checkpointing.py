@@ -5,8 +5,9 @@ Each step directory holds the items
   its functions), so any step directory is also a model checkpoint that `init_from`, the converters and
   `sail-jax chat` / `eval` read;
 - `opt_state` (StandardSave), `train_state` (JSON: step, skip counters, AdaLRS controller state),
-- `data_iter`: the data iterator position, one JSON file per process (Grain's own handler for Grain
-  iterators, `IteratorSave` for any other iterator with `get_state`/`set_state`),
+- `data_iter`: the data iterator position, one JSON file per process (Grain's own handler for bare Grain
+  iterators, `IteratorSave` for any other iterator with `get_state`/`set_state`); a run on another number of
+  processes merges them into one global position and re-splits it where the state allows (`data.elastic`),
 - `adalrs_params` / `adalrs_opt_state` while an AdaLRS trial holds a rollback snapshot,
 - `checksums.json`: size and SHA-256 of every other file of the step, written by process 0 after every item is
   final and before Orbax renames the step into place, so a finalised step always carries it (Orbax's compressed
@@ -38,6 +39,7 @@ from etils import epath
 
 from converters.orbax_io import check_compatible, model_save_args, params_restore_args
 from sail_jax.config import ModelConfig
+from sail_jax.data.elastic import NotResplittable, merge_states
 from sail_jax.data.pipeline import DataConfigMismatch
 from sail_jax.files import as_path, files_under, is_url, write_text_atomic
 from sail_jax.training import distributed
@@ -58,7 +60,8 @@ class CheckpointConfig:
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
-    """Per-process JSON of an iterator state (same file layout as Grain's handler)."""
+    """Per-process JSON of an iterator state (same file layout as Grain's handler). A run with another number of
+    processes merges every old process's state into a global position and takes its part (`data.elastic`)."""
 
     def save(self, directory: epath.Path, args: IteratorSave) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -66,13 +69,13 @@ class IteratorStateHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: IteratorRestore) -> Any:
         path = directory / _process_file()
-        if not path.exists():
-            raise ValueError(f"{path}: no iterator state for this process (was the checkpoint written by a run "
-                             f"with a different number of processes?)")
-        try:
-            state = json.loads(path.read_text())
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"{path}: iterator state is not valid JSON ({e})") from None
+        if path.exists():
+            state = _read_state(path)
+        else:
+            old = sorted(directory.glob("process_*-of-*.json"), key=lambda p: int(p.name[8:].split("-")[0]))
+            if not old or len(old) != int(old[0].stem.split("-of-")[1]):
+                raise ValueError(f"{directory}: no complete set of per-process iterator states")
+            state = merge_states([_read_state(p) for p in old], jax.process_count())
         args.item.set_state(state)
         return args.item
 
@@ -90,6 +93,13 @@ class IteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class IteratorRestore(ocp.args.CheckpointArgs):
     item: Any
+
+
+def _read_state(path: epath.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: iterator state is not valid JSON ({e})") from None
 
 
 def _process_file() -> str:
@@ -251,8 +261,8 @@ class Checkpointer:
             items["adalrs_opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except DataConfigMismatch as e:  # the user's settings, not a damaged step: no fallback
-            raise DataConfigMismatch(f"checkpoint {step}: {e}") from None
+        except (DataConfigMismatch, NotResplittable) as e:  # the user's settings, not a damaged step: no fallback
+            raise type(e)(f"checkpoint {step}: {e}") from None
         except Exception as e:  # any item that does not decode: the step is unusable, whatever the library says
             raise CheckpointUnreadable(step, _first_line(e)) from e
         snapshot = (r["adalrs_params"], r["adalrs_opt_state"]) if has_snapshot else None

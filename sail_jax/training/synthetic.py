@@ -17,6 +17,7 @@ import numpy as np
 
 from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DTYPES, KEYS, local_rows
+from sail_jax.data.elastic import GLOBAL
 
 
 class SyntheticSource:
@@ -69,7 +70,8 @@ class SyntheticSource:
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed}
+        """The global step: the same on every process, valid for any process count (`data.elastic`)."""
+        return {"elastic": GLOBAL, "step": self.step, "seed": self.seed}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.seed:
