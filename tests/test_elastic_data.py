@@ -12,6 +12,7 @@ import pytest
 
 from sail_jax.config import get_preset
 from sail_jax.data.elastic import NotResplittable, merge_states
+from sail_jax.data.epochs import grain_packed_rows
 from sail_jax.data.pipeline import DataConfig, build_dataset, grain_data
 from sail_jax.evaluation.demo import make_demo_data
 from sail_jax.training.checkpointing import IteratorRestore
@@ -105,3 +106,9 @@ def test_a_checkpoint_from_before_data_shards_resumes_on_its_process_count(demo,
     with ocp.CheckpointManager(tmp_path) as manager:
         manager.restore(1, args=ocp.args.Composite(data_iter=IteratorRestore(new)))
     assert_batches_equal(next(new), next(old))
+
+
+def test_train_epochs_counts_the_same_rows_with_data_shards(demo, data_dir, tmp_path):
+    kw = dict(cfg=CFG, seq_len=512, seed=3, datasets=[{"path": str(demo / "train.jsonl")}],
+              tokenizer_dir=str(data_dir / "tokenizer"), workdir=tmp_path, **OPTIONS)
+    assert grain_packed_rows(**kw, data_shards=2).rows == grain_packed_rows(**kw).rows > 0

@@ -70,8 +70,8 @@ def run(*args, **kwargs) -> None:
         assert rc == 0, log
 
 
-def stop_after_first_step(workdir: Path, procs: list) -> int:
-    """SIGTERM every process once step 1 is logged; the step the run checkpointed."""
+def stop_early(workdir: Path, procs: list) -> int:
+    """SIGTERM every process once step 2 is logged; the step the run checkpointed (2 or 3)."""
     wait_for(lambda: logged_beyond(workdir, 1), procs[0])
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -122,7 +122,7 @@ def cache(tmp_path_factory) -> Path:
 def test_synthetic_run_resumes_from_two_processes_on_one_with_another_mesh(cache, tmp_path):
     ref, w = tmp_path / "reference", tmp_path / "elastic"
     run(ref, cache, tmp_path / "ref-log", SYNTHETIC)
-    stop_after_first_step(w, launch(w, cache, tmp_path / "log-1", SYNTHETIC, processes=2, delay=0.5))
+    stop_early(w, launch(w, cache, tmp_path / "log-1", SYNTHETIC, processes=2, delay=0.5))
     run(w, cache, tmp_path / "log-2", SYNTHETIC, "--resume", "--gin.train.mesh={'fsdp': 2, 'tensor': 2}")
     assert_same_run(w, (tmp_path / "log-1", tmp_path / "log-2"), ref, tmp_path / "ref-log")
 
@@ -133,7 +133,7 @@ def test_grain_run_resumes_from_one_process_on_two_and_keeps_its_data_shards(cac
     data = grain(demo)
     ref, w = tmp_path / "reference", tmp_path / "elastic"
     run(ref, cache, tmp_path / "ref-log", data, "--gin.train.mesh={'fsdp': 4}")
-    stop_after_first_step(w, launch(w, cache, tmp_path / "log-1", data, "--gin.train.mesh={'fsdp': 4}", delay=0.5))
+    stop_early(w, launch(w, cache, tmp_path / "log-1", data, "--gin.train.mesh={'fsdp': 4}", delay=0.5))
     run(w, cache, tmp_path / "log-2", data, "--resume", processes=2)
     assert_same_run(w, (tmp_path / "log-1", tmp_path / "log-2"), ref, tmp_path / "ref-log")
     # Another number of data shards cannot continue this stream: refused in one line, exit 2.

@@ -91,8 +91,10 @@ def epoch_steps(epochs: int, count: RowCount, global_batch_size: int) -> tuple[i
 
 
 def grain_packed_rows(*, cfg: ModelConfig, seq_len: int, seed: int, datasets: Any, tokenizer_dir: str,
-                      workdir: str | Path | None = None, **options: Any) -> RowCount:
-    """`packed_rows` for the options of the trainer's data factory `pipeline.grain_data` (same keywords)."""
+                      workdir: str | Path | None = None, data_shards: int | None = None, **options: Any) -> RowCount:
+    """`packed_rows` for the options of the trainer's data factory `pipeline.grain_data` (same keywords; the rows
+    of one pass are counted on one view of the data, whatever its `data_shards`)."""
+    del data_shards
     data_cfg = DataConfig(datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
                           image_size=cfg.vision.image_size, seed=seed, **options)
     return packed_rows(data_cfg, workdir)
