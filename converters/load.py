@@ -12,6 +12,7 @@ from converters.hf_checkpoint import SafetensorsCheckpoint
 from converters.hf_config import from_hf_config
 from converters.mapping import model_entries
 from sail_jax.config import ModelConfig, RuntimeConfig
+from sail_jax.files import as_path
 
 
 def load_sailvl_checkpoint(
@@ -45,7 +46,7 @@ def load_checkpoint(directory: str | Path, runtime: RuntimeConfig | None = None)
 
     from converters.orbax_io import is_our_checkpoint, load_model_config, restore_params
 
-    directory = Path(directory)
+    directory = as_path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory not found")
     runtime = runtime or RuntimeConfig()

@@ -1,10 +1,10 @@
 """Paths on any filesystem, and output files written atomically with the permissions the user's umask gives.
 
-Every path a run reads or writes (workdir, checkpoints, metrics, TensorBoard, data files, `--checkpoint`, the
-converters' `--src/--dst`) goes through `as_path`: an etils `epath.Path`, the path type Orbax itself uses, which
-reads and writes local files with `os`/`pathlib` and cloud URLs (`gs://`, `s3://`, ... through fsspec: gcsfs for
-`gs://`) with the same methods. Local paths are made absolute once, here: Orbax and TensorStore resolve a relative
-path against no fixed directory.
+The paths of a run's outputs and models (workdir, checkpoints, metrics, TensorBoard, `--checkpoint`, the
+converters' `--src/--dst`; training data files and tokenizer directories are still read locally) go through
+`as_path`: an etils `epath.Path`, the path type Orbax itself uses, which reads and writes local files with
+`os`/`pathlib` and cloud URLs (`gs://`, `s3://`, ... through fsspec: gcsfs for `gs://`) with the same methods.
+Local paths are made absolute once, here: Orbax and TensorStore resolve a relative path against no fixed directory.
 
 Local outputs are written under a temporary name beside their destination and renamed into place, so an interrupted run
 never leaves a partial file. `tempfile.mkstemp` / `mkdtemp` create that name as 0600 / 0700 (they are meant for

@@ -1,6 +1,6 @@
 """A run whose WORKDIR is a `gs://` URL, for real, against a local GCS emulator (tests/gcs_emulator.py): train,
 SIGKILL after a checkpoint, resume to the end, convert the workdir's checkpoint to an upstream directory on
-`gs://`, read the metrics back. Marked `gcs` (deselect with `-m "not gcs"`)."""
+`gs://`, read the metrics back, run `info` / `generate` from the bucket. Marked `gcs` (deselect with `-m "not gcs"`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def start(workdir: str, env: dict[str, str], log, *extra: str) -> subprocess.Pop
         return subprocess.Popen(args, env=e, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def test_train_kill_resume_convert_on_gcs(gcs, tmp_path):
+def test_train_kill_resume_convert_on_gcs(gcs, tmp_path, capsys):
     workdir = f"gs://{BUCKET}/run"
     first = as_path(workdir) / "checkpoints" / "1" / "commit_success.txt"  # Orbax's commit marker on object stores
     proc = start(workdir, gcs, tmp_path / "first.log")
@@ -70,3 +70,11 @@ def test_train_kill_resume_convert_on_gcs(gcs, tmp_path):
     assert json.loads((hf / "config.json").read_text())["llm_config"]["vocab_size"] == 512
     assert (hf / "model.safetensors").exists()
     assert (hf / "vocab.json").read_bytes() == (REPO / "assets/tokenizer/vocab.json").read_bytes()
+
+    # commands run from the gs:// workdir alone (the tokenizer it carries is fetched)
+    assert main(["info", "--checkpoint", workdir]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {workdir}/checkpoints/3: sail-jax (Orbax)" in out
+    assert f"tokenizer: {workdir}/checkpoints/3/tokenizer" in out
+    assert main(["generate", "--checkpoint", workdir, "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert "2 tokens (length)" in capsys.readouterr().err

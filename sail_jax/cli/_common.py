@@ -4,7 +4,10 @@ sampling options (`generate`, `chat`, `eval`), video options (`preprocess`, `gen
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -75,17 +78,23 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 def tokenizer_dir(checkpoint: str, tokenizer: str | None) -> Path:
     """--tokenizer if given, else the tokenizer the checkpoint carries (our `tokenizer/` item or an upstream
-    directory's own files)."""
-    from converters.orbax_io import checkpoint_tokenizer
+    directory's own files; from a URL, copied into a local temporary directory removed at exit)."""
+    from converters.orbax_io import checkpoint_tokenizer, copy_tokenizer_files
+    from sail_jax.files import as_path, is_url
 
     if tokenizer is not None:
         return Path(tokenizer)
-    if not Path(checkpoint).is_dir():
+    if not as_path(checkpoint).is_dir():
         raise FileNotFoundError(f"{checkpoint}: checkpoint directory not found")
     found = checkpoint_tokenizer(checkpoint)
     if found is None:
         raise ValueError(f"{checkpoint}: the checkpoint carries no tokenizer; pass --tokenizer DIR")
-    return found
+    if is_url(found):
+        local = Path(tempfile.mkdtemp(prefix="sail-jax-tokenizer-"))
+        atexit.register(shutil.rmtree, local, ignore_errors=True)
+        copy_tokenizer_files(found, local)
+        return local
+    return Path(found)
 
 
 def status(text: str) -> None:

@@ -19,12 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def describe_checkpoint(directory: str) -> None:
     """The model and what travels with it, read from the checkpoint alone (configs and metadata, no weights)."""
-    from pathlib import Path
-
     from converters.hf_config import from_hf_config
     from converters.orbax_io import checkpoint_tokenizer, is_our_checkpoint, load_model_config
+    from sail_jax.files import as_path
 
-    d = Path(directory)
+    d = as_path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: checkpoint directory not found")
     ours = is_our_checkpoint(d)

@@ -23,7 +23,7 @@ from typing import Any
 
 from sail_jax.config import ModelConfig
 from sail_jax.data.pipeline import DataConfig, row_dataset
-from sail_jax.files import write_text_atomic
+from sail_jax.files import as_path, write_text_atomic
 
 # DataConfig fields that change speed or batching, never which rows the packer makes.
 NOT_PACKING = ("batch_size", "num_devices", "num_epochs", "num_workers", "worker_buffer_size", "read_threads",
@@ -59,7 +59,7 @@ def packed_rows(cfg: DataConfig, workdir: str | Path | None = None) -> RowCount:
     key = json.loads(json.dumps(fingerprint(cfg), default=str))  # as it reads back from the file
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = f"packed_rows-{digest}.json"
-    places = [Path(cfg.datasets[0].path).absolute().parent / name] + ([Path(workdir) / name] if workdir else [])
+    places = [Path(cfg.datasets[0].path).absolute().parent / name] + ([as_path(workdir) / name] if workdir else [])
     for path in places:
         try:
             saved = json.loads(path.read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -41,8 +42,8 @@ from sail_jax.training.step import TrainState, make_loss_fn
 
 # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM; a non-zero exit tells schedulers to requeue.
 PREEMPTED_EXIT_CODE = 143
-# The fields that define lr(step): changing one on a resume makes the rate jump.
-SCHEDULE_FIELDS = ("learning_rate", "warmup_fraction", "final_lr_fraction")
+# The fields that define lr(step) (and each group's multiplier of it): changing one on a resume makes the rate jump.
+SCHEDULE_FIELDS = ("learning_rate", "warmup_fraction", "final_lr_fraction", "lr_scales")
 
 
 class TrainingAborted(RuntimeError):
@@ -58,8 +59,8 @@ class Preempted(Exception):
 
 
 def schedule_of(steps: int, optimizer: OptimizerConfig) -> dict[str, float]:
-    """The learning-rate schedule a checkpoint records (compared on resume)."""
-    return {"steps": steps, **{f: getattr(optimizer, f) for f in SCHEDULE_FIELDS}}
+    """The learning-rate schedule a checkpoint records (compared on resume), as it reads back from JSON."""
+    return json.loads(json.dumps({"steps": steps, **{f: getattr(optimizer, f) for f in SCHEDULE_FIELDS}}))
 
 
 def check_schedule(saved: dict | None, current: dict[str, float], step: int) -> None:
