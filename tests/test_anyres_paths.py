@@ -15,6 +15,7 @@ from PIL import Image
 
 from converters.convert import open_source, write_ours
 from converters.load import load_checkpoint
+from converters.model_config import config_dict_differences, model_config_to_dict
 from sail_jax.cli import main
 from sail_jax.config import IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID, IMG_START_TOKEN_ID, RuntimeConfig, VisionConfig
 from sail_jax.data.images import anyres_preprocess
@@ -185,3 +186,12 @@ def test_eval_and_generate_on_an_anyres_checkpoint(anyres_checkpoint, tmp_path, 
                  str(image), "--max-new-tokens", "3", "--print-ids"]) == 0
     ids = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(ids) == 3
+
+
+def test_anyres_input_settings_do_not_change_the_architecture(anyres_cfg):
+    """A tile checkpoint seeds (or soups with) an AnyRes run: the image-input fields are not architecture."""
+    tiles = anyres_cfg.replace(vision=dataclasses.replace(anyres_cfg.vision, anyres=False, max_anyres_patches=16384))
+    a, b = model_config_to_dict(tiles), model_config_to_dict(anyres_cfg)
+    assert config_dict_differences(a, b) == []
+    rope = model_config_to_dict(anyres_cfg.replace(vision=dataclasses.replace(anyres_cfg.vision, use_2d_rope=True)))
+    assert config_dict_differences(a, rope) == ["vision.use_2d_rope: False (checkpoint) vs True (config)"]

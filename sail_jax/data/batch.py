@@ -7,6 +7,14 @@ this process's rows of each global batch as a dict of numpy arrays:
     pixel_values                                                 [B, max_tiles, C, S, S]     float32
     tile_mask                                                    [B, max_tiles]              bool
 
+For a SAIL-ViT-AnyRes model (`cfg.vision.anyres`) pixel_values / tile_mask are replaced by each row's images
+packed into `max_patches` patch slots, the fields of `models.anyres.PackedImages` (`ANYRES_DTYPES`, built by
+`anyres_row`):
+
+    anyres_patches [B, L, p*p*C] float32, anyres_segment_ids [B, L] int32 (image k of the row -> k + 1),
+    anyres_pos_index / anyres_pos_weight [B, L, 16], anyres_rope_pos [B, L, 2], anyres_shuffle_index [B, L/4, 4],
+    anyres_token_mask [B, L/4] bool
+
 with `get_state()` / `set_state(state)` (Grain `DatasetIterator` semantics) so checkpoints store where it is.
 `to_global` assembles every process's rows into global arrays whose rows go over the data-parallel mesh axes;
 `abstract_batch` is that same global batch as sharded `ShapeDtypeStruct`s, for compiling ahead of time.
@@ -23,7 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from sail_jax.config import ModelConfig
+from sail_jax.config import ModelConfig, VisionConfig
+from sail_jax.models.anyres import TAPS, PackedImages, pack_patches
 from sail_jax.sharding import batch_sharding
 
 DTYPES: dict[str, type] = {
@@ -32,6 +41,12 @@ DTYPES: dict[str, type] = {
 }
 KEYS = tuple(DTYPES)
 TOKEN_KEYS = KEYS[:4]  # the [B, T] arrays
+ANYRES_PREFIX = "anyres_"
+ANYRES_DTYPES: dict[str, type] = {
+    "anyres_patches": np.float32, "anyres_segment_ids": np.int32, "anyres_pos_index": np.int32,
+    "anyres_pos_weight": np.float32, "anyres_rope_pos": np.float32, "anyres_shuffle_index": np.int32,
+    "anyres_token_mask": np.bool_,
+}
 # The mesh axes the batch rows are split over (the `activation_batch` rule of `sail_jax.sharding`).
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -56,10 +71,23 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def batch_dtypes(cfg: ModelConfig) -> dict[str, type]:
+    """The keys of a batch for this model and their dtypes (tiles, or AnyRes packed patches)."""
+    if cfg.vision.anyres:
+        return {**{k: DTYPES[k] for k in TOKEN_KEYS}, **ANYRES_DTYPES}
+    return DTYPES
+
+
 def batch_shapes(cfg: ModelConfig, rows: int, seq_len: int, max_tiles: int) -> dict[str, tuple[int, ...]]:
-    """The shape of each key for `rows` rows."""
+    """The shape of each key for `rows` rows; for an AnyRes model `max_tiles` is the patch slots per row."""
     v = cfg.vision
     shapes = {k: (rows, seq_len) for k in TOKEN_KEYS}
+    if v.anyres:
+        n, tok = max_tiles, max_tiles // 4
+        return {**shapes, "anyres_patches": (rows, n, v.patch_size**2 * v.num_channels),
+                "anyres_segment_ids": (rows, n), "anyres_pos_index": (rows, n, TAPS),
+                "anyres_pos_weight": (rows, n, TAPS), "anyres_rope_pos": (rows, n, 2),
+                "anyres_shuffle_index": (rows, tok, 4), "anyres_token_mask": (rows, tok)}
     shapes["pixel_values"] = (rows, max_tiles, v.num_channels, v.image_size, v.image_size)
     shapes["tile_mask"] = (rows, max_tiles)
     return shapes
@@ -68,17 +96,22 @@ def batch_shapes(cfg: ModelConfig, rows: int, seq_len: int, max_tiles: int) -> d
 def check_batch(batch: Mapping[str, np.ndarray], rows: int, seq_len: int, cfg: ModelConfig) -> None:
     """Fail with the offending key, shape or dtype when a process-local batch does not follow the contract (any
     number of tile slots)."""
-    missing = [k for k in KEYS if k not in batch]
+    dtypes = batch_dtypes(cfg)
+    missing = [k for k in dtypes if k not in batch]
     if missing:
         raise ValueError(f"data batch lacks {missing}; got keys {sorted(batch)}")
-    pix, v = batch["pixel_values"], cfg.vision
-    if pix.ndim != 5:
+    pix, v = (batch["anyres_patches"], cfg.vision) if cfg.vision.anyres else (batch["pixel_values"], cfg.vision)
+    if v.anyres:
+        if pix.ndim != 3 or pix.shape[1] % 4:
+            raise ValueError(f"data batch['anyres_patches'] has shape {pix.shape}; expected ({rows}, max_patches "
+                             f"(a multiple of 4), {v.patch_size**2 * v.num_channels})")
+    elif pix.ndim != 5:
         raise ValueError(f"data batch['pixel_values'] has shape {pix.shape}; expected "
                          f"({rows}, max_tiles, {v.num_channels}, {v.image_size}, {v.image_size})")
     for k, shape in batch_shapes(cfg, rows, seq_len, pix.shape[1]).items():
         if batch[k].shape != shape:
             raise ValueError(f"data batch[{k!r}] has shape {batch[k].shape}; expected {shape}")
-    for k, dtype in DTYPES.items():
+    for k, dtype in dtypes.items():
         kind = np.dtype(dtype).kind
         if np.dtype(batch[k].dtype).kind not in ("f" if kind == "f" else "biu"):
             raise ValueError(f"data batch[{k!r}] has dtype {batch[k].dtype}; expected {np.dtype(dtype).name}")
@@ -88,7 +121,9 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int) -> 
     """Assemble the global batch from every process's rows (cast to the contract's dtypes), its rows sharded over
     the data-parallel axes of the mesh."""
     out = {}
-    for k, dtype in DTYPES.items():
+    for k, dtype in {**DTYPES, **ANYRES_DTYPES}.items():
+        if k not in batch:  # a tile batch has no AnyRes keys and vice versa (`check_batch` checks which)
+            continue
         x = np.asarray(batch[k], dtype)
         global_shape = (global_rows, *x.shape[1:])
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), x, global_shape)
@@ -97,6 +132,21 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int) -> 
 
 def abstract_batch(cfg: ModelConfig, global_rows: int, seq_len: int, max_tiles: int, mesh: Mesh
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch `to_global` builds, as sharded shapes (nothing allocated)."""
-    return {k: jax.ShapeDtypeStruct(s, DTYPES[k], sharding=batch_sharding(mesh, s))
+    """The global batch `to_global` builds, as sharded shapes (nothing allocated); AnyRes: `max_tiles` patch slots."""
+    dtypes = batch_dtypes(cfg)
+    return {k: jax.ShapeDtypeStruct(s, dtypes[k], sharding=batch_sharding(mesh, s))
             for k, s in batch_shapes(cfg, global_rows, seq_len, max_tiles).items()}
+
+
+def anyres_row(patches: np.ndarray, grids: np.ndarray, cfg: VisionConfig, max_patches: int) -> dict[str, np.ndarray]:
+    """One row's AnyRes batch arrays (no row axis) from its samples' patches [P, p*p*C] and patch grids [n, 2], in
+    row order (the k-th `<IMG_CONTEXT>` run of the row is the k-th image)."""
+    packed = pack_patches(patches, grids, cfg, max_patches)
+    return {ANYRES_PREFIX + f: np.asarray(getattr(packed, f))[0] for f in PackedImages.__dataclass_fields__}
+
+
+def packed_images(batch: Mapping[str, jax.Array]) -> PackedImages | None:
+    """The model's AnyRes input (`SailVL(..., images=)`) from a batch's AnyRes keys; None for a tile batch."""
+    if "anyres_patches" not in batch:
+        return None
+    return PackedImages(**{f: batch[ANYRES_PREFIX + f] for f in PackedImages.__dataclass_fields__})

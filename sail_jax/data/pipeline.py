@@ -12,7 +12,8 @@
 
 Each step yields the process-local part of the global batch, as the batch contract (`data.batch`) defines it:
 input_ids, segment_ids, positions, loss_mask [B,T] int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask
-[B,max_tiles] bool. The iterator is a Grain
+[B,max_tiles] bool (a SAIL-ViT-AnyRes model: each row's native-resolution images packed into `max_patches`
+patch slots instead, the `anyres_*` keys). The iterator is a Grain
 `DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
 apply to records as read, i.e. before bad samples are skipped.
 """
@@ -28,7 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from sail_jax.config import PAD_TOKEN_ID, ModelConfig
+from sail_jax.config import PAD_TOKEN_ID, ModelConfig, VisionConfig
 from sail_jax.data.batch import local_rows
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
@@ -76,7 +77,9 @@ class DataConfig:
     per reader, `prefetch_batches` finished batches ahead. Bad data: a dataset whose skipped fraction exceeds
     `max_skip_fraction` (checked from `min_samples_for_skip_check` records on) stops the run.
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
-    (`data.frame_cache`; None: decode every time).
+    (`data.frame_cache`; None: decode every time). AnyRes: `anyres` (the model's vision config, set by `grain_data`
+    for an AnyRes model) keeps images at native resolution; rows then hold `max_patches` patches (a static budget,
+    a multiple of 4) instead of `max_tiles` tiles, and batches are patch-balanced.
     """
 
     datasets: tuple[DatasetSpec, ...]
@@ -104,6 +107,8 @@ class DataConfig:
     min_samples_for_skip_check: int = 100
     allow_absolute_image_paths: bool = False
     frame_cache_dir: str | None = None
+    anyres: VisionConfig | None = None
+    max_patches: int = 16384
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -121,6 +126,8 @@ class DataConfig:
                                  f"num_frames={d.num_frames}, fps={d.fps}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_patches < 4 or self.max_patches % 4:
+            raise ValueError(f"max_patches must be a positive multiple of 4, got {self.max_patches}")
 
 
 def _component(cfg: DataConfig, index: int, process_index: int, process_count: int) -> grain.IterDataset:
@@ -139,6 +146,7 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         system_prompt=cfg.system_prompt, allow_absolute_image_paths=cfg.allow_absolute_image_paths,
         num_frames=spec.num_frames, fps=spec.fps,
         frame_cache_dir=None if cfg.frame_cache_dir is None else str(cfg.frame_cache_dir),
+        anyres=cfg.anyres, max_patches=cfg.max_patches,
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     return ds.map(transform).to_iter_dataset(read)
@@ -172,7 +180,8 @@ def row_dataset(cfg: DataConfig, process_index: int | None = None,
     ds = sample_dataset(cfg, process_index, process_count)
     ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
                                    cfg.min_samples_for_skip_check)
-    return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
+    return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer,
+                     None if cfg.anyres is None else cfg.max_patches)
 
 
 def build_dataset(cfg: DataConfig, process_index: int | None = None,
@@ -188,7 +197,7 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
         local = jax.local_device_count()
         n_devices = local if cfg.batch_size % local == 0 else 1
     ds = VisualBatchIterDataset(row_dataset(cfg, process_index, process_count), cfg.batch_size, n_devices,
-                                PAD_TOKEN_ID)
+                                PAD_TOKEN_ID, cfg.anyres)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return FingerprintedIterDataset(ds, data_fingerprint(cfg))
@@ -202,9 +211,12 @@ STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tile
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
-    """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint."""
-    return json.loads(json.dumps({k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k)
-                                  for k in STREAM_FIELDS}))
+    """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint (the
+    AnyRes ones only when it is on, so tile runs keep their fingerprint)."""
+    fields = {k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k) for k in STREAM_FIELDS}
+    if cfg.anyres is not None:
+        fields.update(anyres=dataclasses.asdict(cfg.anyres), max_patches=cfg.max_patches)
+    return json.loads(json.dumps(fields))
 
 
 class DataConfigMismatch(ValueError):
@@ -262,12 +274,13 @@ def grain_data(
 ) -> grain.DatasetIterator:
     """The trainer's data factory (`data.batch.DataFactory`) over this pipeline.
 
-    The model config fixes the tile size; `datasets` is a sequence of `DatasetSpec`s or dicts
-    (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as keyword options (e.g. from gin).
+    The model config fixes the tile size (AnyRes: the image sizes; `max_patches` is the row budget); `datasets` is
+    a sequence of `DatasetSpec`s or dicts (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as
+    keyword options (e.g. from gin).
     """
     data_cfg = DataConfig(
         datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
         batch_size=local_rows(global_batch_size, process_count), image_size=cfg.vision.image_size, seed=seed,
-        **options,
+        anyres=cfg.vision if cfg.vision.anyres else None, **options,
     )
     return iter(build_dataset(data_cfg, process_index, process_count))

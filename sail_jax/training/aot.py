@@ -127,7 +127,7 @@ def compile_train_step(
     microbatches: int = 1,
 ) -> tuple[jax.stages.Compiled, CompileReport]:
     """Compile `train`'s step (`program.build_program`) for `devices` (default: this process's) and measure it;
-    arguments as `train`'s, `max_tiles` the tile slots per row."""
+    arguments as `train`'s, `max_tiles` the tile slots per row (an AnyRes model: patch slots)."""
     if max_tiles < 0:
         raise ValueError(f"max_tiles={max_tiles} must be >= 0")
     t0 = time.perf_counter()
@@ -143,8 +143,9 @@ def compile_train_step(
     device = mesh_.devices.flat[0]
     kind = device.device_kind
     # XLA's own cost analysis counts a scanned layer stack once, so the model's FLOPs come from the config.
+    tiles = batch_size * max_tiles / (model.vision.num_patches if model.vision.anyres else 1)  # AnyRes: patches
     flops = step_flops(model, tokens=batch_size * seq_len, targets=batch_size * targets_per_row,
-                       tiles=batch_size * max_tiles, seq_len=seq_len, trainable=trainable)
+                       tiles=tiles, seq_len=seq_len, trainable=trainable)
     report = CompileReport(
         device_kind=kind, num_devices=mesh_.size, mesh={a: int(s) for a, s in mesh_.shape.items()},
         parameters=parameter_counts(model)["total"],
