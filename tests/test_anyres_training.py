@@ -133,3 +133,17 @@ def test_compile_sizes_anyres_rows_by_the_patch_budget():
     assert kwargs["model"].vision.anyres and slots == 256
     shapes = batch_shapes(kwargs["model"], 2, 16, slots)
     assert shapes["anyres_patches"] == (2, 256, 588) and shapes["anyres_token_mask"] == (2, 64)
+
+
+def test_synthetic_anyres_batches_follow_the_contract():
+    from sail_jax.training.synthetic import synthetic_data
+
+    cfg = CFG.replace(vision=dataclasses.replace(CFG.vision, image_size=56))  # 4 x 4 patches = 4 LLM tokens a tile
+    it = synthetic_data(cfg=cfg, global_batch_size=4, seq_len=32, process_index=0, process_count=1, seed=0,
+                        max_tiles=2)
+    batch = next(it)
+    check_batch(batch, 4, 32, cfg)
+    assert batch["anyres_patches"].shape == (4, 32, 588)
+    ctx = (batch["input_ids"] == cfg.img_context_token_id).sum(axis=1)
+    np.testing.assert_array_equal(ctx, batch["anyres_token_mask"].sum(axis=1))
+    assert ctx.sum() > 0
