@@ -1,5 +1,5 @@
 """SAIL-ViT-AnyRes through the host paths: the one size rule, the processor's packed patches and token counts,
-`sail-jax preprocess --anyres`, the engine (greedy tokens equal a full-recompute loop) and `sail-jax eval` /
+`sail-jax preprocess --anyres` (and `forward` on its file), the engine (greedy tokens equal a full-recompute loop) and `sail-jax eval` /
 `sail-jax generate` on an AnyRes checkpoint."""
 
 from __future__ import annotations
@@ -126,6 +126,13 @@ def test_preprocess_cli_writes_packed_patches(tmp_path, capsys, processor):
     for key in data:
         np.testing.assert_array_equal(data[key], want[key], err_msg=key)
     assert data["anyres_patches"].shape == (24 + 40, 14 * 14 * 3) and data["input_ids"].shape[0] == 1
+    # `forward` runs the (tile) checkpoint's ViT on the packed patches: the context slots hold the adapter tokens
+    res = tmp_path / "out.npz"
+    assert main(["forward", "--checkpoint", str(CKPT), "--inputs", str(out), "--out", str(res)]) == 0
+    fwd = np.load(res)
+    ctx = data["input_ids"][0] == IMG_CONTEXT_TOKEN_ID
+    assert fwd["adapter_output"].shape[0] == 6 + 10 == ctx.sum()
+    np.testing.assert_array_equal(fwd["inputs_embeds"][0][ctx], fwd["adapter_output"])
     assert main(["preprocess", "--tokenizer", str(CKPT), "--prompt", "x", "--anyres", "--max-tiles", "2",
                  "--out", str(tmp_path / "bad.npz")]) == 2
     assert not (tmp_path / "bad.npz").exists()
