@@ -1,6 +1,6 @@
 """SAIL-ViT-AnyRes through the host paths: the one size rule, the processor's packed patches and token counts,
-`sail-jax preprocess --anyres` (and `forward` on its file), the engine (greedy tokens equal a full-recompute loop) and `sail-jax eval` /
-`sail-jax generate` on an AnyRes checkpoint."""
+`sail-jax preprocess --anyres` (and `forward` on its file), the engine (greedy tokens equal a full-recompute loop)
+and `sail-jax eval` / `sail-jax generate` on an AnyRes checkpoint."""
 
 from __future__ import annotations
 
