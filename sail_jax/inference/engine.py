@@ -6,7 +6,7 @@ token is at slot P-1 and all rows advance through the cache together. The cache 
 k/v [L,B,S,Hkv,hd], segment ids [B,S], a shared write index) has S >= P + decode slots. Image tiles of all rows are
 concatenated in row order; the k-th `<IMG_CONTEXT>` token of the batch (row-major) takes the k-th feature, exactly
 as `SailVL.embed` does. An AnyRes model (`ImageSlots.anyres`) takes each request's native-resolution patches
-instead: all images of the batch are packed into one ViT row (`models.anyres.pack_patches`), row order again.
+instead: a request's images are packed into one ViT row (`models.anyres.pack_patches`), request order again.
 
 Static shapes. P and S are rounded up by `bucket` (four sizes per octave, at most 25 % padding for long prompts),
 the batch to a power of two (extra rows are empty), tiles to a multiple of `tile_chunk` (the ViT always runs on one
@@ -35,7 +35,7 @@ from sail_jax.config import PAD_TOKEN_ID
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample, step_keys
 from sail_jax.inference.text import check_context_length
 from sail_jax.layers.common import as_dtype
-from sail_jax.models.anyres import llm_tokens, pack_patches
+from sail_jax.models.anyres import llm_tokens, pack_patches, stack_packed
 from sail_jax.models.generative import GenerativeModel
 from sail_jax.models.qwen3 import init_cache
 from sail_jax.sharding import logical_to_sharding, tree_shardings, use_mesh
@@ -214,15 +214,20 @@ class Engine:
         return feats.reshape(-1, feats.shape[-1]), mask
 
     def _anyres_features(self, requests: Sequence[Request]) -> tuple[jax.Array | None, np.ndarray | None]:
-        """Features of every AnyRes image (row order) from one packed ViT row of `bucket`ed length, and their mask."""
+        """Features of every AnyRes image (request order) and their mask: one packed ViT row per request with
+        images (attention cost grows with each row's length squared, not the batch's), rows of the `bucket`ed
+        longest length, their count rounded up to a power of two with empty rows."""
+        cfg = self.image_slots.anyres
         rows = [r for r in requests if r.anyres_grids is not None and len(r.anyres_grids)]
         if not rows:
             return None, None
         # bfloat16 rounding of the pixels, as for tiles
-        patches = np.concatenate([np.asarray(r.anyres_patches, np.float32) for r in rows])
-        patches = patches.astype(jnp.bfloat16).astype(np.float32)
-        grids = np.concatenate([np.asarray(r.anyres_grids, np.int64).reshape(-1, 2) for r in rows])
-        packed = pack_patches(patches, grids, self.image_slots.anyres, bucket(len(patches), 64))
+        patches = [np.asarray(r.anyres_patches, np.float32).astype(jnp.bfloat16).astype(np.float32) for r in rows]
+        grids = [np.asarray(r.anyres_grids, np.int64).reshape(-1, 2) for r in rows]
+        length = bucket(max(len(p) for p in patches), 64)
+        empty = (np.zeros((0, patches[0].shape[1]), np.float32), np.zeros((0, 2), np.int64))
+        pairs = list(zip(patches, grids)) + [empty] * ((1 << (len(rows) - 1).bit_length()) - len(rows))
+        packed = stack_packed([pack_patches(p, g, cfg, length) for p, g in pairs])
         feats, mask = self._p.packed_features(self.params, packed)
         return feats, np.asarray(mask)
 
