@@ -147,3 +147,25 @@ def test_synthetic_anyres_batches_follow_the_contract():
     ctx = (batch["input_ids"] == cfg.img_context_token_id).sum(axis=1)
     np.testing.assert_array_equal(ctx, batch["anyres_token_mask"].sum(axis=1))
     assert ctx.sum() > 0
+
+
+@pytest.mark.parametrize("over_long", ["drop", "truncate"])
+def test_patch_budget_drops_or_truncates_before_an_image(dataset, over_long):
+    from sail_jax.data.sources import RawRecord
+    from sail_jax.data.transforms import SampleTransform
+
+    transform = SampleTransform(tokenizer_dir=str(DATA / "tokenizer"), image_root=str(dataset.parent), dataset=0,
+                                seq_len=SEQ, max_tiles=1, system_prompt="", anyres=CFG.vision, max_patches=40,
+                                over_long=over_long)
+    # im1 (32 patches) fits the 40-patch budget, im3 (36 more) does not
+    conv = [{"from": "human", "value": "<image>\nfirst?"}, {"from": "gpt", "value": "A."},
+            {"from": "human", "value": "<image>\nsecond?"}, {"from": "gpt", "value": "B."}]
+    out = transform.map(RawRecord(json.dumps({"image": ["im1.png", "im3.png"], "conversations": conv}).encode(),
+                                  "d.jsonl:1"))
+    if over_long == "drop":
+        assert out["skip"] == "too_long" and "68 patches (limits 128, 40)" in out["error"]
+        return
+    assert out["info"]["truncated"] and out["info"]["tiles"] == 32  # patches kept
+    np.testing.assert_array_equal(out["anyres_grids"], [[4, 8]])
+    assert out["anyres_patches"].shape == (32, 588)
+    assert int((out["input_ids"] == IMG_CONTEXT_TOKEN_ID).sum()) == 8

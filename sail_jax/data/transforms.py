@@ -31,7 +31,8 @@ cutting only before an image (its tiles go with it); a truncation that leaves no
 
 SAIL-ViT-AnyRes (`anyres`, the model's vision config): images are not tiled; a sample carries its images' patches
 anyres_patches [P, p*p*3] and patch grids anyres_grids [n, 2] (the processor's AnyRes output) in place of
-pixel_values, and the row budget is `max_patches` patches instead of `max_tiles` tiles (same drop / truncate rule).
+pixel_values, and the row budget is `max_patches` patches instead of `max_tiles` tiles (same drop / truncate rule;
+info["tiles"] then counts patches).
 """
 
 from __future__ import annotations
