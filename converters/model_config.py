@@ -22,6 +22,9 @@ from sail_jax.config import (
 
 # Runtime fields that change the parameter tree's layout (the others only change how it runs).
 LAYOUT_RUNTIME_FIELDS = ("scan_layers",)
+# How images are fed (tiles or AnyRes, and its pixel budget): the same parameters serve both, so an AnyRes run may
+# start from (or be souped with) a tile checkpoint.
+INPUT_FIELDS = ("vision.anyres", "vision.min_anyres_patches", "vision.max_anyres_patches")
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
@@ -66,8 +69,9 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _architecture(d: dict) -> dict[str, Any]:
     """The flat 'part.field' entries of a stored config dict that fix the parameter tree: every field but the
-    runtime ones, which count only where they change the layout."""
-    keep = lambda k: not k.startswith("runtime.") or k.split(".", 1)[1] in LAYOUT_RUNTIME_FIELDS
+    runtime ones, which count only where they change the layout, and the image-input ones."""
+    keep = lambda k: k not in INPUT_FIELDS and (not k.startswith("runtime.") or k.split(".", 1)[1]
+                                                 in LAYOUT_RUNTIME_FIELDS)
     return {k: v for k, v in _flat(d).items() if keep(k)}
 
 

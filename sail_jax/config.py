@@ -108,15 +108,24 @@ class VisionConfig:
     rms_norm_eps: float = 1e-5
     qkv_bias: bool = False
     use_bias: bool = False
-    # AnyRes: optional axial 2D RoPE in the ViT (off for released checkpoints).
-    use_2d_rope: bool = False
+    # SAIL-ViT-AnyRes: `anyres` makes every path (processor, pipeline, trainer, engine) feed native-resolution
+    # images packed into one patch sequence instead of 448x448 tiles; the parameters are the same. Images are
+    # resized to at most `max_anyres_patches` patches (1792x1792) and small ones up to `min_anyres_patches`.
+    anyres: bool = False
+    use_2d_rope: bool = False  # optional axial 2D RoPE in the ViT (off for released checkpoints)
     rope_theta: float = 10000.0
     max_anyres_patches: int = 16384
+    min_anyres_patches: int = 4
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"VisionConfig.hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}"
+            )
+        if not 4 <= self.min_anyres_patches <= self.max_anyres_patches:
+            raise ConfigError(
+                f"VisionConfig: need 4 <= min_anyres_patches ({self.min_anyres_patches}) <= max_anyres_patches "
+                f"({self.max_anyres_patches}): one 28x28 image is 4 patches"
             )
 
     @property
@@ -221,6 +230,8 @@ _QWEN3_30B_A3B = LLMConfig(
     moe=MoEConfig(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
 )
 _TINY_VIT = VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4)
+# AnyRes test model: a small pixel budget (448x448 = 1024 patches) keeps the packed rows short.
+_TINY_ANYRES_VIT = dataclasses.replace(_TINY_VIT, anyres=True, use_2d_rope=True, max_anyres_patches=1024)
 _TINY_LLM = LLMConfig(
     hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
 )
@@ -228,9 +239,13 @@ _TINY_LLM = LLMConfig(
 PRESETS: dict[str, ModelConfig] = {
     "sailvl2-2b": ModelConfig(vision=_SAIL_VIT_HUGE, llm=_QWEN3_1_7B),
     "sailvl2-8b": ModelConfig(vision=_SAIL_VIT_HUGE, llm=_QWEN3_8B),
+    # SAIL-VL2-AnyRes-2B: SAIL-ViT-AnyRes (native resolution up to 1792x1792, 2D RoPE) + Qwen3-1.7B.
+    "sailvl2-anyres-2b": ModelConfig(vision=dataclasses.replace(_SAIL_VIT_HUGE, anyres=True, use_2d_rope=True),
+                                     llm=_QWEN3_1_7B),
     "sailvl2-a3b": ModelConfig(vision=_SAIL_VIT_HUGE, llm=_QWEN3_30B_A3B),
     # Same shapes as tests/data/sailvl2-tiny (the checkpoint made by the original code).
     "tiny": ModelConfig(vision=_TINY_VIT, llm=_TINY_LLM),
+    "tiny-anyres": ModelConfig(vision=_TINY_ANYRES_VIT, llm=_TINY_LLM),
     "tiny-moe": ModelConfig(
         vision=_TINY_VIT,
         llm=dataclasses.replace(

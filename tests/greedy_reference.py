@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sail_jax.models.anyres import PackedImages
 from sail_jax.models.sail_vl import SailVL
 
 
@@ -16,8 +17,10 @@ def greedy_full_recompute(
     pixel_values: np.ndarray | None,
     max_new_tokens: int,
     eos_token_id: int | None = None,
+    images: PackedImages | None = None,
 ) -> tuple[list[int], np.ndarray]:
-    """New token ids (prompt not echoed) and the [steps, V] logits of each step. Batch size 1.
+    """New token ids (prompt not echoed) and the [steps, V] logits of each step. Batch size 1. `images`: packed
+    AnyRes images in place of `pixel_values`.
 
     The sequence lives in one static buffer of N + max_new_tokens slots; unfilled slots are padding
     (segment id 0) and never visible to earlier positions, so one compiled program serves every step.
@@ -28,7 +31,7 @@ def greedy_full_recompute(
     buf = np.zeros((1, total), np.int32)
     buf[0, :n] = ids[0]
     pix = None if pixel_values is None or not len(pixel_values) else jnp.asarray(pixel_values, jnp.float32)
-    embeds = model.apply(params, jnp.asarray(ids), pix, method=SailVL.embed)  # image features once
+    embeds = model.apply(params, jnp.asarray(ids), pix, images=images, method=SailVL.embed)  # image features once
     embeds = jnp.pad(embeds, ((0, 0), (0, max_new_tokens), (0, 0)))
 
     @jax.jit

@@ -83,15 +83,17 @@ def test_stages_without_a_published_length_require_steps(stage):
 
 
 @pytest.mark.parametrize("name,preset", [("tiny", "tiny"), ("tiny-moe", "tiny-moe"), ("2b", "sailvl2-2b"),
-                                         ("8b", "sailvl2-8b"), ("a3b", "sailvl2-a3b")])
+                                         ("8b", "sailvl2-8b"), ("a3b", "sailvl2-a3b"),
+                                         ("anyres-2b", "sailvl2-anyres-2b"), ("tiny-anyres", "tiny-anyres")])
 def test_model_configs_select_presets(name, preset):
     gin_setup.parse([f"configs/model/{name}.gin"], MACROS)
     cfg = gin_setup.model_config(**gin.get_bindings("model_config"))
     ref = get_preset(preset)
     assert dataclasses.replace(cfg, runtime=ref.runtime) == ref
-    if name not in ("tiny", "tiny-moe"):
+    if not name.startswith("tiny"):
         assert cfg.runtime.dtype == "bfloat16" and cfg.runtime.param_dtype == "float32" and cfg.runtime.scan_layers
     assert (cfg.llm.moe is not None) == name.endswith(("moe", "a3b"))
+    assert cfg.vision.anyres == ("anyres" in name)
 
 
 def test_demo_config_is_complete_and_consistent():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -52,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard parameters and the KV cache over N devices (mesh axis 'tensor')")
     p.add_argument("--decode-steps", type=int, default=8, metavar="K",
                    help="tokens per device call (streaming granularity)")
+    p.add_argument("--anyres", action="store_true",
+                   help="native-resolution images (SAIL-ViT-AnyRes: aspect kept, up to 1792x1792, one packed patch "
+                        "sequence) even if the checkpoint's config does not say so; AnyRes checkpoints use it anyway")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
@@ -115,6 +119,10 @@ def load_engine(args: argparse.Namespace):
     t0 = time.perf_counter()
     status(f"loading {args.checkpoint} ({args.dtype}) ...")
     cfg, params = load_checkpoint(args.checkpoint, RuntimeConfig(dtype=args.dtype, param_dtype=args.dtype))
+    if getattr(args, "anyres", False):
+        cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, anyres=True))
+    if cfg.vision.anyres:  # the processor produces what the model takes
+        processor = dataclasses.replace(processor, anyres=cfg.vision)
     mesh = make_mesh(tensor=args.tensor_parallel) if args.tensor_parallel > 1 else None
     engine = Engine(SailVL(cfg), params, mesh=mesh, decode_steps=args.decode_steps)
     status(f"loaded in {time.perf_counter() - t0:.1f}s")

@@ -111,7 +111,7 @@ class ChatSession:
             if on_text is not None:
                 on_text(stream.push(new))
 
-        request = Request(enc["input_ids"], enc["pixel_values"] if len(enc["pixel_values"]) else None)
+        request = Request.from_encoding(enc)
         try:
             self.engine.generate([request], self.sampling, on_tokens)
             if on_text is not None:

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topology", default=None,
                    help="TPU topology to compile for, e.g. v5p:4x4x4, v5e:4x8, v6e:8x8 (needs libtpu)")
     p.add_argument("--max-tiles", type=int, default=None,
-                   help="tile slots per row (default: the data factory's max_tiles)")
+                   help="tile slots per row (default: the data factory's max_tiles; an AnyRes model: patch slots, "
+                        "default its max_patches)")
     p.add_argument("--tile-budget", type=int, default=None,
                    help="tiles per batch shard the ViT runs on (default: the data factory's tile_budget if a number; "
                         "otherwise fixed slots)")
@@ -53,7 +54,9 @@ def resolve_config(gin_files: Sequence[str], bindings: Sequence[str], search_pat
 
     gin_setup.parse(gin_files, bindings, search_paths, required=("MODEL",), finalize=False)
     kwargs = gin_setup.train_arguments(TRAIN_ARGS)
-    if max_tiles is None:
+    if max_tiles is None and kwargs["model"].vision.anyres:  # AnyRes rows hold patch slots, not tiles
+        max_tiles = gin_setup.data_option("max_patches", DataConfig.max_patches)
+    elif max_tiles is None:
         max_tiles = gin_setup.data_option("max_tiles", DataConfig.max_tiles)
     return kwargs, int(max_tiles)
 

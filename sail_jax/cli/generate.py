@@ -100,9 +100,8 @@ def run(args: argparse.Namespace) -> int:
             text = with_thinking(prompt) if args.thinking else prompt
             enc = processor.encode_video([{"role": "user", "content": text}], load_video_arg(args, video),
                                          add_generation_prompt=True)
-            return Request(enc["input_ids"], enc["pixel_values"])
-        enc = processor(images=images, prompt=prompt, thinking=args.thinking)
-        return Request(enc["input_ids"][0], enc["pixel_values"] if len(enc["pixel_values"]) else None)
+            return Request.from_encoding(enc)
+        return Request.from_encoding(processor(images=images, prompt=prompt, thinking=args.thinking))
 
     if todo is None:
         return generate_one(engine, processor, encode(args.prompt, args.image, args.video), sampling,

@@ -1,6 +1,7 @@
 """`sail-jax preprocess`: images or a video + prompt -> inputs.npz (input_ids, pixel_values, tile bookkeeping), host
 side only. A video writes input_ids [1,L], pixel_values [N,3,S,S], num_patches_list [N] (all 1) and frame_indices
-[N]."""
+[N]. `--anyres` (SAIL-ViT-AnyRes) writes input_ids [1,L], the images' patches packed into one sequence
+anyres_patches [P,14*14*3], their patch grids anyres_grids [n,2] (H/14, W/14) and image_sizes [n,2] (w, h)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max tiles per image before the thumbnail (default: preprocessor_config.json, 10)")
     p.add_argument("--thinking", action="store_true", help="append the CoT (thinking-mode) instruction to the prompt")
     p.add_argument("--msac", action="store_true", help="multi-scale tiling (single image only)")
+    p.add_argument("--anyres", action="store_true",
+                   help="SAIL-ViT-AnyRes: no tiles; each image at native resolution (aspect kept, sides multiples of "
+                        "28, at most --max-anyres-patches patches), packed into one patch sequence")
+    p.add_argument("--max-anyres-patches", type=int, default=None, metavar="N",
+                   help="with --anyres: the pixel budget in 14x14 patches (default 16384 = 1792x1792)")
     add_video_args(p)
     p.add_argument("--out", required=True, type=Path, help="output .npz")
     p.set_defaults(func=run)
@@ -54,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.video is not None:
         return run_video(args)
+    if args.max_anyres_patches is not None and not args.anyres:
+        raise ValueError("--max-anyres-patches needs --anyres")
+    if args.anyres:
+        return run_anyres(args)
     processor = SailProcessor.from_dir(args.tokenizer, max_num=args.max_tiles, msac=args.msac or None)
     if args.msac and len(args.image) != 1:
         raise ValueError(f"--msac applies to a single image, got {len(args.image)}")
@@ -62,6 +72,27 @@ def run(args: argparse.Namespace) -> int:
     tiles = ", ".join(f"{n} ({c}x{r})" for n, (c, r) in zip(out["num_patches_list"], out["tile_grids"]))
     print(f"wrote {args.out}: {out['input_ids'].shape[1]} tokens, {out['pixel_values'].shape[0]} tiles"
           + (f" [{tiles}]" if tiles else ""))
+    return 0
+
+
+def run_anyres(args: argparse.Namespace) -> int:
+    from sail_jax.config import VisionConfig
+    from sail_jax.data.processor import SailProcessor
+
+    if args.msac or args.max_tiles is not None:
+        raise ValueError("--anyres takes neither --msac nor --max-tiles (images are not tiled)")
+    vision = VisionConfig(anyres=True)
+    if args.max_anyres_patches is not None:
+        if args.max_anyres_patches < 4:
+            raise ValueError(f"--max-anyres-patches must be >= 4 (one 28x28 image), got {args.max_anyres_patches}")
+        vision = VisionConfig(anyres=True, max_anyres_patches=args.max_anyres_patches)
+    processor = SailProcessor.from_dir(args.tokenizer, anyres=vision)
+    out = processor(images=args.image, prompt=args.prompt, thinking=args.thinking, system=args.system)
+    save_npz_atomic(args.out, out)
+    p = vision.patch_size
+    grids = ", ".join(f"{h * p}x{w * p}" for h, w in out["anyres_grids"])
+    print(f"wrote {args.out}: {out['input_ids'].shape[1]} tokens, {len(out['anyres_patches'])} patches"
+          + (f" [{grids}]" if grids else ""))
     return 0
 
 

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-schedule-change", action="store_true",
                    help="on --resume, accept a train.steps or learning-rate schedule that differs from the "
                         "checkpoint's (refused otherwise: the rate would jump)")
+    p.add_argument("--anyres", action="store_true",
+                   help="SAIL-ViT-AnyRes inputs (VisionConfig.anyres = True): native-resolution images packed into "
+                        "grain_data.max_patches patch slots per row instead of tiles")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and check the config, print it, create nothing (no workdir) and exit")
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host)")
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     sys.unraisablehook = _quiet_closed_loop
     overrides = gin_setup.rewrite_gin_args(args.gin_flags)
-    gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides], args.gin_search_path)
+    anyres = ["VisionConfig.anyres = True"] if args.anyres else []
+    gin_setup.parse(args.gin_file, [*args.gin_bindings, *overrides, *anyres], args.gin_search_path)
     # Every binding is checked (and the mesh laid out) before the workdir exists.
     resolved, steps_note = gin_setup.resolve_train(cache_in_workdir=not args.dry_run)
     mesh, _ = run_layout(**{k: resolved[k] for k in LAYOUT_ARGS})

@@ -11,6 +11,10 @@
   read, however long or tile-heavy (the paper's "forced inclusion" holds by construction).
 * `VisualBatchIterDataset` takes `batch_size` rows per step and orders them so that the contiguous blocks of
   rows that the batch sharding gives each data-parallel device carry balanced tile counts (visual packing).
+
+SAIL-ViT-AnyRes (`max_patches` given): the second packed budget is `max_patches` PATCHES per row (the samples'
+`anyres_patches`, with their `anyres_grids` packed alongside, at most max_patches / 4 images), rows are balanced by
+patch count, and each row's images become the packed arrays of the batch contract (`batch.anyres_row`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from sail_jax.data.batch import DTYPES
+from sail_jax.config import VisionConfig
+from sail_jax.data.batch import DTYPES, anyres_row
 from sail_jax.data.elastic import SHARDS
 from sail_jax.data.transforms import SKIP_REASONS
 
@@ -136,18 +141,22 @@ class SkipBadSamplesIterDataset(grain.IterDataset):
 
 
 def pack_rows(parent: grain.IterDataset, seq_len: int, max_tiles: int, num_bins: int, seed: int,
-              packer: str = "best_fit") -> grain.IterDataset:
+              packer: str = "best_fit", max_patches: int | None = None) -> grain.IterDataset:
     """Grain multi-bin packing of samples into rows of `seq_len` tokens and `max_tiles` tile slots.
 
     Emits input_ids, loss_mask [T], pixel_values [max_tiles,3,S,S], Grain's input_ids_segment_ids (1, 2, … per
     sample, 0 = padding) and input_ids_positions (restarting at 0 per sample), pixel_values_segment_ids (0 = empty
     slot) and `info`: the per-sample info dicts of the row, in row order. Padding is zeros: Grain allocates its
-    bins with np.zeros, so untouched tile slots cost no memory (a padding value would fill them)."""
+    bins with np.zeros, so untouched tile slots cost no memory (a padding value would fill them). With
+    `max_patches` (AnyRes) anyres_patches [max_patches, p*p*3] and anyres_grids [max_patches/4, 2] (with their
+    `_segment_ids`) take the place of pixel_values."""
     if packer not in PACKERS:
         raise ValueError(f"packer={packer!r}; expected one of {sorted(PACKERS)}")
+    vision = ({"pixel_values": max_tiles} if max_patches is None
+              else {"anyres_patches": max_patches, "anyres_grids": max_patches // 4})
     return PACKERS[packer](
         parent,
-        length_struct={"input_ids": seq_len, "loss_mask": seq_len, "pixel_values": max_tiles},
+        length_struct={"input_ids": seq_len, "loss_mask": seq_len, **vision},
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=True,
@@ -192,9 +201,10 @@ def batch_stats(batch: Mapping[str, np.ndarray], n_devices: int = 1) -> dict[str
 
 
 class _VisualBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, n_devices: int, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, n_devices: int, pad_id: int,
+                 anyres: VisionConfig | None):
         super().__init__(parent)
-        self._batch_size, self._n_devices, self._pad_id = batch_size, n_devices, pad_id
+        self._batch_size, self._n_devices, self._pad_id, self._anyres = batch_size, n_devices, pad_id, anyres
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = []
@@ -207,19 +217,31 @@ class _VisualBatchIterator(grain.DatasetIterator):
                 break
         if len(rows) < self._batch_size:  # end of a finite stream: empty rows keep the shapes static
             rows += [self._empty_row(rows[0])] * (self._batch_size - len(rows))
-        order = balance_rows([int((r["pixel_values_segment_ids"] > 0).sum()) for r in rows], self._n_devices)
+        vision_key = "pixel_values" if self._anyres is None else "anyres_patches"
+        order = balance_rows([int((r[f"{vision_key}_segment_ids"] > 0).sum()) for r in rows], self._n_devices)
         rows = [rows[i] for i in order]
         stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
         segment_ids = stack("input_ids_segment_ids", "segment_ids")
         pad = DTYPES["input_ids"](self._pad_id)
-        return {  # the batch contract of `data.batch`, in its key order
+        batch = {  # the batch contract of `data.batch`, in its key order
             "input_ids": np.where(segment_ids > 0, stack("input_ids", "input_ids"), pad),
             "segment_ids": segment_ids,
             "positions": stack("input_ids_positions", "positions"),
             "loss_mask": stack("loss_mask", "loss_mask"),
-            "pixel_values": stack("pixel_values", "pixel_values"),
-            "tile_mask": stack("pixel_values_segment_ids", "segment_ids") > 0,
         }
+        if self._anyres is None:
+            return {**batch, "pixel_values": stack("pixel_values", "pixel_values"),
+                    "tile_mask": stack("pixel_values_segment_ids", "segment_ids") > 0}
+        return {**batch, **self._anyres_arrays(rows)}
+
+    def _anyres_arrays(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """Each row's packed AnyRes images (`batch.anyres_row`), stacked."""
+        out = []
+        for r in rows:
+            n = int((r["anyres_patches_segment_ids"] > 0).sum())
+            grids = r["anyres_grids"][r["anyres_grids_segment_ids"] > 0]
+            out.append(anyres_row(r["anyres_patches"][:n], grids, self._anyres, len(r["anyres_patches"])))
+        return {k: np.stack([o[k] for o in out]) for k in out[0]}
 
     @staticmethod
     def _empty_row(like: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,16 +255,19 @@ class _VisualBatchIterator(grain.DatasetIterator):
 
 
 class VisualBatchIterDataset(grain.IterDataset):
-    """Packed rows -> batches of exactly `batch_size` rows, tile-balanced over `n_devices` (module docstring).
+    """Packed rows -> batches of exactly `batch_size` rows, tile-balanced over `n_devices` (module docstring);
+    with `anyres` (the model's vision config) patch-balanced, the rows' images packed as the batch contract says.
 
     Each batch is built from the next `batch_size` rows only, so the iterator state is just the parent's."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, n_devices: int = 1, pad_id: int = 0):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, n_devices: int = 1, pad_id: int = 0,
+                 anyres: VisionConfig | None = None):
         super().__init__(parent)
         if batch_size < 1 or n_devices < 1 or batch_size % n_devices:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of devices "
                              f"({n_devices}) that share it")
-        self._batch_size, self._n_devices, self._pad_id = batch_size, n_devices, pad_id
+        self._batch_size, self._n_devices, self._pad_id, self._anyres = batch_size, n_devices, pad_id, anyres
 
     def __iter__(self) -> _VisualBatchIterator:
-        return _VisualBatchIterator(self._parent.__iter__(), self._batch_size, self._n_devices, self._pad_id)
+        return _VisualBatchIterator(self._parent.__iter__(), self._batch_size, self._n_devices, self._pad_id,
+                                    self._anyres)

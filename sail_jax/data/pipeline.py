@@ -15,7 +15,8 @@
 Each step yields the process-local part of the global batch, as the batch contract (`data.batch`) defines it:
 input_ids, segment_ids, positions, loss_mask [B,T] int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask
 [B,max_tiles] bool (with a tile budget: pixel_values [devices*budget,3,S,S] and tile_index [devices,budget,2]
-instead of the slots and mask, plus the host-side count `deferred_rows`). The iterator is a Grain
+instead of the slots and mask, plus the host-side count `deferred_rows`; a SAIL-ViT-AnyRes model: each row's
+native-resolution images packed into `max_patches` patch slots instead, the `anyres_*` keys). The iterator is a Grain
 `DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
 apply to records as read, i.e. before bad samples are skipped.
 """
@@ -32,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from sail_jax.config import PAD_TOKEN_ID, ModelConfig
+from sail_jax.config import PAD_TOKEN_ID, ModelConfig, VisionConfig
 from sail_jax.data.batch import local_rows
 from sail_jax.data.elastic import ShardedIterator, owned_shards
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
@@ -87,7 +88,9 @@ class DataConfig:
     that many slots (>= max_tiles), "auto" choosing it once as the `tile_budget_quantile` of the balanced
     per-device tile loads of the first `CALIBRATION_BATCHES` batches of process 0's rows (the same on every host).
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
-    (`data.frame_cache`; None: decode every time).
+    (`data.frame_cache`; None: decode every time). AnyRes: `anyres` (the model's vision config, set by `grain_data`
+    for an AnyRes model) keeps images at native resolution; rows then hold `max_patches` patches (a static budget,
+    a multiple of 4) instead of `max_tiles` tiles, and batches are patch-balanced.
     """
 
     datasets: tuple[DatasetSpec, ...]
@@ -117,6 +120,8 @@ class DataConfig:
     frame_cache_dir: str | None = None
     tile_budget: int | str | None = None
     tile_budget_quantile: float = 0.9
+    anyres: VisionConfig | None = None
+    max_patches: int = 16384
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(
@@ -139,6 +144,10 @@ class DataConfig:
             raise ValueError(f"tile_budget={budget!r}: expected None, 'auto' or an int >= max_tiles={self.max_tiles}")
         if not 0 < self.tile_budget_quantile <= 1:
             raise ValueError(f"tile_budget_quantile={self.tile_budget_quantile} must be in (0, 1]")
+        if self.anyres is not None and budget is not None:
+            raise ValueError("tile_budget applies to tiles; an AnyRes model packs max_patches patches per row")
+        if self.max_patches < 4 or self.max_patches % 4:
+            raise ValueError(f"max_patches must be a positive multiple of 4, got {self.max_patches}")
 
 
 def _component(cfg: DataConfig, index: int, process_index: int, process_count: int) -> grain.IterDataset:
@@ -157,6 +166,7 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         system_prompt=cfg.system_prompt, allow_absolute_image_paths=cfg.allow_absolute_image_paths,
         num_frames=spec.num_frames, fps=spec.fps,
         frame_cache_dir=None if cfg.frame_cache_dir is None else str(cfg.frame_cache_dir),
+        anyres=cfg.anyres, max_patches=cfg.max_patches,
     )
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     return ds.map(transform).to_iter_dataset(read)
@@ -190,7 +200,8 @@ def row_dataset(cfg: DataConfig, process_index: int | None = None,
     ds = sample_dataset(cfg, process_index, process_count)
     ds = SkipBadSamplesIterDataset(ds, [d.path for d in cfg.datasets], cfg.max_skip_fraction,
                                    cfg.min_samples_for_skip_check)
-    return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer)
+    return pack_rows(ds, cfg.seq_len, cfg.max_tiles, cfg.num_packing_bins, cfg.seed, cfg.packer,
+                     None if cfg.anyres is None else cfg.max_patches)
 
 
 def batch_devices(cfg: DataConfig) -> int:
@@ -235,7 +246,7 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None,
     n_devices, rows = batch_devices(cfg), row_dataset(cfg, process_index, process_count)
     budget = resolve_tile_budget(cfg, process_count)
     if budget is None:
-        ds = VisualBatchIterDataset(rows, cfg.batch_size, n_devices, PAD_TOKEN_ID)
+        ds = VisualBatchIterDataset(rows, cfg.batch_size, n_devices, PAD_TOKEN_ID, cfg.anyres)
     else:
         ds = BudgetedBatchIterDataset(rows, cfg.batch_size, n_devices, budget, cfg.max_tiles, PAD_TOKEN_ID)
     if cfg.prefetch_batches:  # packing and batching run in a thread, overlapping the training step
@@ -255,10 +266,13 @@ BUDGET_FIELDS = ("tile_budget", "tile_budget_quantile")
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
-    """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint."""
+    """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint (the
+    tile-budget and AnyRes ones only when on, so older checkpoints still match)."""
     fields = STREAM_FIELDS + (BUDGET_FIELDS if cfg.tile_budget is not None else ())
-    return json.loads(json.dumps({k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k)
-                                  for k in fields}))
+    out = {k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k) for k in fields}
+    if cfg.anyres is not None:
+        out.update(anyres=dataclasses.asdict(cfg.anyres), max_patches=cfg.max_patches)
+    return json.loads(json.dumps(out))
 
 
 class DataConfigMismatch(ValueError):
@@ -317,8 +331,9 @@ def grain_data(
 ) -> ShardedIterator:
     """The trainer's data factory (`data.batch.DataFactory`) over this pipeline.
 
-    The model config fixes the tile size; `datasets` is a sequence of `DatasetSpec`s or dicts
-    (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as keyword options (e.g. from gin).
+    The model config fixes the tile size (AnyRes: the image sizes; `max_patches` is the row budget); `datasets` is
+    a sequence of `DatasetSpec`s or dicts (`{"path": ..., "weight": ...}`); other `DataConfig` fields come as
+    keyword options (e.g. from gin).
     `data_shards` (default: the process count) fixes how many pipelines the data is split into for the whole run:
     each process reads a block of them, so the run can resume on any process count that divides it with the same
     global batches (`data.elastic`).
@@ -330,7 +345,7 @@ def grain_data(
     shard_rows = local_rows(global_batch_size, shards)
     data_cfg = DataConfig(
         datasets=tuple(datasets), tokenizer_dir=str(tokenizer_dir), seq_len=seq_len, batch_size=shard_rows,
-        image_size=cfg.vision.image_size, seed=seed, **options,
+        image_size=cfg.vision.image_size, seed=seed, anyres=cfg.vision if cfg.vision.anyres else None, **options,
     )
     mine = owned_shards(shards, process_index, process_count)
     if data_cfg.num_devices is None:  # tile balancing over the devices that take each shard's rows

@@ -17,11 +17,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sail_jax.config import IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID, IMG_START_TOKEN_ID
+from sail_jax.config import IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID, IMG_START_TOKEN_ID, VisionConfig
 from sail_jax.data import chat
-from sail_jax.data.images import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, load_image, preprocess_image
+from sail_jax.data.images import (
+    IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PATCH_SIZE,
+    anyres_preprocess,
+    load_image,
+    preprocess_image,
+)
 from sail_jax.data.tokenizer import SailTokenizer, find_tokenizer_dir
 from sail_jax.data.video import VideoFrames, place_video
+from sail_jax.models.anyres import llm_tokens, patchify
 
 ImageInput = str | os.PathLike | Image.Image
 _IMAGE_TOKEN_IDS = np.array([IMG_START_TOKEN_ID, IMG_CONTEXT_TOKEN_ID, IMG_END_TOKEN_ID])
@@ -35,7 +44,9 @@ def _image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 @dataclass(frozen=True)
 class SailProcessor:
     """Tiling settings plus the tokenizer. `max_num` is the processor's max_dynamic_patch; `msac` applies to
-    single-image inputs only, as upstream."""
+    single-image inputs only, as upstream. With `anyres` (the vision config of a SAIL-ViT-AnyRes model) images are
+    not tiled: each keeps its native resolution (`models.anyres.anyres_size`) and becomes (h/28)*(w/28) LLM
+    tokens; the tiling settings are then unused."""
 
     tokenizer: SailTokenizer
     max_num: int = 10
@@ -45,6 +56,7 @@ class SailProcessor:
     patch_size: int = PATCH_SIZE
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    anyres: VisionConfig | None = None
 
     def __post_init__(self):
         if not 1 <= self.min_num <= self.max_num:
@@ -82,8 +94,10 @@ class SailProcessor:
 
     def preprocess_images(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Tile every image independently: pixel_values [T,3,S,S] float32, num_patches_list [n], tile_grids [n,2]
-        (cols, rows; MSAC: the first grid), image_sizes [n,2] (w, h)."""
+        (cols, rows; MSAC: the first grid), image_sizes [n,2] (w, h). AnyRes: `preprocess_anyres`."""
         images = _image_list(images)
+        if self.anyres is not None:
+            return self.preprocess_anyres(images)
         msac = self.msac and len(images) == 1
         tiled = [
             preprocess_image(load_image(im), self.max_num, self.min_num, msac, self.image_size, self.mean, self.std)
@@ -97,6 +111,32 @@ class SailProcessor:
             "tile_grids": np.array([t.grid for t in tiled], np.int64).reshape(-1, 2),
             "image_sizes": np.array([t.size for t in tiled], np.int64).reshape(-1, 2),
         }
+
+    def preprocess_anyres(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
+        """Native-resolution images, patchified and concatenated in order: anyres_patches [P, p*p*3] float32 (ready
+        for `models.anyres.pack_patches`), anyres_grids [n,2] (h/p, w/p patch grid of each image), image_sizes
+        [n,2] (w, h of the original)."""
+        cfg = self.anyres
+        patches, grids, sizes = [], [], []
+        for im in images:
+            image = load_image(im)
+            pixels, grid = anyres_preprocess(image, cfg, self.mean, self.std)
+            patches.append(patchify(pixels, cfg.patch_size))
+            grids.append(grid)
+            sizes.append(image.size)
+        dim = cfg.patch_size**2 * cfg.num_channels
+        return {
+            "anyres_patches": np.concatenate(patches) if patches else np.zeros((0, dim), np.float32),
+            "anyres_grids": np.array(grids, np.int64).reshape(-1, 2),
+            "image_sizes": np.array(sizes, np.int64).reshape(-1, 2),
+        }
+
+    def image_token_counts(self, encoded: Mapping[str, np.ndarray]) -> list[int]:
+        """`<IMG_CONTEXT>` tokens of each image of `preprocess_images`' output: tiles x 256, or AnyRes
+        (h/28)*(w/28)."""
+        if self.anyres is not None:
+            return llm_tokens(encoded["anyres_grids"])
+        return [int(n) * self.tokens_per_tile for n in encoded["num_patches_list"]]
 
     def encode_conversation(
         self,
@@ -121,7 +161,7 @@ class SailProcessor:
         segments = chat.render_segments(msgs, system, add_generation_prompt)
         chat.check_placeholders([s.text for s in segments], len(images))  # before the costly tiling
         out = self.preprocess_images(images)
-        texts = chat.expand_images([s.text for s in segments], out["num_patches_list"].tolist(), self.tokens_per_tile)
+        texts = chat.expand_images([s.text for s in segments], self.image_token_counts(out), 1)
         ids, offsets = self.tokenizer.encode_with_offsets("".join(texts))
         spans, start = [], 0
         for text, segment in zip(texts, segments):

@@ -28,6 +28,11 @@ Images share the row's tile budget: with n images each is tiled with max_num = m
 (so tiles + thumbnail fit), or 1 tile each when that budget is below 3. Over-long samples (more than `seq_len`
 tokens or `max_tiles` tiles) are dropped, or with `over_long="truncate"` cut to the longest prefix that fits,
 cutting only before an image (its tiles go with it); a truncation that leaves no target token is a drop.
+
+SAIL-ViT-AnyRes (`anyres`, the model's vision config): images are not tiled; a sample carries its images' patches
+anyres_patches [P, p*p*3] and patch grids anyres_grids [n, 2] (the processor's AnyRes output) in place of
+pixel_values, and the row budget is `max_patches` patches instead of `max_tiles` tiles (same drop / truncate rule;
+info["tiles"] then counts patches).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from sail_jax.config import IMG_END_TOKEN_ID, IMG_START_TOKEN_ID
+from sail_jax.config import IMG_END_TOKEN_ID, IMG_START_TOKEN_ID, VisionConfig
 from sail_jax.data import chat
 from sail_jax.data.frame_cache import load_tile_frames
 from sail_jax.data.images import load_image
@@ -56,9 +61,10 @@ SKIP_REASONS = ("malformed", "missing_image", "bad_image", "image_mismatch", "to
 
 
 @functools.lru_cache(maxsize=4)
-def _processor(tokenizer_dir: str, max_num: int, image_size: int | None) -> SailProcessor:
+def _processor(tokenizer_dir: str, max_num: int, image_size: int | None,
+               anyres: VisionConfig | None = None) -> SailProcessor:
     """One processor per process and setting (the tokenizer takes seconds to build; workers build their own)."""
-    return SailProcessor.from_dir(tokenizer_dir, max_num=max_num, image_size=image_size, msac=False)
+    return SailProcessor.from_dir(tokenizer_dir, max_num=max_num, image_size=image_size, msac=False, anyres=anyres)
 
 
 def per_image_max_num(max_num: int, n_images: int, max_tiles: int) -> int:
@@ -125,8 +131,12 @@ class SampleTransform(grain.transforms.Map):
     num_frames: int = DEFAULT_NUM_FRAMES
     fps: float | None = None
     frame_cache_dir: str | None = None
+    anyres: VisionConfig | None = None
+    max_patches: int = 16384
 
     def __post_init__(self):
+        if self.max_patches < 4:
+            raise ValueError(f"max_patches must be >= 4 (one 28x28 image), got {self.max_patches}")
         if self.over_long not in OVER_LONG_POLICIES:
             raise ValueError(f"over_long={self.over_long!r}; expected one of {OVER_LONG_POLICIES}")
         if self.loss_on not in LOSS_ON:
@@ -139,7 +149,7 @@ class SampleTransform(grain.transforms.Map):
 
     @property
     def processor(self) -> SailProcessor:
-        return _processor(self.tokenizer_dir, self.max_num, self.image_size)
+        return _processor(self.tokenizer_dir, self.max_num, self.image_size, self.anyres)
 
     def map(self, record: RawRecord) -> dict[str, Any]:
         try:
@@ -155,19 +165,27 @@ class SampleTransform(grain.transforms.Map):
         think_ids = (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
         is_blank = lambda t: not tok.decode(t.tolist(), skip_special_tokens=False).strip()
         mask, cot = response_loss_mask(ids, mask, think_ids, is_blank, self.loss_on)
-        pixels, num_tiles = enc["pixel_values"], enc["num_patches_list"].tolist()
-        truncated = len(ids) > self.seq_len or len(pixels) > self.max_tiles
+        if self.anyres is not None:  # the budget counts patches; an image's patches and grid go together
+            vision = {"anyres_patches": enc["anyres_patches"], "anyres_grids": enc["anyres_grids"]}
+            per_image, unit, budget = [int(h * w) for h, w in enc["anyres_grids"]], "patches", self.max_patches
+        else:
+            vision = {"pixel_values": enc["pixel_values"]}
+            per_image, unit, budget = enc["num_patches_list"].tolist(), "tiles", self.max_tiles
+        truncated = len(ids) > self.seq_len or sum(per_image) > budget
         if truncated:
-            what = f"{len(ids)} tokens, {len(pixels)} tiles (limits {self.seq_len}, {self.max_tiles})"
+            what = f"{len(ids)} tokens, {sum(per_image)} {unit} (limits {self.seq_len}, {budget})"
             if self.over_long == "drop":
                 raise BadSample("too_long", what)
-            n_tok, n_img = truncation_point(ids, num_tiles, self.seq_len, self.max_tiles)
-            ids, mask, pixels = ids[:n_tok], mask[:n_tok], pixels[: sum(num_tiles[:n_img])]
+            n_tok, n_img = truncation_point(ids, per_image, self.seq_len, budget)
+            ids, mask = ids[:n_tok], mask[:n_tok]
+            cut = {"anyres_grids": n_img}  # per image; the other arrays are cut after the images' units
+            vision = {k: v[: cut.get(k, sum(per_image[:n_img]))] for k, v in vision.items()}
             if not mask.any():
                 raise BadSample("too_long", f"{what}; no target token left after truncation")
-        info = {"dataset": self.dataset, "where": record.where, "tokens": len(ids), "tiles": len(pixels),
+        n_vision = len(vision.get("pixel_values", vision.get("anyres_patches", ())))
+        info = {"dataset": self.dataset, "where": record.where, "tokens": len(ids), "tiles": n_vision,
                 "truncated": truncated, "cot": cot}
-        return {"input_ids": ids, "loss_mask": mask, "pixel_values": pixels, "info": info}
+        return {"input_ids": ids, "loss_mask": mask, **vision, "info": info}
 
     def _encode_images(self, conv: Conversation) -> dict[str, np.ndarray]:
         texts = [m["content"] for m in conv.messages]
@@ -179,7 +197,7 @@ class SampleTransform(grain.transforms.Map):
         images = [self._load(p) for p in conv.images]
         proc = self.processor
         max_num = per_image_max_num(self.max_num, len(images), self.max_tiles)
-        if max_num != proc.max_num:
+        if max_num != proc.max_num and self.anyres is None:
             proc = dataclasses.replace(proc, max_num=max_num)
         try:
             return proc.encode_conversation(conv.messages, images, system=self.system_prompt)

@@ -252,8 +252,7 @@ def evaluate_qa(
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         encoded = [processor(images=r["image"], prompt=r["question"]) for r in batch]
-        requests = [Request(e["input_ids"][0], e["pixel_values"] if len(e["pixel_values"]) else None)
-                    for e in encoded]
+        requests = [Request.from_encoding(e) for e in encoded]
         for row, out in zip(batch, engine.generate(requests, sampling), strict=True):
             prediction = decode_response(processor.tokenizer, out.token_ids)
             correct, _ = score_item("vqa", prediction, [str(row["answer"])])

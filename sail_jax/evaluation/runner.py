@@ -115,10 +115,10 @@ def generate_records(engine: Engine, processor: SailProcessor, items: Sequence[I
                            "error": describe(e)})
                 continue
             encoded.append((item, prompt, enc))
-            requests.append(Request(enc["input_ids"], enc["pixel_values"] if len(enc["pixel_values"]) else None))
+            requests.append(Request.from_encoding(enc))
         outputs = generate_each(engine, requests, sampling) if requests else []
         for (item, prompt, enc), out in zip(encoded, outputs):
-            record = {"index": item.index, "prompt": prompt, "tiles": [int(t) for t in enc["num_patches_list"]]}
+            record = {"index": item.index, "prompt": prompt, "tiles": [int(t) for t in enc.get("num_patches_list", ())]}
             if isinstance(out, Exception):
                 record.update(response=None, prediction="", error=describe(out))
             else:

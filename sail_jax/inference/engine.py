@@ -5,14 +5,15 @@ pad slots carry segment id 0 (never attended) and RoPE positions are `cumsum(mas
 token is at slot P-1 and all rows advance through the cache together. The cache (`models.qwen3.init_cache`:
 k/v [L,B,S,Hkv,hd], segment ids [B,S], a shared write index) has S >= P + decode slots. Image tiles of all rows are
 concatenated in row order; the k-th `<IMG_CONTEXT>` token of the batch (row-major) takes the k-th feature, exactly
-as `SailVL.embed` does.
+as `SailVL.embed` does. An AnyRes model (`ImageSlots.anyres`) takes each request's native-resolution patches
+instead: a request's images are packed into one ViT row (`models.anyres.pack_patches`), request order again.
 
 Static shapes. P and S are rounded up by `bucket` (four sizes per octave, at most 25 % padding for long prompts),
 the batch to a power of two (extra rows are empty), tiles to a multiple of `tile_chunk` (the ViT always runs on one
-chunk shape), and each decode call runs `decode_steps` tokens in a `lax.scan`; sampling settings other than the
-filter kind (temperature, top-p value, stop ids) are data. So a serving process compiles a handful of programs,
-shared by all engines on an equal model. The decode call donates its state (cache included), which XLA then
-updates in place.
+chunk shape), AnyRes patch rows by `bucket` too, and each decode call runs `decode_steps` tokens in a `lax.scan`;
+sampling settings other than the filter kind (temperature, top-p value, stop ids) are data. So a serving process
+compiles a handful of programs, shared by all engines on an equal model. The decode call donates its state (cache
+included), which XLA then updates in place.
 
 Sharding. With a mesh, parameters are placed by the logical rules and the cache is constrained to batch over the
 data axes and kv heads over `tensor` (dimensions a mesh axis does not divide stay replicated).
@@ -34,6 +35,7 @@ from sail_jax.config import PAD_TOKEN_ID
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample, step_keys
 from sail_jax.inference.text import check_context_length
 from sail_jax.layers.common import as_dtype
+from sail_jax.models.anyres import llm_tokens, pack_patches, stack_packed
 from sail_jax.models.generative import GenerativeModel
 from sail_jax.models.qwen3 import init_cache
 from sail_jax.sharding import logical_to_sharding, tree_shardings, use_mesh
@@ -44,7 +46,9 @@ _KV_AXES = (None, "activation_batch", "activation_length", "activation_kv_heads"
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt: token ids [N] (with `<IMG_CONTEXT>` runs already expanded) and its tiles [T,3,H,W] or None.
+    """One prompt: token ids [N] (with `<IMG_CONTEXT>` runs already expanded) and its tiles [T,3,H,W] or None; for
+    an AnyRes model its images as `anyres_patches` [P, p*p*3] with their patch grids `anyres_grids` [n, 2] (the
+    processor's AnyRes output) instead.
 
     Sampling noise: the row's key is `fold_in(key(SamplingParams.seed), seed)`, where `seed` defaults to the row's
     index in the `generate` call; give it to make a row's samples independent of the batch it runs in.
@@ -53,6 +57,17 @@ class Request:
     input_ids: np.ndarray
     pixel_values: np.ndarray | None = None
     seed: int | None = None
+    anyres_patches: np.ndarray | None = None
+    anyres_grids: np.ndarray | None = None
+
+    @classmethod
+    def from_encoding(cls, enc: dict[str, np.ndarray], seed: int | None = None) -> Request:
+        """A request from `SailProcessor` output (input_ids [N] or [1, N]; tiles or AnyRes patches, if any)."""
+        ids = np.asarray(enc["input_ids"]).reshape(-1)
+        if len(enc.get("anyres_grids", ())):
+            return cls(ids, seed=seed, anyres_patches=enc["anyres_patches"], anyres_grids=enc["anyres_grids"])
+        pix = enc.get("pixel_values")
+        return cls(ids, pix if pix is not None and len(pix) else None, seed)
 
 
 @dataclass
@@ -89,6 +104,7 @@ class _Programs:
         self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits"),
                               donate_argnames=("state",))
         self.features = jax.jit(lambda p, x: model.apply(p, x, method="extract_feature"))
+        self.packed_features = jax.jit(lambda p, x: model.apply(p, x, method="extract_feature_packed"))
 
     def _constrain_cache(self, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
         if self.mesh is None:
@@ -180,6 +196,8 @@ class Engine:
 
     def _image_features(self, requests: Sequence[Request]) -> tuple[jax.Array | None, np.ndarray | None]:
         """Features [F, D] of every real tile (row order), padded to whole chunks, and the mask of real rows."""
+        if self.image_slots.anyres is not None:
+            return self._anyres_features(requests)
         tiles = [np.asarray(r.pixel_values, np.float32) for r in requests if r.pixel_values is not None
                  and len(r.pixel_values)]
         if not tiles:
@@ -195,6 +213,24 @@ class Engine:
         mask = np.repeat(np.arange(padded) < n, per_tile)
         return feats.reshape(-1, feats.shape[-1]), mask
 
+    def _anyres_features(self, requests: Sequence[Request]) -> tuple[jax.Array | None, np.ndarray | None]:
+        """Features of every AnyRes image (request order) and their mask: one packed ViT row per request with
+        images (attention cost grows with each row's length squared, not the batch's), rows of the `bucket`ed
+        longest length, their count rounded up to a power of two with empty rows."""
+        cfg = self.image_slots.anyres
+        rows = [r for r in requests if r.anyres_grids is not None and len(r.anyres_grids)]
+        if not rows:
+            return None, None
+        # bfloat16 rounding of the pixels, as for tiles
+        patches = [np.asarray(r.anyres_patches, np.float32).astype(jnp.bfloat16).astype(np.float32) for r in rows]
+        grids = [np.asarray(r.anyres_grids, np.int64).reshape(-1, 2) for r in rows]
+        length = bucket(max(len(p) for p in patches), 64)
+        empty = (np.zeros((0, patches[0].shape[1]), np.float32), np.zeros((0, 2), np.int64))
+        pairs = list(zip(patches, grids)) + [empty] * ((1 << (len(rows) - 1).bit_length()) - len(rows))
+        packed = stack_packed([pack_patches(p, g, cfg, length) for p, g in pairs])
+        feats, mask = self._p.packed_features(self.params, packed)
+        return feats, np.asarray(mask)
+
     def _check(self, requests: Sequence[Request]) -> None:
         if not requests:
             raise ValueError("no requests to generate for")
@@ -203,16 +239,24 @@ class Engine:
             if ids.ndim != 1 or ids.size == 0:
                 raise ValueError(f"request {i}: input_ids must be a non-empty 1-D array, got shape {list(ids.shape)}")
             n_tiles = 0 if r.pixel_values is None else len(r.pixel_values)
+            grids = np.zeros((0, 2), np.int64) if r.anyres_grids is None else np.asarray(r.anyres_grids)
             slots = self.image_slots
             if slots is None:
-                if n_tiles:
-                    raise ValueError(f"request {i}: has pixel_values but the model is a text-only language model")
+                if n_tiles or len(grids):
+                    raise ValueError(f"request {i}: has images but the model is a text-only language model")
                 continue
+            if slots.anyres is None and len(grids):
+                raise ValueError(f"request {i}: has AnyRes patches but the model takes 448x448 tiles")
+            if slots.anyres is not None and n_tiles:
+                raise ValueError(f"request {i}: has tiles (pixel_values) but the model is AnyRes (native-resolution "
+                                 "patches: encode with an AnyRes processor)")
             n_ctx = int(np.sum(ids == slots.context_token_id))
-            want = n_tiles * slots.tokens_per_tile
+            if slots.anyres is not None:
+                want, what = sum(llm_tokens(grids)), f"AnyRes images {grids.tolist()}"
+            else:
+                want, what = n_tiles * slots.tokens_per_tile, f"{n_tiles} tiles x {slots.tokens_per_tile}"
             if n_ctx != want:
-                raise ValueError(f"request {i}: {n_ctx} <IMG_CONTEXT> tokens but {want} image features "
-                                 f"({n_tiles} tiles x {slots.tokens_per_tile})")
+                raise ValueError(f"request {i}: {n_ctx} <IMG_CONTEXT> tokens but {want} image features ({what})")
 
     def generate(
         self,

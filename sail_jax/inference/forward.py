@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sail_jax.models.anyres import PackedImages
 from sail_jax.models.sail_vl import SailVL
 
 
@@ -48,20 +49,30 @@ def forward_outputs(
     input_ids: np.ndarray,
     pixel_values: np.ndarray | None,
     positions: Sequence[int] | None = None,
+    images: PackedImages | None = None,
 ) -> dict[str, np.ndarray]:
-    """The arrays `sail-jax forward` writes, named as in the fixture's outputs.npz."""
+    """The arrays `sail-jax forward` writes, named as in the fixture's outputs.npz. With AnyRes `images` (one packed
+    row) instead of tiles: the packed ViT output [1, L, C] and the real adapter tokens [F, D]."""
     ids = jnp.asarray(input_ids, jnp.int32)
     out: dict[str, np.ndarray] = {}
-    pix = None
-    if pixel_values is not None and len(pixel_values):
+    vision: dict = {}
+    if images is not None:
+        anyres_vit = lambda m, x: m.vision_model.anyres(x)
+        vit = jax.jit(lambda p, x: model.apply(p, x, method=anyres_vit))(params, images)
+        out["vit_last_hidden_state"] = np.asarray(vit.last_hidden_state, np.float32)
+        feats, mask = jax.jit(lambda p, x: model.apply(p, x, method=SailVL.extract_feature_packed))(params, images)
+        out["adapter_output"] = np.asarray(feats, np.float32)[np.asarray(mask)]
+        vision = {"images": images}
+    elif pixel_values is not None and len(pixel_values):
         pix = jnp.asarray(pixel_values, jnp.float32)
         vit = jax.jit(lambda p, x: model.apply(p, x, method=SailVL.vision))(params, pix)
         out["vit_last_hidden_state"] = np.asarray(vit.last_hidden_state, np.float32)
         feats = jax.jit(lambda p, x: model.apply(p, x, method=SailVL.extract_feature))(params, pix)
         out["adapter_output"] = np.asarray(feats, np.float32)
-    embeds = jax.jit(lambda p, i, x: model.apply(p, i, x, method=SailVL.embed))(params, ids, pix)
+        vision = {"pixel_values": pix}
+    embeds = jax.jit(lambda p, i, v: model.apply(p, i, method=SailVL.embed, **v))(params, ids, vision)
     out["inputs_embeds"] = np.asarray(embeds, np.float32)
-    hidden = jax.jit(lambda p, i, x: model.apply(p, i, x, return_hidden=True).hidden)(params, ids, pix)
+    hidden = jax.jit(lambda p, i, v: model.apply(p, i, return_hidden=True, **v).hidden)(params, ids, vision)
     positions = list(positions) if positions is not None else [-4, -3, -2, -1]
     out.update(logits_summary(model, params, hidden, positions))
     return out

@@ -140,13 +140,15 @@ def patchify(pixels, patch_size: int):
 
 
 def anyres_size(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> tuple[int, int]:
-    """Resize target (height, width) for an image: aspect ratio kept as far as rounding allows, both sides
-    positive multiples of patch*scale (28), at most `cfg.max_anyres_patches` patches. Sides are rounded to the
-    nearest multiple; only images over the budget shrink."""
+    """Resize target (height, width) of an image, the one AnyRes size rule: aspect ratio kept as far as rounding
+    allows, both sides positive multiples of patch*scale (28), between `cfg.min_anyres_patches` and
+    `cfg.max_anyres_patches` patches. Sides are rounded to the nearest multiple; only images over the budget shrink
+    and only images under the minimum grow (to the smallest size that holds it)."""
     unit = cfg.patch_size * scale
     if height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} must be positive")
     max_pixels = cfg.max_anyres_patches * cfg.patch_size**2
+    min_pixels = cfg.min_anyres_patches * cfg.patch_size**2
     if max_pixels < unit * unit:
         raise ValueError(f"max_anyres_patches={cfg.max_anyres_patches} cannot hold one {unit}x{unit} image")
     h, w = max(unit, round(height / unit) * unit), max(unit, round(width / unit) * unit)
@@ -154,9 +156,17 @@ def anyres_size(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> t
         beta = math.sqrt(height * width / max_pixels)
         h = max(unit, math.floor(height / beta / unit) * unit)
         w = max(unit, math.floor(width / beta / unit) * unit)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / unit) * unit, math.ceil(width * beta / unit) * unit
     while h * w > max_pixels:  # only when a side was clamped up to `unit` (extreme aspect ratios)
         h, w = (h - unit, w) if h >= w else (h, w - unit)
     return h, w
+
+
+def llm_tokens(grids: np.ndarray | Sequence[tuple[int, int]], scale: int = 2) -> list[int]:
+    """LLM tokens of each image from its (h, w) patch grid: (h/s) * (w/s) after the s x s pixel shuffle."""
+    return [int(h) // scale * (int(w) // scale) for h, w in np.asarray(grids, np.int64).reshape(-1, 2)]
 
 
 def check_image_size(height: int, width: int, cfg: VisionConfig, scale: int = 2) -> tuple[int, int]:
@@ -178,26 +188,48 @@ def check_image_size(height: int, width: int, cfg: VisionConfig, scale: int = 2)
 def pack_images(
     images: Sequence[np.ndarray], cfg: VisionConfig, length: int | None = None, scale: int = 2
 ) -> PackedImages:
-    """Pack resized, normalised [C, H, W] images into one row of `length` patches (batch dim 1).
-
-    `length` is the static row length (default: the total patch count rounded up to a multiple of s^2);
-    choose a fixed value (e.g. max_anyres_patches) to reuse one compilation.
-    """
-    p, g = cfg.patch_size, cfg.grid_size
+    """Pack resized, normalised [C, H, W] images into one row of `length` patches (batch dim 1); see
+    `pack_patches`."""
     grids = []
     for k, im in enumerate(images):
         if im.ndim != 3 or im.shape[0] != cfg.num_channels:
             raise ValueError(f"image {k}: expected [C={cfg.num_channels}, H, W], got shape {im.shape}")
         grids.append(check_image_size(im.shape[1], im.shape[2], cfg, scale))
-    total = sum(h * w for h, w in grids)
+    dim = cfg.patch_size**2 * cfg.num_channels
+    patches = [patchify(np.asarray(im, np.float32), cfg.patch_size) for im in images]
+    return pack_patches(np.concatenate(patches) if patches else np.zeros((0, dim), np.float32),
+                        np.asarray(grids, np.int64).reshape(-1, 2), cfg, length, scale)
+
+
+def pack_patches(
+    patches: np.ndarray, grids: np.ndarray, cfg: VisionConfig, length: int | None = None, scale: int = 2
+) -> PackedImages:
+    """Patchified images (`patchify` of each, concatenated: [P, p*p*C]) with their (h, w) patch grids [n, 2] -> one
+    packed row of `length` patches (batch dim 1). The form samples are stored in (preprocess --anyres, the Grain
+    pipeline): segment ids, positions and the shuffle gather all follow from the grids.
+
+    `length` is the static row length (default: the total patch count rounded up to a multiple of s^2);
+    choose a fixed value (e.g. max_anyres_patches) to reuse one compilation.
+    """
+    grids = np.asarray(grids, np.int64).reshape(-1, 2)
+    g, dim = cfg.grid_size, cfg.patch_size**2 * cfg.num_channels
     per_token = scale * scale
+    for k, (h, w) in enumerate(grids):
+        if h <= 0 or w <= 0 or h % scale or w % scale or h * w > cfg.max_anyres_patches:
+            raise ValueError(f"image {k}: patch grid {h}x{w} is not positive multiples of {scale} with at most "
+                             f"max_anyres_patches={cfg.max_anyres_patches} patches")
+    total = int(sum(h * w for h, w in grids))
+    if patches.ndim != 2 or patches.shape != (total, dim):
+        raise ValueError(f"patches have shape {list(patches.shape)}; the grids {grids.tolist()} need [{total}, {dim}]")
     if length is None:
         length = max(per_token, -(-total // per_token) * per_token)
+    if length % per_token:
+        raise ValueError(f"packed length {length} is not a multiple of {per_token} (patches per LLM token)")
     if total > length:
-        raise ValueError(f"{len(images)} images have {total} patches in total > packed length {length}")
+        raise ValueError(f"{len(grids)} images have {total} patches in total > packed length {length}")
     n_tok = length // per_token
     out = PackedImages(
-        patches=np.zeros((length, p * p * cfg.num_channels), np.float32),
+        patches=np.zeros((length, dim), np.float32),
         segment_ids=np.zeros((length,), np.int32),
         pos_index=np.zeros((length, TAPS), np.int32),
         pos_weight=np.zeros((length, TAPS), np.float32),
@@ -205,10 +237,10 @@ def pack_images(
         shuffle_index=np.zeros((n_tok, per_token), np.int32),
         token_mask=np.zeros((n_tok,), bool),
     )
+    out.patches[:total] = patches
     start = tok = 0
-    for k, (im, (h, w)) in enumerate(zip(images, grids)):
+    for k, (h, w) in enumerate(grids.tolist()):
         n, span = h * w, slice(start, start + h * w)
-        out.patches[span] = patchify(np.asarray(im, np.float32), p)
         out.segment_ids[span] = k + 1
         out.pos_index[span], out.pos_weight[span] = bicubic_taps(h, w, g)
         out.rope_pos[span] = grid_rope_positions(h, w, g)

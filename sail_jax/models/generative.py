@@ -12,22 +12,26 @@ from typing import Protocol
 
 import jax
 
-from sail_jax.config import LLMConfig, RuntimeConfig
+from sail_jax.config import LLMConfig, RuntimeConfig, VisionConfig
 
 
 @dataclass(frozen=True)
 class ImageSlots:
-    """How a model takes images: each tile fills `tokens_per_tile` prompt slots holding `context_token_id`."""
+    """How a model takes images: each tile fills `tokens_per_tile` prompt slots holding `context_token_id`. With
+    `anyres` (the vision config of a SAIL-ViT-AnyRes model) images come instead as native-resolution patches packed
+    into one sequence (`extract_feature_packed`), each filling (h/28)*(w/28) slots."""
 
     context_token_id: int
     tokens_per_tile: int
+    anyres: VisionConfig | None = None
 
 
 class GenerativeModel(Protocol):
     """A flax module (`init`, `apply`): a causal LM with an explicit KV cache (`qwen3.init_cache(llm_config, ...)`).
 
     A model whose `image_slots` is not None also has `extract_feature(pixel_values [T,3,H,W]) -> [T, n, D]`, the
-    features that `embed_prompt` writes into the context slots.
+    features that `embed_prompt` writes into the context slots; with `image_slots.anyres` it has
+    `extract_feature_packed(PackedImages) -> (features [F, D], mask [F])` instead.
     """
 
     @property

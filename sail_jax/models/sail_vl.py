@@ -15,7 +15,9 @@ row's k-th run of `<IMG_CONTEXT>` tokens, gathered within the group (again local
 
 AnyRes (`images`, a `PackedImages` from `anyres.pack_images`) replaces the tiles: the packed ViT row is
 pixel-shuffled per image by a precomputed gather, and the k-th `<IMG_CONTEXT>` token receives the k-th real
-LLM token of the packed images (image order, row-major within each image; h*w/4 tokens per image).
+LLM token of the packed images (image order, row-major within each image; h*w/4 tokens per image). With as many
+packed rows as text rows (the trainer's batches) each text row takes its own packed row's tokens, row-local as
+for tiles.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class SailVL(nn.Module):
 
     @property
     def image_slots(self) -> ImageSlots:
-        return ImageSlots(self.cfg.img_context_token_id, self.cfg.tokens_per_tile)
+        v = self.cfg.vision
+        return ImageSlots(self.cfg.img_context_token_id, self.cfg.tokens_per_tile, v if v.anyres else None)
 
     def dummy_inputs(self) -> tuple[jax.Array, jax.Array]:
         return dummy_inputs(self.cfg)
@@ -151,7 +154,12 @@ class SailVL(nn.Module):
             if pixel_values is not None:
                 raise ValueError("pass either pixel_values (fixed tiles) or images (AnyRes), not both")
             feats, mask = self.extract_feature_packed(images)
-            return scatter_image_features(embeds, input_ids, feats, mask, self.cfg.img_context_token_id)
+            rows, ctx = images.patches.shape[0], self.cfg.img_context_token_id
+            if rows > 1 and rows == input_ids.shape[0]:  # one packed row per text row (training): row-local
+                feats, mask = feats.reshape(rows, -1, feats.shape[-1]), mask.reshape(rows, -1)
+                one_row = lambda e, ids, f, m: scatter_image_features(e[None], ids[None], f, m, ctx)[0]
+                return jax.vmap(one_row)(embeds, input_ids, feats, mask)
+            return scatter_image_features(embeds, input_ids, feats, mask, ctx)
         if pixel_values is None:
             return embeds
         if tile_index is not None:  # [G*K, 3, H, W]: only the budgeted tiles run through the ViT

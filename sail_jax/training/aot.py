@@ -128,8 +128,8 @@ def compile_train_step(
     tile_budget: int | None = None,
 ) -> tuple[jax.stages.Compiled, CompileReport]:
     """Compile `train`'s step (`program.build_program`) for `devices` (default: this process's) and measure it;
-    arguments as `train`'s, `max_tiles` the tile slots per row, or with `tile_budget` the tiles per batch shard
-    (and micro-batch) that the ViT runs on (`data.tile_budget`)."""
+    arguments as `train`'s, `max_tiles` the tile slots per row (an AnyRes model: patch slots), or with
+    `tile_budget` the tiles per batch shard (and micro-batch) that the ViT runs on (`data.tile_budget`)."""
     if max_tiles < 0 or (tile_budget is not None and tile_budget < 0):
         raise ValueError(f"max_tiles={max_tiles} and tile_budget={tile_budget} must be >= 0")
     t0 = time.perf_counter()
@@ -146,9 +146,12 @@ def compile_train_step(
     device = mesh_.devices.flat[0]
     kind = device.device_kind
     # XLA's own cost analysis counts a scanned layer stack once, so the model's FLOPs come from the config.
+    if model.vision.anyres:  # patches, in tile equivalents
+        tiles = batch_size * max_tiles / model.vision.num_patches
+    else:  # the slots the ViT runs on
+        tiles = batch_size * max_tiles if tile_budget is None else groups * tile_budget
     flops = step_flops(model, tokens=batch_size * seq_len, targets=batch_size * targets_per_row,
-                       tiles=batch_size * max_tiles if tile_budget is None else groups * tile_budget,
-                       seq_len=seq_len, trainable=trainable)
+                       tiles=tiles, seq_len=seq_len, trainable=trainable)
     report = CompileReport(
         device_kind=kind, num_devices=mesh_.size, mesh={a: int(s) for a, s in mesh_.shape.items()},
         parameters=parameter_counts(model)["total"],

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from sail_jax.config import ModelConfig
+from sail_jax.data.batch import packed_images
 from sail_jax.models.sail_vl import SailVL
 from sail_jax.training.fused_ce import fused_linear_cross_entropy
 from sail_jax.training.loss import next_token_targets, select_targets
@@ -83,14 +84,26 @@ def lm_head_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
     return lm["embed_tokens"]["embedding"].T if cfg.llm.tie_word_embeddings else lm["lm_head"]["kernel"]
 
 
-def vision_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None,
-                                                        jax.Array]:
-    """(pixel_values or None when there are no tiles, tile_mask, tile_index, real tiles) of a fixed-slot or a
-    budgeted batch (`data.batch`)."""
+def vision_inputs(batch: dict[str, jax.Array]) -> dict[str, Any]:
+    """The model's image arguments from a batch: tile slots (pixel_values, tile_mask), tiles packed into a per-device
+    budget (pixel_values, tile_index) or AnyRes packed `images` (`data.batch`)."""
+    images = packed_images(batch)
+    if images is not None:
+        return {"images": images}
     pixels = batch["pixel_values"]
     if "tile_index" in batch:
-        return pixels if pixels.shape[0] else None, None, batch["tile_index"], jnp.sum(batch["tile_index"][..., 0] >= 0)
-    return pixels if pixels.shape[1] else None, batch["tile_mask"], None, jnp.sum(batch["tile_mask"])
+        return {"pixel_values": pixels if pixels.shape[0] else None, "tile_index": batch["tile_index"]}
+    return {"pixel_values": pixels if pixels.shape[1] else None, "tile_mask": batch["tile_mask"]}
+
+
+def tile_count(cfg: ModelConfig, batch: dict[str, jax.Array]) -> jax.Array:
+    """The `tiles` metric: real tiles, or AnyRes patches in tile equivalents (patches / 1024), which keeps the
+    trainer's FLOP estimate of the ViT meaningful."""
+    if "anyres_segment_ids" in batch:
+        return jnp.sum(batch["anyres_segment_ids"] > 0).astype(jnp.float32) / cfg.vision.num_patches
+    if "tile_index" in batch:
+        return jnp.sum(batch["tile_index"][..., 0] >= 0).astype(jnp.float32)
+    return jnp.sum(batch["tile_mask"]).astype(jnp.float32)
 
 
 def _groups(rows: int, budget_groups: int | None) -> int:
@@ -113,11 +126,8 @@ def make_loss_terms(cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 
 
     def terms(params: dict, batch: dict[str, jax.Array], totals: StepTotals | None = None):
         ids, seg = batch["input_ids"], batch["segment_ids"]
-        pixels, tile_mask, tile_index, tiles = vision_inputs(batch)
-        out = model.apply(
-            {"params": params}, ids, pixels, tile_mask, positions=batch["positions"], segment_ids=seg,
-            return_hidden=True, tile_index=tile_index,
-        )
+        out = model.apply({"params": params}, ids, positions=batch["positions"], segment_ids=seg, return_hidden=True,
+                          **vision_inputs(batch))
         targets, weights = next_token_targets(ids, batch["loss_mask"], seg)
         rows = ids.shape[0]
         groups = _groups(rows, budget_groups)
@@ -137,7 +147,7 @@ def make_loss_terms(cfg: ModelConfig, targets_per_row: int, logits_chunk: int = 
             "targets": count,
             "dropped_targets": jnp.sum(dropped).astype(jnp.float32),
             "tokens": jnp.sum(seg != 0).astype(jnp.float32),
-            "tiles": tiles.astype(jnp.float32),
+            "tiles": tile_count(cfg, batch),
             "routing": out.aux,
         }
         return ce + aux_loss, sums
@@ -201,9 +211,8 @@ def make_train_step(
         """Forward-only pass over the micro-batches: the step's expert assignment and token counts per layer."""
 
         def counts(b: dict[str, jax.Array]) -> StepTotals:
-            pixels, tile_mask, tile_index, _ = vision_inputs(b)
-            aux = model.apply({"params": params}, b["input_ids"], pixels, tile_mask, positions=b["positions"],
-                              segment_ids=b["segment_ids"], return_hidden=True, tile_index=tile_index).aux
+            aux = model.apply({"params": params}, b["input_ids"], positions=b["positions"],
+                              segment_ids=b["segment_ids"], return_hidden=True, **vision_inputs(b)).aux
             return {k: aux[k] for k in ("expert_counts", "num_tokens")}
 
         body = lambda acc, j: (jax.tree.map(jnp.add, acc, counts(micro_batch(batch, j, microbatches, blocks))), None)

@@ -5,7 +5,9 @@ restored iterator continues with the same batches, and a 1-process run sees the 
 N-process run. Rows are packed with several samples; a sample is an optional image (a run of
 `<IMG_CONTEXT>` tokens taking the next tile slots), a short prompt and an answer that continues an
 arithmetic progression mod `pattern_mod` (learnable from the two preceding tokens). Only answer tokens are
-targets, as assistant tokens are in real data.
+targets, as assistant tokens are in real data. For a SAIL-ViT-AnyRes model (`anyres`) each tile is one
+image_size x image_size AnyRes image, and the rows carry the contract's packed `anyres_*` keys (max_tiles images
+of patch slots).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from sail_jax.config import ModelConfig
-from sail_jax.data.batch import DTYPES, KEYS, local_rows
+from sail_jax.config import ModelConfig, VisionConfig
+from sail_jax.data.batch import DTYPES, KEYS, TOKEN_KEYS, anyres_row, local_rows
 from sail_jax.data.elastic import GLOBAL
+from sail_jax.models.anyres import patchify
 
 
 class SyntheticSource:
@@ -40,6 +43,7 @@ class SyntheticSource:
         process_index: int = 0,
         process_count: int = 1,
         nan_at_steps: Sequence[int] = (),
+        anyres: VisionConfig | None = None,
     ):
         self.local_rows = local_rows(global_batch_size, process_count)
         if pattern_mod + 2 > vocab_size:
@@ -59,6 +63,7 @@ class SyntheticSource:
         self.pattern_mod = pattern_mod
         self.seed = seed
         self.nan_at_steps = frozenset(int(s) for s in nan_at_steps)
+        self.anyres = anyres
         self.step = 0
 
     def __iter__(self) -> SyntheticSource:
@@ -84,7 +89,17 @@ class SyntheticSource:
         batch = {k: np.stack([row[k] for row in rows]).astype(DTYPES[k], copy=False) for k in KEYS}
         if step in self.nan_at_steps:
             batch["pixel_values"][:] = np.nan
-        return batch
+        return batch if self.anyres is None else self._as_anyres(batch)
+
+    def _as_anyres(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each real tile as one AnyRes image of its size, packed per row (`batch.anyres_row`)."""
+        v = self.anyres
+        g = self.image_shape[-1] // v.patch_size
+        rows = []
+        for pixels, real in zip(batch["pixel_values"], batch["tile_mask"]):
+            patches = patchify(pixels[real], v.patch_size).reshape(-1, v.patch_size**2 * v.num_channels)
+            rows.append(anyres_row(patches, np.full((int(real.sum()), 2), g), v, self.max_tiles * g * g))
+        return {**{k: batch[k] for k in TOKEN_KEYS}, **{k: np.stack([r[k] for r in rows]) for k in rows[0]}}
 
     def _row(self, step: int, row: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step, row])
@@ -152,4 +167,5 @@ def synthetic_data(
         image_size=cfg.vision.image_size, num_channels=cfg.vision.num_channels, max_tiles=max_tiles,
         image_prob=image_prob, pattern_mod=min(pattern_mod, cfg.llm.vocab_size - 2), seed=seed,
         process_index=process_index, process_count=process_count, nan_at_steps=nan_at_steps,
+        anyres=cfg.vision if cfg.vision.anyres else None,
     )
