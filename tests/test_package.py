@@ -86,7 +86,8 @@ INSTALLED_COMMANDS = [
     (["train", "--gin_file=configs/stage/sft.gin", "--gin_file=configs/model/tiny.gin", "--gin.DATA=@synthetic_data",
       "--gin.WORKDIR='run'", "--gin.train.steps=3", "--dry-run"], "model.vision: VisionConfig("),
     # a shipped gin file that `include`s others by their `configs/...` names
-    (["train", "--gin_file=configs/synthetic_demo.gin", "--gin.WORKDIR='run'", "--dry-run"], "model.vision: VisionConfig("),
+    (["train", "--gin_file=configs/synthetic_demo.gin", "--gin.WORKDIR='run'", "--dry-run"],
+     "model.vision: VisionConfig("),
 ]
 
 
