@@ -69,6 +69,22 @@ def test_data_records_images_and_tokenizer_from_gcs(gcs_data):
     assert fingerprint(cfg) != before and local_copy(f"{data}/train.jsonl") != copy
 
 
+def test_video_records_under_a_gcs_root(gcs, tmp_path):
+    from sail_jax.data.sources import RawRecord
+    from sail_jax.data.transforms import SampleTransform
+    from tests.video_utils import write_video
+
+    write_video(tmp_path / "clip.mp4", 20)
+    (as_path(f"gs://{BUCKET}/videos") / "clip.mp4").write_bytes((tmp_path / "clip.mp4").read_bytes())
+    transform = SampleTransform(tokenizer_dir=str(REPO / "assets" / "tokenizer"), image_root=f"gs://{BUCKET}/videos",
+                                dataset=0, seq_len=512, max_tiles=8, image_size=56, num_frames=3)
+    turns = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "bars"}]
+    out = transform.map(RawRecord(json.dumps({"video": "clip.mp4", "conversations": turns}).encode(), "v.jsonl:1"))
+    assert out["info"]["tiles"] == 3
+    gone = transform.map(RawRecord(json.dumps({"video": "gone.mp4", "conversations": turns}).encode(), "v.jsonl:2"))
+    assert gone["skip"] == "missing_video" and f"gs://{BUCKET}/videos/gone.mp4" in gone["error"]
+
+
 def test_train_on_data_and_tokenizer_from_gcs(gcs, gcs_data, tmp_path):
     data, tok = gcs_data
     e = {**os.environ, **gcs, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
