@@ -49,10 +49,15 @@ def gcs_data(gcs, tmp_path_factory):
     return f"gs://{BUCKET}/data", f"gs://{BUCKET}/tok"
 
 
-def test_data_records_images_and_tokenizer_from_gcs(gcs_data):
+def test_data_records_images_and_tokenizer_from_gcs(gcs_data, tmp_path):
     data, tok = gcs_data
     source = open_source(f"{data}/train.jsonl")
     assert len(source) == 8 and source[0].where == f"{data}/train.jsonl:1"  # messages name the URL
+    array = tmp_path / "train.arrayrecord"
+    assert main(["jsonl-to-arrayrecord", "--src", f"{data}/train.jsonl", "--dst", str(array)]) == 0
+    (as_path(data) / array.name).write_bytes(array.read_bytes())
+    records = open_source(f"{data}/{array.name}")
+    assert records[7].data == source[7].data.rstrip(b"\n") and records[0].where == f"{data}/{array.name}:record 1"
     conv = next(c for c in (parse_record(source[i].data, data) for i in range(8)) if c.images)
     assert str(conv.images[0]).startswith(f"{data}/") and load_image(conv.images[0]).width > 0
     with pytest.raises(FileNotFoundError, match=f"image file not found: {data}/nope.png"):
