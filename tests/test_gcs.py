@@ -74,6 +74,16 @@ def test_data_records_images_and_tokenizer_from_gcs(gcs_data, tmp_path):
     assert fingerprint(cfg) != before and local_copy(f"{data}/train.jsonl") != copy
 
 
+def test_rl_prompts_from_gcs(gcs):
+    from sail_jax.rl import read_prompts
+
+    record = {"id": "a", "image": "img/1.png", "question": "How many circles?", "answer": 3, "kind": "count"}
+    (as_path(f"gs://{BUCKET}/rl") / "rl.jsonl").write_text(json.dumps(record) + "\n{bad\n")
+    result = read_prompts(f"gs://{BUCKET}/rl/rl.jsonl")
+    assert [str(p) for p in result.prompts[0].images] == [f"gs://{BUCKET}/rl/img/1.png"]
+    assert result.bad_lines[0].startswith(f"gs://{BUCKET}/rl/rl.jsonl:2: ")
+
+
 def test_video_records_under_a_gcs_root(gcs, tmp_path):
     from sail_jax.data.sources import RawRecord
     from sail_jax.data.transforms import SampleTransform
