@@ -46,14 +46,13 @@ from etils import epath
 from converters.core import ConversionError, Leaf, flat_abstract
 from converters.model_config import config_differences, model_config_from_dict, model_config_to_dict
 from sail_jax.config import ModelConfig
+from sail_jax.data.tokenizer import TOKENIZER_FILES
 from sail_jax.files import as_path
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
 TOKENIZER = "tokenizer"
 # What a tokenizer / processor directory (the release's, transformers', ours) holds that `tokenizer/` carries.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 # Upper bound on one zarr chunk: the writer's working memory is a few chunks (Orbax's default is a whole shard,
 # up to 2 GB); reads are unaffected beyond more, smaller requests.
 CHUNK_BYTES = 64 * 2**20

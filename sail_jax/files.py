@@ -1,10 +1,12 @@
 """Paths on any filesystem, and output files written atomically with the permissions the user's umask gives.
 
 The paths of a run's outputs and models (workdir, checkpoints, metrics, TensorBoard, `--checkpoint`, the
-converters' `--src/--dst`; training data files and tokenizer directories are still read locally) go through
+converters' `--src/--dst`, image roots) go through
 `as_path`: an etils `epath.Path`, the path type Orbax itself uses, which reads and writes local files with
 `os`/`pathlib` and cloud URLs (`gs://`, `s3://`, ... through fsspec: gcsfs for `gs://`) with the same methods.
 Local paths are made absolute once, here: Orbax and TensorStore resolve a relative path against no fixed directory.
+Inputs that a library reads by local path only (data files indexed by byte offset, tokenizer files) are fetched from
+a URL once into a local cache (`local_copy`).
 
 Local outputs are written under a temporary name beside their destination and renamed into place, so an interrupted run
 never leaves a partial file. `tempfile.mkstemp` / `mkdtemp` create that name as 0600 / 0700 (they are meant for
@@ -16,6 +18,8 @@ so a reader sees the old object or the new one, never a part: `write_text_atomic
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,6 +40,12 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if is_url(text) else os.path.abspath(os.path.expanduser(text)))
 
 
+def parent_dir(path: str | os.PathLike) -> str:
+    """The directory holding `path`, as a string: a URL's parent stays a URL (`pathlib` would turn `gs://b/x` into
+    `gs:/b`), a local one stays as given (relative or not)."""
+    return str(as_path(path).parent) if is_url(path) else str(Path(path).parent)
+
+
 def files_under(directory: str | os.PathLike) -> list[epath.Path]:
     """Every file under `directory`, sorted. (`rglob` is refused on gs://, and `walk` there yields its directories
     without the `gs://`: the directories are walked here by name, from the top.)"""
@@ -47,6 +57,64 @@ def files_under(directory: str | os.PathLike) -> list[epath.Path]:
         out += [d / n for n in names]
         todo += [d / n for n in dirs]
     return sorted(out)
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, int | str]:
+    """What tells one version of a file from another: its size and modification time (local), or its size and
+    generation (an object store; the generation changes on every overwrite, unlike a timestamp's seconds)."""
+    if not is_url(path):
+        stat = os.stat(path)
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+    info = fs.info(inner)
+    if info.get("type") != "file":
+        raise FileNotFoundError(f"not a file: {path}")
+    return {"size": int(info["size"]), "version": str(info.get("generation") or info.get("mtime") or "")}
+
+
+def cache_root() -> Path:
+    """Where `local_copy` keeps its copies: $SAIL_JAX_CACHE, else ~/.cache/sail-jax/files."""
+    return Path(os.environ.get("SAIL_JAX_CACHE") or Path.home() / ".cache" / "sail-jax" / "files")
+
+
+def local_copy(url: str | os.PathLike, names: tuple[str, ...] | None = None) -> Path:
+    """A local copy of the file or directory `url` (of a directory: the files named in `names` that exist, else all
+    of them), for libraries that read local files only. Made once per content: the copy lives under `cache_root()`
+    named by a hash of the URL and every file's `file_identity`, so a changed object gives a new copy and every
+    process of the host (Grain workers, later runs) reuses an unchanged one. It is written into a temporary
+    directory renamed into place, so a concurrent process never sees a partial copy."""
+    src = as_path(url)
+    if src.is_dir():
+        found = files_under(src) if names is None else [src / n for n in names if (src / n).is_file()]
+        rel = [os.fspath(f)[len(os.fspath(src)):].lstrip("/") for f in found]
+    elif src.is_file():
+        found, rel = [src], [src.name]
+    else:
+        raise FileNotFoundError(f"not found: {url}")
+    ident = [os.fspath(src), *[(r, file_identity(f)) for r, f in zip(rel, found, strict=True)]]
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    entry = cache_root() / key
+    out = entry if src.is_dir() else entry / src.name
+    if entry.is_dir():
+        return out
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+    try:
+        for r, f in zip(rel, found, strict=True):
+            (tmp / r).parent.mkdir(parents=True, exist_ok=True)
+            with f.open("rb") as g, (tmp / r).open("wb") as h:
+                shutil.copyfileobj(g, h, 1 << 24)
+        apply_umask(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not entry.is_dir():  # else another process made the same copy first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def current_umask() -> int:

@@ -4,11 +4,8 @@ sampling options (`generate`, `chat`, `eval`), video options (`preprocess`, `gen
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -82,23 +79,19 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 def tokenizer_dir(checkpoint: str, tokenizer: str | None) -> Path:
     """--tokenizer if given, else the tokenizer the checkpoint carries (our `tokenizer/` item or an upstream
-    directory's own files; from a URL, copied into a local temporary directory removed at exit)."""
-    from converters.orbax_io import checkpoint_tokenizer, copy_tokenizer_files
+    directory's own files); on a URL, its local copy (`find_tokenizer_dir`)."""
+    from converters.orbax_io import checkpoint_tokenizer
+    from sail_jax.data.tokenizer import find_tokenizer_dir
     from sail_jax.files import as_path, is_url
 
     if tokenizer is not None:
-        return Path(tokenizer)
+        return find_tokenizer_dir(tokenizer) if is_url(tokenizer) else Path(tokenizer)
     if not as_path(checkpoint).is_dir():
         raise FileNotFoundError(f"{checkpoint}: checkpoint directory not found")
     found = checkpoint_tokenizer(checkpoint)
     if found is None:
         raise ValueError(f"{checkpoint}: the checkpoint carries no tokenizer; pass --tokenizer DIR")
-    if is_url(found):
-        local = Path(tempfile.mkdtemp(prefix="sail-jax-tokenizer-"))
-        atexit.register(shutil.rmtree, local, ignore_errors=True)
-        copy_tokenizer_files(found, local)
-        return local
-    return Path(found)
+    return find_tokenizer_dir(found) if is_url(found) else Path(found)
 
 
 def status(text: str) -> None:

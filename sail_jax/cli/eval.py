@@ -12,7 +12,16 @@ from sail_jax.cli._common import add_model_args, load_engine
 from sail_jax.evaluation.judging import JUDGED, NEEDS_JUDGE
 from sail_jax.evaluation.predictions import PRED_FORMATS
 from sail_jax.evaluation.scoring import KINDS
-from sail_jax.files import write_text_atomic
+from sail_jax.files import as_path, write_text_atomic
+
+
+def default_model_name(checkpoint: str) -> str:
+    """The model's name in prediction file names: the checkpoint folder's name; a trainer step (`RUN/checkpoints/N`)
+    is `RUN-stepN` (its bare number names nothing), a workdir (its newest step) is `RUN`; URLs alike."""
+    path = as_path(checkpoint)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}-step{path.name}"
+    return path.name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"LLM judge for {', '.join(JUDGED)} (the RL judge: an HTTP endpoint or a callable)")
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge call")
     p.add_argument("--model-name", default=None,
-                   help="model name in the prediction file name {model}_{dataset} (default: the checkpoint folder)")
+                   help="model name in the prediction file name {model}_{dataset} (default: the checkpoint folder; "
+                        "RUN-stepN for a trainer step RUN/checkpoints/N)")
     p.add_argument("--pred-format", choices=PRED_FORMATS, default="xlsx",
                    help="VLMEvalKit prediction file format (its PRED_FORMAT; tsv for answers over 32767 characters)")
     p.add_argument("--out", required=True,
@@ -84,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     items = read_tsv(args.data, args.data_root, args.num_frames, args.fps)[: args.limit]
     check_indices(items, args.data)
     out = Path(args.out)
-    model = args.model_name or Path(args.checkpoint).resolve().name
-    header = {"sail_jax_eval": 1, "checkpoint": str(Path(args.checkpoint).resolve()),
+    model = args.model_name or default_model_name(args.checkpoint)
+    header = {"sail_jax_eval": 1, "checkpoint": str(as_path(args.checkpoint)),
               "data": str(Path(args.data).resolve()), "kind": kind, "dataset": dataset, "max_tiles": args.max_tiles,
               "thinking": args.thinking, "max_new_tokens": settings.max_new_tokens}
     log = PredictionLog(out.with_name(out.stem + ".predictions.jsonl"), header)  # refuses other settings early

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("jsonl-to-arrayrecord", help="convert a LLaVA-style JSONL file to ArrayRecord")
-    p.add_argument("--src", required=True, type=Path, help="input .jsonl")
+    p.add_argument("--src", required=True, help="input .jsonl (a local path or a URL such as gs://...)")
     p.add_argument("--dst", required=True, type=Path, help="output .arrayrecord")
     p.set_defaults(func=run)
 

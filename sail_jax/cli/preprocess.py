@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "preprocess",
         help="tile images and tokenize a one-turn prompt as the original SAIL-VL2 processor, write an .npz",
     )
-    p.add_argument("--tokenizer", required=True, type=Path,
+    p.add_argument("--tokenizer", required=True,
                    help="directory with vocab.json + merges.txt (or tokenizer.json) and preprocessor_config.json")
     p.add_argument("--image", action="append", default=[], type=Path,
                    help="image file; repeat for several images, in order")

@@ -6,9 +6,10 @@ shuffled differently and pack to nearly the same number. A mixture's pass ends w
 `DataConfig.num_epochs` says): give the datasets weights proportional to their sizes to read each once.
 
 Counting means preprocessing every sample, so it is cached: a JSON file named by a fingerprint of the data files
-(path, size, modification time) and of every option that changes packing, beside the first data file or, where
-that directory is not writable, in the run's workdir. Changed data or options give another fingerprint, hence a
-recount. Images are not fingerprinted: replacing an image in place keeps the cached count.
+(path, size, modification time or an object's generation) and of every option that changes packing, beside the
+first data file or, where that directory is not writable or is a URL, in the run's workdir. Changed data or
+options give another fingerprint, hence a recount. Images are not fingerprinted: replacing an image in place
+keeps the cached count.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from sail_jax.config import ModelConfig
 from sail_jax.data.pipeline import DataConfig, row_dataset
-from sail_jax.files import as_path, write_text_atomic
+from sail_jax.files import as_path, file_identity, is_url, write_text_atomic
 
 # DataConfig fields that change speed or batching, never which rows the packer makes.
 NOT_PACKING = ("batch_size", "num_devices", "num_epochs", "num_workers", "worker_buffer_size", "read_threads",
@@ -45,12 +45,10 @@ def fingerprint(cfg: DataConfig) -> dict[str, Any]:
     """What the count depends on: each data file's identity and the packing options (`NOT_PACKING` left out)."""
     files = []
     for spec in cfg.datasets:
-        stat = os.stat(spec.path)
-        files.append({**dataclasses.asdict(spec), "path": str(Path(spec.path).absolute()), "size": stat.st_size,
-                      "mtime_ns": stat.st_mtime_ns})
+        files.append({**dataclasses.asdict(spec), "path": str(as_path(spec.path)), **file_identity(spec.path)})
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                if f.name not in ("datasets", *NOT_PACKING)}
-    options["tokenizer_dir"] = str(Path(cfg.tokenizer_dir).absolute())
+    options["tokenizer_dir"] = str(as_path(cfg.tokenizer_dir))
     return {"datasets": files, "options": options}
 
 
@@ -59,7 +57,9 @@ def packed_rows(cfg: DataConfig, workdir: str | Path | None = None) -> RowCount:
     key = json.loads(json.dumps(fingerprint(cfg), default=str))  # as it reads back from the file
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = f"packed_rows-{digest}.json"
-    places = [Path(cfg.datasets[0].path).absolute().parent / name] + ([as_path(workdir) / name] if workdir else [])
+    first = cfg.datasets[0].path  # a bucket of data is not written to: only a local data directory holds a count
+    places = ([] if is_url(first) else [Path(first).absolute().parent / name]) + (
+        [as_path(workdir) / name] if workdir else [])
     for path in places:
         try:
             saved = json.loads(path.read_text())

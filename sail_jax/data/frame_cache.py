@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sail_jax.data.video import VideoFrames, load_video, resize_frames
-from sail_jax.files import apply_umask
+from sail_jax.files import apply_umask, as_path, is_url, local_copy
 
 
 def cache_key(path: Path, num_frames: int, fps: float | None, image_size: int) -> str:
@@ -58,7 +58,12 @@ def _write_entry(entry: Path, video: VideoFrames) -> None:
 def load_tile_frames(path: str | os.PathLike, num_frames: int, fps: float | None, image_size: int,
                      cache_dir: str | os.PathLike | None = None) -> VideoFrames:
     """The sampled frames of a video resized to [N,S,S,3] uint8 tiles (`video.load_video` + `resize_frames`),
-    from the cache when it holds them. Bad files raise as `load_video` does."""
+    from the cache when it holds them. Bad files raise as `load_video` does. PyAV reads local files: a video on a
+    URL is read from its local copy (`files.local_copy`, fetched once per host)."""
+    if is_url(path):
+        if not as_path(path).is_file():
+            raise FileNotFoundError(f"video file not found: {path}")
+        path = local_copy(path)
     path = Path(path)
     if cache_dir is None:
         video = load_video(path, num_frames, fps)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sail_jax.config import VisionConfig
+from sail_jax.files import as_path, is_url
 from sail_jax.models.anyres import anyres_size
 
 IMAGE_SIZE = 448
@@ -45,8 +46,12 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, convert_rgb: boo
         image = source
     elif isinstance(source, (str, os.PathLike, bytes)):
         what = "image data" if isinstance(source, bytes) else f"image file {source}"
-        if not isinstance(source, bytes) and not Path(source).is_file():
-            raise FileNotFoundError(f"image file not found: {source}")
+        if not isinstance(source, bytes):
+            path = as_path(source) if is_url(source) else Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"image file not found: {source}")
+            if is_url(source):  # PIL reads local files; an object is read whole (images are small)
+                source = path.read_bytes()
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as opened:
                 opened.load()

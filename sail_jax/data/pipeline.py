@@ -41,6 +41,7 @@ from sail_jax.data.sources import open_source
 from sail_jax.data.tile_budget import BudgetedBatchIterDataset, auto_budget, row_tiles
 from sail_jax.data.transforms import SampleTransform
 from sail_jax.data.video import DEFAULT_NUM_FRAMES
+from sail_jax.files import parent_dir
 
 log = logging.getLogger("sail_jax.data")
 
@@ -160,7 +161,7 @@ def _component(cfg: DataConfig, index: int, process_index: int, process_count: i
         ds = ds.shuffle(seed=int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0]))
     ds = ds.repeat(cfg.num_epochs)[process_index::process_count]
     transform = SampleTransform(
-        tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or Path(spec.path).parent),
+        tokenizer_dir=str(cfg.tokenizer_dir), image_root=str(spec.image_root or parent_dir(spec.path)),
         dataset=index, seq_len=cfg.seq_len, max_tiles=cfg.max_tiles, max_num=cfg.max_num,
         image_size=cfg.image_size, over_long=cfg.over_long, loss_on=cfg.loss_on,
         system_prompt=cfg.system_prompt, allow_absolute_image_paths=cfg.allow_absolute_image_paths,

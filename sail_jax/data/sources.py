@@ -8,6 +8,10 @@ malformed line becomes a counted, located skip instead of a crash at start-up.
 
 Both sources implement Grain's random-access protocol (`__len__`, `__getitem__`) and pickle cheaply into worker
 processes: the JSONL source keeps only its line-offset index and opens the file lazily in each process.
+
+A data file may be a URL (`gs://...`): both sources read by byte offset from a local file, so such a file is fetched
+once into the host's local cache (`files.local_copy`, shared by the Grain workers and later runs; its `where`
+strings still name the URL). Image and video paths of a record under a URL media root are URLs too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from sail_jax.files import as_path, is_url, local_copy
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -40,13 +47,27 @@ class RawRecord:
     where: str
 
 
+def local_data_file(path: str | os.PathLike) -> Path:
+    """The local file to read for the data file `path`: itself, or for a URL its local copy (`local_copy`)."""
+    if is_url(path):
+        if not as_path(path).is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        return local_copy(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file not found: {Path(path)}")
+    return Path(path)
+
+
+def data_file_name(path: str | os.PathLike) -> str:
+    """How messages name the data file `path` (a URL as given, a local path as pathlib writes it)."""
+    return os.fspath(path) if is_url(path) else str(Path(path))
+
+
 class JsonlSource:
     """Lines of a JSONL file by index (blank lines are not records). Line numbers (1-based) are kept for messages."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data file not found: {self.path}")
+        self.path, self.name = local_data_file(path), data_file_name(path)
         starts, ends, lines = [], [], []
         with open(self.path, "rb") as f:  # one streaming pass: offsets only, never the whole file in memory
             pos = 0
@@ -71,7 +92,7 @@ class JsonlSource:
                     self._fd = os.open(self.path, os.O_RDONLY)
         start, end = int(self._starts[index]), int(self._ends[index])
         # pread is positional, so the read threads of one process can share the descriptor.
-        return RawRecord(os.pread(self._fd, end - start, start), f"{self.path}:{int(self._lines[index])}")
+        return RawRecord(os.pread(self._fd, end - start, start), f"{self.name}:{int(self._lines[index])}")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -87,7 +108,7 @@ class JsonlSource:
             os.close(self._fd)
 
     def __repr__(self) -> str:
-        return f"JsonlSource({str(self.path)!r}, {len(self)} records)"
+        return f"JsonlSource({self.name!r}, {len(self)} records)"
 
 
 class ArrayRecordSource:
@@ -96,19 +117,17 @@ class ArrayRecordSource:
     def __init__(self, path: str | os.PathLike):
         import grain
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data file not found: {self.path}")
+        self.path, self.name = local_data_file(path), data_file_name(path)
         self._source = grain.sources.ArrayRecordDataSource([str(self.path)])
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> RawRecord:
-        return RawRecord(self._source[index], f"{self.path}:record {index + 1}")
+        return RawRecord(self._source[index], f"{self.name}:record {index + 1}")
 
     def __repr__(self) -> str:
-        return f"ArrayRecordSource({str(self.path)!r}, {len(self)} records)"
+        return f"ArrayRecordSource({self.name!r}, {len(self)} records)"
 
 
 def open_source(path: str | os.PathLike) -> JsonlSource | ArrayRecordSource:
@@ -127,9 +146,9 @@ class Conversation:
     absolute video path (a record has images or a video, not both)."""
 
     messages: list[dict[str, str]]
-    images: list[Path]
+    images: list[Path | epath.Path]
     id: str | None = None
-    video: Path | None = None
+    video: Path | epath.Path | None = None
 
 
 def decode_object(data: bytes) -> dict:
@@ -180,19 +199,21 @@ def parse_record(data: bytes, image_root: str | os.PathLike, allow_absolute: boo
     return Conversation(messages, images, None if record_id is None else str(record_id), video_path)
 
 
-def resolve_image_path(root: str | os.PathLike, name: str, allow_absolute: bool = False) -> Path:
+def resolve_image_path(root: str | os.PathLike, name: str, allow_absolute: bool = False) -> Path | epath.Path:
     """`root / name`, refused unless it stays under `root` (`../` or an absolute path would let a data or request
     file open any file of the host) or `allow_absolute` says the paths are trusted. The check is on the normalised
-    path, not the resolved one: symlinks a dataset owner placed under the root keep working."""
+    path, not the resolved one: symlinks a dataset owner placed under the root keep working. Under a URL root the
+    result is a URL (`epath.Path`)."""
     path = Path(name)
+    base = as_path(root) if is_url(root) else Path(root)
     if allow_absolute:
-        return path if path.is_absolute() else Path(root) / path
+        return path if path.is_absolute() else base / name
     if path.is_absolute():
         raise ValueError(f"image path {name!r} is absolute; paths are relative to the image root {root} (allow "
                          f"absolute paths with the allow_absolute_image_paths option)")
     if Path(os.path.normpath(path)).parts[:1] == ("..",):
         raise ValueError(f"image path {name!r} leaves the image root {root}")
-    return Path(root) / path
+    return base / name
 
 
 def jsonl_to_arrayrecord(src: str | os.PathLike, dst: str | os.PathLike) -> int:

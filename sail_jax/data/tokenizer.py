@@ -14,6 +14,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from sail_jax.files import as_path, is_url, local_copy
 from sail_jax.resources import DATA_ROOT
 
 PRETOKENIZE_REGEX = (
@@ -22,10 +23,20 @@ PRETOKENIZE_REGEX = (
 )
 
 
+# The files of a tokenizer / processor directory (what checkpoints carry and what is fetched from a URL).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+
+
 def find_tokenizer_dir(directory: str | Path) -> Path:
     """`directory` as given; but a relative one that does not exist from the working directory and does exist in the
     shipped data (`assets/tokenizer`, the bundled tokenizer) is the shipped copy, so such a path works outside a
-    checkout, as gin's `configs/...` paths do."""
+    checkout, as gin's `configs/...` paths do. A URL (`gs://...`) gives a local copy of its `TOKENIZER_FILES` (the
+    tokenizers library reads local files; `local_copy` makes it once per host)."""
+    if is_url(directory):
+        if not as_path(directory).is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+        return local_copy(directory, TOKENIZER_FILES)
     directory = Path(directory)
     shipped = DATA_ROOT / directory
     if not directory.is_absolute() and not directory.exists() and shipped.is_dir():

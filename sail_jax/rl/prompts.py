@@ -14,7 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from etils import epath
+
 from sail_jax.data.sources import BadSample, JsonlSource, decode_object
+from sail_jax.files import as_path, is_url, parent_dir
 from sail_jax.rl.rewards import KINDS
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ class RLPrompt:
     question: str
     answer: str
     kind: str
-    images: tuple[Path, ...] = ()
+    images: tuple[Path | epath.Path, ...] = ()  # URLs under a URL image root
 
 
 @dataclass
@@ -61,14 +64,14 @@ def parse_prompt(data: bytes, image_root: str | os.PathLike) -> RLPrompt:
     paths = [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise BadSample("malformed", "'image' must be a path or a list of paths")
-    root = Path(image_root)
+    root = as_path(image_root) if is_url(image_root) else Path(image_root)
     return RLPrompt(record_id, question, answer, kind, tuple(root / p for p in paths))
 
 
 def read_prompts(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> PromptSet:
     """All usable prompts of a JSONL file, in file order, with the skipped lines counted and located."""
     source = JsonlSource(path)
-    root = Path(path).parent if image_root is None else Path(image_root)
+    root = parent_dir(path) if image_root is None else image_root
     result = PromptSet([])
     for i in range(len(source)):
         record = source[i]
