@@ -263,3 +263,32 @@ def test_moe_engine_equals_full_recompute():
         tokens, logits = full_recompute(lm, params, p, 6)
         assert out.token_ids == tokens
         assert np.abs(out.step_logits - logits).max() <= 1e-4
+
+
+def test_shared_prompts_sample_like_separate_requests(text_lm):
+    """n seeded samples of each prompt: one prefill per prompt (cache copied to its rows), the same tokens as each
+    request alone, in one device loop and when streamed; the stop token ends rows early in both."""
+    _, _, engine, prompts, greedy = text_lm
+    reqs = [Request(p, seed=10 * i + j) for i, p in enumerate(prompts) for j in range(3)]
+    stop = greedy[0].token_ids[3]
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=5, stop_token_ids=(stop,))
+    alone = [engine.generate([r], hot)[0] for r in reqs]
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
+    for got in (engine.generate(reqs, hot),
+                engine.generate(reqs, hot, on_tokens=lambda row, ids: streamed[row].extend(ids))):
+        assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in alone]
+    assert streamed == {i: c.token_ids for i, c in enumerate(alone)}
+    assert len({tuple(c.token_ids) for c in alone[:3]}) > 1  # the samples of one prompt differ
+    cold = SamplingParams(max_new_tokens=10, stop_token_ids=(stop,))
+    shared = engine.generate([Request(prompts[0])] * 2 + [Request(prompts[1])], cold)
+    assert [c.token_ids for c in shared] == [greedy[0].token_ids[:4]] * 2 + [greedy[1].token_ids]
+    assert [c.finish_reason for c in shared] == ["stop", "stop", "length"]
+
+
+def test_shared_image_prompt_equals_alone(vl, vl_requests):
+    _, _, engine, _ = vl
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=2)
+    one, text = vl_requests[0], vl_requests[1]
+    reqs = [dataclasses.replace(one, seed=s) for s in (1, 2)] + [dataclasses.replace(text, seed=3)]
+    got = [c.token_ids for c in engine.generate(reqs, sp)]
+    assert got == [engine.generate([r], sp)[0].token_ids for r in reqs]
