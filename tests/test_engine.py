@@ -169,6 +169,26 @@ def test_sampling_seeded_and_batch_independent(text_lm):
     assert batched == [engine.generate([r], hot)[0].token_ids for r in seeded]
 
 
+def test_logprobs_are_log_softmax_of_the_step_logits(text_lm):
+    """Sampled: log softmax(logits / T) of each returned token, the same from the streamed calls (with logits) and
+    the one device loop (without); greedy: at temperature 1."""
+    _, _, engine, prompts, greedy = text_lm
+    reqs = [Request(p, seed=i) for i, p in enumerate(prompts)]
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=3)
+    streamed = engine.generate(reqs, hot, return_logits=True, return_logprobs=True)
+    loop = engine.generate(reqs, hot, return_logprobs=True)
+    for a, b in zip(streamed, loop):
+        want = np.asarray(jax.nn.log_softmax(a.step_logits / 1.5, -1))[np.arange(len(a.token_ids)), a.token_ids]
+        np.testing.assert_allclose(a.logprobs, want, atol=1e-5)
+        assert a.token_ids == b.token_ids and b.step_logits is None
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-6)
+    cold = engine.generate(reqs, SamplingParams(max_new_tokens=10), return_logprobs=True)
+    for c, g in zip(cold, greedy):
+        want = np.asarray(jax.nn.log_softmax(g.step_logits, -1))[np.arange(10), g.token_ids]
+        assert c.token_ids == g.token_ids
+        np.testing.assert_allclose(c.logprobs, want, atol=1e-5)
+
+
 def test_stop_tokens_max_new_tokens_and_streaming(text_lm):
     _, _, engine, prompts, greedy = text_lm
     free = [c.token_ids for c in greedy]

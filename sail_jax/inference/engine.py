@@ -62,11 +62,14 @@ class Request:
 @dataclass
 class Completion:
     """New token ids only (a final stop token included, as HF generate), why generation ended ("stop" or
-    "length"), and the float32 logits of each step [steps, V] when asked for."""
+    "length"), and when asked for: the float32 logits of each step [steps, V], and `logprobs` [steps], each token's
+    log softmax(logits / temperature) over the whole vocabulary (temperature 1 when greedy; before top-k / top-p),
+    computed on the device: what RL needs as the sampling policy's log-probs, without moving [steps, V] logits."""
 
     token_ids: list[int]
     finish_reason: str
     step_logits: np.ndarray | None = None
+    logprobs: np.ndarray | None = None
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -89,8 +92,8 @@ class _Programs:
 
     def __init__(self, model: GenerativeModel, cache_dtype: Any, mesh: jax.sharding.Mesh | None, pad_token_id: int):
         self.model, self.cache_dtype, self.mesh, self.pad_token_id = model, cache_dtype, mesh, pad_token_id
-        self.prefill = jax.jit(self.prefill, static_argnames=("cache_len", "kind", "with_logits"))
-        self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits"),
+        self.prefill = jax.jit(self.prefill, static_argnames=("cache_len", "kind", "with_logits", "with_logprobs"))
+        self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits", "with_logprobs"),
                               donate_argnames=("state",))
         self.features = jax.jit(lambda p, x: model.apply(p, x, method="extract_feature"))
 
@@ -109,7 +112,7 @@ class _Programs:
         return logits, self._constrain_cache(cache)
 
     def prefill(self, params, ids, segment_ids, positions, features, feature_mask, rows, live, keys, temperature,
-                top_p, stop_ids, *, cache_len: int, kind: SamplerKind, with_logits: bool):
+                top_p, stop_ids, *, cache_len: int, kind: SamplerKind, with_logits: bool, with_logprobs: bool):
         """Prefill the distinct prompts, then give each row its prompt's cache and logits (`rows` [B]: the prompt
         of each row, or None when every row has its own), and sample each row's first token with its own key."""
         embeds = self.model.apply(params, ids, features, feature_mask, method="embed_prompt")
@@ -120,24 +123,29 @@ class _Programs:
                                            "segment_ids": cache["segment_ids"][rows], "index": cache["index"]})
             logits, positions = logits[rows], positions[rows]
         tok = sample(logits, step_keys(keys, jnp.int32(0)), kind, temperature, top_p)
+        lp = _logprobs(logits, tok, kind, temperature) if with_logprobs else None
         state = {"cache": cache, "tok": tok, "pos": positions[:, -1] + 1,
                  "done": jnp.isin(tok, stop_ids) | ~live, "keys": keys, "step": jnp.ones((), jnp.int32)}
-        return state, tok, (logits if with_logits else None)
+        return state, tok, lp, (logits if with_logits else None)
 
     def decode(self, params, state, limit, temperature, top_p, stop_ids,
-               *, n_steps: int, kind: SamplerKind, with_logits: bool):
+               *, n_steps: int, kind: SamplerKind, with_logits: bool, with_logprobs: bool):
         """Up to `limit` (<= n_steps) decode steps in one device loop, which ends early once every row has met a stop
-        token; returns tokens [B, n_steps] (pad after the last step run) and, when asked, logits [B, n_steps, V]."""
+        token; returns tokens [B, n_steps] (pad after the last step run) and, when asked, their log-probs [B, n_steps]
+        and the logits [B, n_steps, V]."""
         b = state["tok"].shape[0]
         ones = jnp.ones((b, 1), jnp.int32)
         toks = jnp.full((b, n_steps), self.pad_token_id, jnp.int32)
         logits_buf = jnp.zeros((b, n_steps, self.model.llm_config.vocab_size), jnp.float32) if with_logits else None
+        lps = jnp.zeros((b, n_steps), jnp.float32) if with_logprobs else None
 
         def step(carry):
-            st, toks, logits_buf, i = carry
+            st, toks, lps, logits_buf, i = carry
             embeds = self.model.apply(params, st["tok"][:, None], method="embed_prompt")
             logits, cache = self._forward(params, embeds, st["pos"][:, None], ones, st["cache"])
             tok = sample(logits, step_keys(st["keys"], st["step"]), kind, temperature, top_p)
+            if with_logprobs:
+                lps = jax.lax.dynamic_update_slice(lps, _logprobs(logits, tok, kind, temperature)[:, None], (0, i))
             tok = jnp.where(st["done"], self.pad_token_id, tok)
             new = {"cache": cache, "tok": tok, "pos": st["pos"] + 1,
                    "done": st["done"] | jnp.isin(tok, stop_ids), "keys": st["keys"],
@@ -145,14 +153,21 @@ class _Programs:
             toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
             if with_logits:
                 logits_buf = jax.lax.dynamic_update_slice(logits_buf, logits[:, None], (0, i, 0))
-            return new, toks, logits_buf, i + 1
+            return new, toks, lps, logits_buf, i + 1
 
         def more(carry):
             st, *_, i = carry
             return (i < limit) & ~jnp.all(st["done"])
 
-        state, toks, logits_buf, _ = jax.lax.while_loop(more, step, (state, toks, logits_buf, jnp.int32(0)))
-        return state, toks, logits_buf
+        state, toks, lps, logits_buf, _ = jax.lax.while_loop(more, step,
+                                                             (state, toks, lps, logits_buf, jnp.int32(0)))
+        return state, toks, lps, logits_buf
+
+
+def _logprobs(logits: jax.Array, tok: jax.Array, kind: SamplerKind, temperature: jax.Array) -> jax.Array:
+    """log softmax(logits / temperature)[tok] per row (temperature 1 when greedy), float32."""
+    scaled = logits if kind.greedy else logits / temperature
+    return jnp.take_along_axis(scaled, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,6 +260,7 @@ class Engine:
         sampling: SamplingParams = SamplingParams(),
         on_tokens: TokenCallback | None = None,
         return_logits: bool = False,
+        return_logprobs: bool = False,
     ) -> list[Completion]:
         """Generate for every request at once. `on_tokens(row, new_ids)` is called as tokens arrive (after the
         prefill and after each decode call) with the row's tokens that count (nothing after its stop token).
@@ -277,7 +293,7 @@ class Engine:
         row_prompt[:n] = rows
         live = np.arange(batch) < n
         seeds = [r.seed if r.seed is not None else i for i, r in enumerate(requests)] + [0] * (batch - n)
-        static = {"kind": sampling.kind(), "with_logits": return_logits}
+        static = {"kind": sampling.kind(), "with_logits": return_logits, "with_logprobs": return_logprobs}
         # stop ids are data (only their count is compiled in); -1 pads an empty list and matches no token
         stop_ids = np.asarray(sampling.stop_token_ids or (-1,), np.int32)
         stops = set(sampling.stop_token_ids)
@@ -286,8 +302,9 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(n)]
         finished = [False] * n
         logits_log: list[list[np.ndarray]] = [[] for _ in range(n)]
+        logprob_log: list[list[float]] = [[] for _ in range(n)]
 
-        def collect(tokens: np.ndarray, logits: np.ndarray | None) -> None:
+        def collect(tokens: np.ndarray, logprobs: np.ndarray | None, logits: np.ndarray | None) -> None:
             for i in range(n):
                 if finished[i]:
                     continue
@@ -297,6 +314,8 @@ class Engine:
                     new, finished[i] = new[:end], True
                 if logits is not None:
                     logits_log[i] += list(logits[i, : len(new)])
+                if logprobs is not None:
+                    logprob_log[i] += logprobs[i, : len(new)].tolist()
                 out[i] += new
                 finished[i] |= len(out[i]) >= m
                 if new and on_tokens is not None:
@@ -307,19 +326,21 @@ class Engine:
                                                                                                                None)
             keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed),
                                                                     jnp.asarray(seeds, jnp.uint32))
-            state, tok, logits = self._p.prefill(
+            state, tok, lp, logits = self._p.prefill(
                 self.params, ids, mask, positions, feats, feat_mask, row_prompt if shared else None, live, keys, *dyn,
                 cache_len=cache_len, **static)
-            collect(np.asarray(tok)[:, None], None if logits is None else np.asarray(logits)[:, None])
+            collect(*(None if x is None else np.asarray(x)[:, None] for x in (tok, lp, logits)))
             while not all(finished):
                 limit = jnp.int32(n_steps if stream else m - 1)
-                state, toks, logits = self._p.decode(self.params, state, limit, *dyn, n_steps=n_steps, **static)
-                collect(np.asarray(toks), None if logits is None else np.asarray(logits))
+                state, toks, lps, logits = self._p.decode(self.params, state, limit, *dyn, n_steps=n_steps,
+                                                          **static)
+                collect(*(None if x is None else np.asarray(x) for x in (toks, lps, logits)))
         return [
             Completion(
                 token_ids=out[i],
                 finish_reason="stop" if out[i] and out[i][-1] in stops else "length",
                 step_logits=np.stack(logits_log[i]) if return_logits else None,
+                logprobs=np.asarray(logprob_log[i], np.float32) if return_logprobs else None,
             )
             for i in range(n)
         ]
