@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.twins import hf_generate, random_qwen3  # noqa: E402
+from benchmarks._twins import hf_generate, random_qwen3  # noqa: E402
 from sail_jax.inference.engine import Engine, Request  # noqa: E402
 from sail_jax.inference.sampling import SamplingParams  # noqa: E402
 

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.twins import hf_generate, tiny_checkpoint  # noqa: E402
+from benchmarks._twins import hf_generate, tiny_checkpoint  # noqa: E402
 from sail_jax.config import IM_END_TOKEN_ID, PAD_TOKEN_ID, ModelConfig  # noqa: E402
 from sail_jax.inference.engine import Engine, Request, bucket  # noqa: E402
 from sail_jax.inference.sampling import SamplingParams  # noqa: E402

@@ -1,6 +1,6 @@
-"""Shared setup of the benchmarks that race our engine against transformers `generate`: the same weights on both sides
-(a random Qwen3, or the LLM of the tiny test checkpoint exported by our converter) and a timed, left-padded
-transformers generation."""
+"""Shared setup of the benchmarks that race our engine against transformers `generate` (not a benchmark itself:
+`make bench` skips `_` files): the same weights on both sides (a random Qwen3, or the LLM of the tiny test checkpoint
+exported by our converter) and a timed, left-padded transformers generation."""
 
 from __future__ import annotations
 
