@@ -18,7 +18,7 @@ from converters.load import load_checkpoint
 from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.data.chat import vlmevalkit_prompt
 from sail_jax.data.processor import SailProcessor
-from sail_jax.inference.engine import Engine, Request, bucket, shard_params
+from sail_jax.inference.engine import Engine, Request, _distinct, bucket, shard_params
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from sail_jax.models.sail_vl import SailVL
@@ -312,3 +312,10 @@ def test_shared_image_prompt_equals_alone(vl, vl_requests):
     reqs = [dataclasses.replace(one, seed=s) for s in (1, 2)] + [dataclasses.replace(text, seed=3)]
     got = [c.token_ids for c in engine.generate(reqs, sp)]
     assert got == [engine.generate([r], sp)[0].token_ids for r in reqs]
+
+
+def test_prompts_are_shared_by_equal_ids_and_the_same_pixel_object():
+    ids, pix = np.arange(5), np.zeros((1, 3, 4, 4), np.float32)
+    reqs = [Request(ids, pix, seed=1), Request(ids.copy(), pix, seed=2), Request(ids, pix.copy()), Request(ids),
+            Request(ids.astype(np.int64)), Request(ids + 1)]
+    assert _distinct(reqs) == ([0, 2, 3, 5], [0, 0, 1, 2, 2, 3])

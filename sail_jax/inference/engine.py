@@ -25,6 +25,7 @@ data axes and kv heads over `tensor` (dimensions a mesh axis does not divide sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -347,13 +348,15 @@ class Engine:
 
 
 def _distinct(requests: Sequence[Request]) -> tuple[list[int], list[int]]:
-    """(index of each distinct prompt's first request, each request's prompt number): equal token ids and the same
-    pixel array object, or no pixels (the object, not its bytes: hashing every tile of a batch would cost more)."""
-    first: dict[tuple[bytes, int | None], int] = {}
+    """(index of each distinct prompt's first request, each request's prompt number): equal token ids and the very
+    same objects in every other input field but `seed` (pixels are compared by identity, not bytes: hashing every
+    tile of a batch would cost more than it saves; any image input a `Request` gains is covered the same way)."""
+    first: dict[tuple, int] = {}
     prompts, rows = [], []
     for i, r in enumerate(requests):
-        pixels = r.pixel_values if r.pixel_values is not None and len(r.pixel_values) else None
-        key = (np.asarray(r.input_ids, np.int32).tobytes(), None if pixels is None else id(pixels))
+        inputs = tuple(None if (v := getattr(r, f.name)) is None else id(v)
+                       for f in dataclasses.fields(r) if f.name not in ("input_ids", "seed"))
+        key = (np.asarray(r.input_ids, np.int32).tobytes(), inputs)
         if key not in first:
             first[key] = len(prompts)
             prompts.append(i)
