@@ -1,6 +1,7 @@
 """RL rollout throughput: n sampled completions of each prompt, our engine vs transformers `generate` with
 `num_return_sequences`, same weights (the tiny test checkpoint's LLM), tokens/s of each and their ratio; then the time
-split of one episode's rollout and its old-policy log-prob recompute by the trainer's forward.
+split of one episode's rollout and its old-policy log-prob recompute by the trainer's forward, with the largest
+difference between the engine's sampling log-probs and the recomputed ones.
 
 Text prompts of random lengths (random token ids), pure sampling at temperature 1 (top-k and top-p off on both sides,
 as DAPO samples), stop at `<|im_end|>` or `--new-tokens`, float32 on whatever device JAX / torch use here. Each side
@@ -29,7 +30,7 @@ import transformers  # noqa: E402
 
 from benchmarks._twins import hf_generate, tiny_checkpoint  # noqa: E402
 from sail_jax.config import IM_END_TOKEN_ID, PAD_TOKEN_ID, ModelConfig  # noqa: E402
-from sail_jax.inference.engine import Engine, Request, bucket  # noqa: E402
+from sail_jax.inference.engine import Completion, Engine, Request, bucket  # noqa: E402
 from sail_jax.inference.sampling import SamplingParams  # noqa: E402
 from sail_jax.models.sail_vl import SailVL  # noqa: E402
 from sail_jax.training.step import lm_head_kernel  # noqa: E402
@@ -41,14 +42,14 @@ def response_lengths(tokens: np.ndarray) -> list[int]:
             for row in tokens]
 
 
-def rollout(engine: Engine, prompts: list[np.ndarray], n: int, sampling: SamplingParams) -> tuple[float,
-                                                                                                   list[list[int]]]:
-    """Seconds and responses of one rollout: prompt i's samples are rows i*n .. i*n+n-1 (seeded by row), the same
-    array per group, so the engine prefills each prompt once."""
+def rollout(engine: Engine, prompts: list[np.ndarray], n: int, sampling: SamplingParams,
+            logprobs: bool = False) -> tuple[float, list[Completion]]:
+    """Seconds and completions of one rollout: prompt i's samples are rows i*n .. i*n+n-1 (seeded by row), the same
+    array per group, so the engine prefills each prompt once; with `logprobs`, the sampling log-probs too."""
     requests = [Request(p, seed=i * n + j) for i, p in enumerate(prompts) for j in range(n)]
     start = time.perf_counter()
-    out = engine.generate(requests, sampling)
-    return time.perf_counter() - start, [c.token_ids for c in out]
+    out = engine.generate(requests, sampling, return_logprobs=logprobs)
+    return time.perf_counter() - start, out
 
 
 def logprob_program(model: SailVL, cfg: ModelConfig, rows_per_chunk: int = 8):
@@ -96,15 +97,20 @@ def logprob_batch(prompts: list[np.ndarray], n: int, responses: list[list[int]],
 
 def episode_time_split(engine: Engine, model: SailVL, cfg: ModelConfig, prompts: list[np.ndarray], n: int,
                        sampling: SamplingParams) -> dict[str, float]:
-    """Seconds of one episode's parts that exist on this branch: the rollout and the old-policy log-prob recompute
-    (compiled beforehand, as in a running loop). The updates need the RL loop (`sail-jax rl`), not here yet."""
-    seconds, responses = rollout(engine, prompts, n, sampling)
+    """Seconds of one episode's parts that exist on this branch: the rollout (with the engine's sampling log-probs)
+    and the old-policy log-prob recompute (compiled beforehand, as in a running loop), and the numerics health
+    metric: max |engine log-prob - recomputed|. The updates need the RL loop (`sail-jax rl`), not here yet."""
+    rollout(engine, prompts, n, sampling, logprobs=True)  # compile the log-prob variant
+    seconds, out = rollout(engine, prompts, n, sampling, logprobs=True)
+    responses = [c.token_ids for c in out]
     batch = logprob_batch(prompts, n, responses, sampling.max_new_tokens)
     program = logprob_program(model, cfg)
     jax.block_until_ready(program(engine.params, *batch))  # compile
     start = time.perf_counter()
-    jax.block_until_ready(program(engine.params, *batch))
-    return {"rollout": seconds, "log-prob recompute": time.perf_counter() - start}
+    recomputed = np.asarray(program(engine.params, *batch))
+    recompute_s = time.perf_counter() - start
+    delta = max(float(np.abs(recomputed[r, :len(c.token_ids)] - c.logprobs).max()) for r, c in enumerate(out))
+    return {"rollout": seconds, "log-prob recompute": recompute_s, "max |logp delta|": delta}
 
 
 def main() -> None:
@@ -135,7 +141,7 @@ def main() -> None:
 
     rollout(engine, prompts, args.n, sampling)  # compile
     ours_s, ours = rollout(engine, prompts, args.n, sampling)
-    ours_tokens = sum(len(t) for t in ours)
+    ours_tokens = sum(len(c.token_ids) for c in ours)
     hf_generate(hf, prompts, 2, PAD_TOKEN_ID, **hf_kwargs)  # warm-up
     hf_s, hf_out = hf_generate(hf, prompts, args.new_tokens, PAD_TOKEN_ID, **hf_kwargs)
     assert hf_out.shape[0] == rows
@@ -145,8 +151,10 @@ def main() -> None:
     print(f"ratio sail-jax / transformers (rollout tokens/s): {ours_tokens / ours_s / (hf_tokens / hf_s):.2f}x "
           f"(goal >= 3x)")
     split = episode_time_split(engine, model, cfg, prompts, args.n, sampling)
+    delta = split.pop("max |logp delta|")
     print("episode time split: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items())
-          + "; updates: not measured (the RL loop is not on this branch)")
+          + f"; updates: not measured (the RL loop is not on this branch); max |sampling - recomputed log-prob| "
+          f"{delta:.2e}")
 
 
 if __name__ == "__main__":
