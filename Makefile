@@ -26,7 +26,7 @@ demo: venv
 	$(VENV)/bin/sail-jax demo --out demo_out
 
 bench: venv
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: venv
 	$(VENV)/bin/ruff check sail_jax converters pallas_kernels tests benchmarks setup.py

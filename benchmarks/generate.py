@@ -19,43 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from sail_jax.config import RuntimeConfig  # noqa: E402
+from benchmarks._twins import hf_generate, random_qwen3  # noqa: E402
 from sail_jax.inference.engine import Engine, Request  # noqa: E402
 from sail_jax.inference.sampling import SamplingParams  # noqa: E402
-from sail_jax.models.qwen3 import Qwen3ForCausalLM  # noqa: E402
-from sail_jax.sharding import abstract_params  # noqa: E402
-from tests.torch_refs import llm_config_from_torch, torch_llm_params  # noqa: E402
-
-
-def build(vocab: int) -> tuple[transformers.Qwen3ForCausalLM, Qwen3ForCausalLM, dict]:
-    torch.manual_seed(0)
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
-    cfg = llm_config_from_torch(hf_cfg)
-    lm = Qwen3ForCausalLM(cfg, RuntimeConfig())
-    abstract = abstract_params(lm, jnp.zeros((1, 4), jnp.int32))["params"]
-    params = {"params": jax.tree.map(jnp.asarray, torch_llm_params(hf, cfg, abstract, scanned=False))}
-    return hf, lm, params
 
 
 def time_hf(hf, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
-    ids = torch.from_numpy(prompts.astype(np.int64))
-    kwargs = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0,
-                  attention_mask=torch.ones_like(ids))
-    with torch.inference_mode():
-        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)  # warm-up
-        start = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        return time.perf_counter() - start, out[:, prompts.shape[1]:].numpy()
+    kwargs = dict(do_sample=False, eos_token_id=None, min_new_tokens=new_tokens)
+    hf_generate(hf, list(prompts), new_tokens, 0, **kwargs)  # warm-up
+    return hf_generate(hf, list(prompts), new_tokens, 0, **kwargs)
 
 
 def time_ours(engine: Engine, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
@@ -79,7 +55,7 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    hf, lm, params = build(args.vocab)
+    hf, lm, params = random_qwen3(args.vocab)
     engine = Engine(lm, params, decode_steps=args.decode_steps)
     prompts = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.prompt_len))
     n = args.new_tokens

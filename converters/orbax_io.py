@@ -46,8 +46,8 @@ from etils import epath
 from converters.core import ConversionError, Leaf, flat_abstract
 from converters.model_config import config_differences, model_config_from_dict, model_config_to_dict
 from sail_jax.config import ModelConfig
-from sail_jax.data.tokenizer import TOKENIZER_FILES
 from sail_jax.files import as_path
+from sail_jax.resources import TOKENIZER_FILES
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"

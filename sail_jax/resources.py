@@ -14,3 +14,7 @@ DATA_ROOT = PACKAGE_DIR if (PACKAGE_DIR / "configs").is_dir() else PACKAGE_DIR.p
 CONFIGS_DIR = DATA_ROOT / "configs"
 TOKENIZER_DIR = DATA_ROOT / "assets" / "tokenizer"
 JUDGE_PROMPTS_DIR = DATA_ROOT / "assets" / "judge_prompts"  # one LLM-judge prompt per benchmark
+
+# The files of a tokenizer / processor directory (what checkpoints carry and what is fetched from a URL).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")

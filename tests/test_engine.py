@@ -18,7 +18,7 @@ from converters.load import load_checkpoint
 from sail_jax.config import LLMConfig, RuntimeConfig
 from sail_jax.data.chat import vlmevalkit_prompt
 from sail_jax.data.processor import SailProcessor
-from sail_jax.inference.engine import Engine, Request, bucket, shard_params
+from sail_jax.inference.engine import Engine, Request, _distinct, bucket, shard_params
 from sail_jax.inference.sampling import SamplerKind, SamplingParams, sample
 from sail_jax.models.qwen3 import Qwen3ForCausalLM
 from sail_jax.models.sail_vl import SailVL
@@ -169,6 +169,26 @@ def test_sampling_seeded_and_batch_independent(text_lm):
     assert batched == [engine.generate([r], hot)[0].token_ids for r in seeded]
 
 
+def test_logprobs_are_log_softmax_of_the_step_logits(text_lm):
+    """Sampled: log softmax(logits / T) of each returned token, the same from the streamed calls (with logits) and
+    the one device loop (without); greedy: at temperature 1."""
+    _, _, engine, prompts, greedy = text_lm
+    reqs = [Request(p, seed=i) for i, p in enumerate(prompts)]
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=3)
+    streamed = engine.generate(reqs, hot, return_logits=True, return_logprobs=True)
+    loop = engine.generate(reqs, hot, return_logprobs=True)
+    for a, b in zip(streamed, loop):
+        want = np.asarray(jax.nn.log_softmax(a.step_logits / 1.5, -1))[np.arange(len(a.token_ids)), a.token_ids]
+        np.testing.assert_allclose(a.logprobs, want, atol=1e-5)
+        assert a.token_ids == b.token_ids and b.step_logits is None
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-6)
+    cold = engine.generate(reqs, SamplingParams(max_new_tokens=10), return_logprobs=True)
+    for c, g in zip(cold, greedy):
+        want = np.asarray(jax.nn.log_softmax(g.step_logits, -1))[np.arange(10), g.token_ids]
+        assert c.token_ids == g.token_ids
+        np.testing.assert_allclose(c.logprobs, want, atol=1e-5)
+
+
 def test_stop_tokens_max_new_tokens_and_streaming(text_lm):
     _, _, engine, prompts, greedy = text_lm
     free = [c.token_ids for c in greedy]
@@ -263,3 +283,39 @@ def test_moe_engine_equals_full_recompute():
         tokens, logits = full_recompute(lm, params, p, 6)
         assert out.token_ids == tokens
         assert np.abs(out.step_logits - logits).max() <= 1e-4
+
+
+def test_shared_prompts_sample_like_separate_requests(text_lm):
+    """n seeded samples of each prompt: one prefill per prompt (cache copied to its rows), the same tokens as each
+    request alone, in one device loop and when streamed; the stop token ends rows early in both."""
+    _, _, engine, prompts, greedy = text_lm
+    reqs = [Request(p, seed=10 * i + j) for i, p in enumerate(prompts) for j in range(3)]
+    stop = greedy[0].token_ids[3]
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=5, stop_token_ids=(stop,))
+    alone = [engine.generate([r], hot)[0] for r in reqs]
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
+    for got in (engine.generate(reqs, hot),
+                engine.generate(reqs, hot, on_tokens=lambda row, ids: streamed[row].extend(ids))):
+        assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in alone]
+    assert streamed == {i: c.token_ids for i, c in enumerate(alone)}
+    assert len({tuple(c.token_ids) for c in alone[:3]}) > 1  # the samples of one prompt differ
+    cold = SamplingParams(max_new_tokens=10, stop_token_ids=(stop,))
+    shared = engine.generate([Request(prompts[0])] * 2 + [Request(prompts[1])], cold)
+    assert [c.token_ids for c in shared] == [greedy[0].token_ids[:4]] * 2 + [greedy[1].token_ids]
+    assert [c.finish_reason for c in shared] == ["stop", "stop", "length"]
+
+
+def test_shared_image_prompt_equals_alone(vl, vl_requests):
+    _, _, engine, _ = vl
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=2)
+    one, text = vl_requests[0], vl_requests[1]
+    reqs = [dataclasses.replace(one, seed=s) for s in (1, 2)] + [dataclasses.replace(text, seed=3)]
+    got = [c.token_ids for c in engine.generate(reqs, sp)]
+    assert got == [engine.generate([r], sp)[0].token_ids for r in reqs]
+
+
+def test_prompts_are_shared_by_equal_ids_and_the_same_pixel_object():
+    ids, pix = np.arange(5), np.zeros((1, 3, 4, 4), np.float32)
+    reqs = [Request(ids, pix, seed=1), Request(ids.copy(), pix, seed=2), Request(ids, pix.copy()), Request(ids),
+            Request(ids.astype(np.int64)), Request(ids + 1)]
+    assert _distinct(reqs) == ([0, 2, 3, 5], [0, 0, 1, 2, 2, 3])

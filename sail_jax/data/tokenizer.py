@@ -15,17 +15,13 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from sail_jax.files import as_path, is_url, local_copy
-from sail_jax.resources import DATA_ROOT
+from sail_jax.resources import DATA_ROOT, TOKENIZER_FILES
 
 PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-
-# The files of a tokenizer / processor directory (what checkpoints carry and what is fetched from a URL).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
 def find_tokenizer_dir(directory: str | Path) -> Path:

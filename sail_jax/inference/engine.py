@@ -9,11 +9,16 @@ as `SailVL.embed` does. An AnyRes model (`ImageSlots.anyres`) takes each request
 instead: a request's images are packed into one ViT row (`models.anyres.pack_patches`), request order again.
 
 Static shapes. P and S are rounded up by `bucket` (four sizes per octave, at most 25 % padding for long prompts),
-the batch to a power of two (extra rows are empty), tiles to a multiple of `tile_chunk` (the ViT always runs on one
-chunk shape), AnyRes patch rows by `bucket` too, and each decode call runs `decode_steps` tokens in a `lax.scan`;
-sampling settings other than the filter kind (temperature, top-p value, stop ids) are data. So a serving process
-compiles a handful of programs, shared by all engines on an equal model. The decode call donates its state (cache
-included), which XLA then updates in place.
+the batch to a power of two (extra rows are empty), tiles to a multiple of a power-of-two chunk <= `tile_chunk`,
+AnyRes patch rows by `bucket` too,
+and a decode call is a `lax.while_loop` over a static token buffer (`decode_steps` long when streaming, else the
+cache's free slots, so the whole decode is one device call) that stops on the device once every row has met a stop
+token; sampling settings other than the filter kind (temperature, top-p value, stop ids, the step budget) are data.
+So a serving process compiles a handful of programs, shared by all engines on an equal model. The decode call
+donates its state (cache included), which XLA then updates in place.
+
+Shared prompts. Identical requests (the n samples of one RL prompt) are prefilled once; the prefill program copies
+each distinct prompt's cache rows and last logits to its requests' rows before sampling, with each row's own key.
 
 Sharding. With a mesh, parameters are placed by the logical rules and the cache is constrained to batch over the
 data axes and kv heads over `tensor` (dimensions a mesh axis does not divide stay replicated).
@@ -22,6 +27,7 @@ data axes and kv heads over `tensor` (dimensions a mesh axis does not divide sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,11 +79,14 @@ class Request:
 @dataclass
 class Completion:
     """New token ids only (a final stop token included, as HF generate), why generation ended ("stop" or
-    "length"), and the float32 logits of each step [steps, V] when asked for."""
+    "length"), and when asked for: the float32 logits of each step [steps, V], and `logprobs` [steps], each token's
+    log softmax(logits / temperature) over the whole vocabulary (temperature 1 when greedy; before top-k / top-p),
+    computed on the device: what RL needs as the sampling policy's log-probs, without moving [steps, V] logits."""
 
     token_ids: list[int]
     finish_reason: str
     step_logits: np.ndarray | None = None
+    logprobs: np.ndarray | None = None
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -100,8 +109,8 @@ class _Programs:
 
     def __init__(self, model: GenerativeModel, cache_dtype: Any, mesh: jax.sharding.Mesh | None, pad_token_id: int):
         self.model, self.cache_dtype, self.mesh, self.pad_token_id = model, cache_dtype, mesh, pad_token_id
-        self.prefill = jax.jit(self.prefill, static_argnames=("cache_len", "kind", "with_logits"))
-        self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits"),
+        self.prefill = jax.jit(self.prefill, static_argnames=("cache_len", "kind", "with_logits", "with_logprobs"))
+        self.decode = jax.jit(self.decode, static_argnames=("n_steps", "kind", "with_logits", "with_logprobs"),
                               donate_argnames=("state",))
         self.features = jax.jit(lambda p, x: model.apply(p, x, method="extract_feature"))
         self.packed_features = jax.jit(lambda p, x: model.apply(p, x, method="extract_feature_packed"))
@@ -120,32 +129,63 @@ class _Programs:
         logits, cache = self.model.apply(params, embeds, positions, segment_ids, cache, method="last_logits")
         return logits, self._constrain_cache(cache)
 
-    def prefill(self, params, ids, segment_ids, positions, features, feature_mask, keys, temperature, top_p, stop_ids,
-                *, cache_len: int, kind: SamplerKind, with_logits: bool):
+    def prefill(self, params, ids, segment_ids, positions, features, feature_mask, rows, live, keys, temperature,
+                top_p, stop_ids, *, cache_len: int, kind: SamplerKind, with_logits: bool, with_logprobs: bool):
+        """Prefill the distinct prompts, then give each row its prompt's cache and logits (`rows` [B]: the prompt
+        of each row, or None when every row has its own), and sample each row's first token with its own key."""
         embeds = self.model.apply(params, ids, features, feature_mask, method="embed_prompt")
         cache = self._constrain_cache(init_cache(self.model.llm_config, ids.shape[0], cache_len, self.cache_dtype))
         logits, cache = self._forward(params, embeds, positions, segment_ids, cache)
+        if rows is not None:
+            cache = self._constrain_cache({"k": cache["k"][:, rows], "v": cache["v"][:, rows],
+                                           "segment_ids": cache["segment_ids"][rows], "index": cache["index"]})
+            logits, positions = logits[rows], positions[rows]
         tok = sample(logits, step_keys(keys, jnp.int32(0)), kind, temperature, top_p)
-        state = {"cache": cache, "tok": tok, "pos": positions[:, -1] + 1, "done": jnp.isin(tok, stop_ids),
-                 "keys": keys, "step": jnp.ones((), jnp.int32)}
-        return state, tok, (logits if with_logits else None)
+        lp = _logprobs(logits, tok, kind, temperature) if with_logprobs else None
+        state = {"cache": cache, "tok": tok, "pos": positions[:, -1] + 1,
+                 "done": jnp.isin(tok, stop_ids) | ~live, "keys": keys, "step": jnp.ones((), jnp.int32)}
+        return state, tok, lp, (logits if with_logits else None)
 
-    def decode(self, params, state, temperature, top_p, stop_ids,
-               *, n_steps: int, kind: SamplerKind, with_logits: bool):
-        ones = jnp.ones((state["tok"].shape[0], 1), jnp.int32)
+    def decode(self, params, state, limit, temperature, top_p, stop_ids,
+               *, n_steps: int, kind: SamplerKind, with_logits: bool, with_logprobs: bool):
+        """Up to `limit` (<= n_steps) decode steps in one device loop, which ends early once every row has met a stop
+        token; returns tokens [B, n_steps] (pad after the last step run) and, when asked, their log-probs [B, n_steps]
+        and the logits [B, n_steps, V]."""
+        b = state["tok"].shape[0]
+        ones = jnp.ones((b, 1), jnp.int32)
+        toks = jnp.full((b, n_steps), self.pad_token_id, jnp.int32)
+        logits_buf = jnp.zeros((b, n_steps, self.model.llm_config.vocab_size), jnp.float32) if with_logits else None
+        lps = jnp.zeros((b, n_steps), jnp.float32) if with_logprobs else None
 
-        def step(st, _):
+        def step(carry):
+            st, toks, lps, logits_buf, i = carry
             embeds = self.model.apply(params, st["tok"][:, None], method="embed_prompt")
             logits, cache = self._forward(params, embeds, st["pos"][:, None], ones, st["cache"])
             tok = sample(logits, step_keys(st["keys"], st["step"]), kind, temperature, top_p)
+            if with_logprobs:
+                lps = jax.lax.dynamic_update_slice(lps, _logprobs(logits, tok, kind, temperature)[:, None], (0, i))
             tok = jnp.where(st["done"], self.pad_token_id, tok)
             new = {"cache": cache, "tok": tok, "pos": st["pos"] + 1,
                    "done": st["done"] | jnp.isin(tok, stop_ids), "keys": st["keys"],
                    "step": st["step"] + 1}
-            return new, (tok, logits if with_logits else None)
+            toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+            if with_logits:
+                logits_buf = jax.lax.dynamic_update_slice(logits_buf, logits[:, None], (0, i, 0))
+            return new, toks, lps, logits_buf, i + 1
 
-        state, (toks, logits) = jax.lax.scan(step, state, None, length=n_steps)
-        return state, toks.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
+        def more(carry):
+            st, *_, i = carry
+            return (i < limit) & ~jnp.all(st["done"])
+
+        state, toks, lps, logits_buf, _ = jax.lax.while_loop(more, step,
+                                                             (state, toks, lps, logits_buf, jnp.int32(0)))
+        return state, toks, lps, logits_buf
+
+
+def _logprobs(logits: jax.Array, tok: jax.Array, kind: SamplerKind, temperature: jax.Array) -> jax.Array:
+    """log softmax(logits / temperature)[tok] per row (temperature 1 when greedy), float32."""
+    scaled = logits if kind.greedy else logits / temperature
+    return jnp.take_along_axis(scaled, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,7 +198,8 @@ class Engine:
     """Generation for any `GenerativeModel`: a `SailVL` (text and images) or a bare `Qwen3ForCausalLM` (text), dense
     or MoE.
 
-    `decode_steps` tokens are produced per device call (the streaming granularity and the early-stop check);
+    `decode_steps` tokens are produced per device call when streaming or returning logits (the streaming
+    granularity); otherwise one call decodes everything;
     `cache_dtype` defaults to the runtime's compute dtype; `pad_token_id` (filler of pad slots, default
     `<|endoftext|>`, or 0 for a vocabulary without it) must be a real row of the embedding: a NaN pad embedding
     would leak through the zero attention weights (0 * NaN).
@@ -205,9 +246,10 @@ class Engine:
         # Upstream's processor hands the model bfloat16 pixels; round the same way (a no-op on rounded input).
         pix = np.concatenate(tiles).astype(jnp.bfloat16).astype(np.float32)
         n = pix.shape[0]
-        padded = -(-n // self.tile_chunk) * self.tile_chunk
+        chunk = min(self.tile_chunk, 1 << (n - 1).bit_length())  # a few tiles run on a smaller power-of-two chunk
+        padded = -(-n // chunk) * chunk
         pix = np.concatenate([pix, np.zeros((padded - n, *pix.shape[1:]), np.float32)])
-        chunks = [self._p.features(self.params, pix[s:s + self.tile_chunk]) for s in range(0, padded, self.tile_chunk)]
+        chunks = [self._p.features(self.params, pix[s:s + chunk]) for s in range(0, padded, chunk)]
         feats = jnp.concatenate(chunks)
         per_tile = feats.shape[1]
         mask = np.repeat(np.arange(padded) < n, per_tile)
@@ -264,68 +306,104 @@ class Engine:
         sampling: SamplingParams = SamplingParams(),
         on_tokens: TokenCallback | None = None,
         return_logits: bool = False,
+        return_logprobs: bool = False,
     ) -> list[Completion]:
         """Generate for every request at once. `on_tokens(row, new_ids)` is called as tokens arrive (after the
-        prefill and after each decode call) with the row's tokens that count (nothing after its stop token)."""
+        prefill and after each decode call) with the row's tokens that count (nothing after its stop token).
+
+        Requests with equal token ids and the same pixel array object (or none), such as the n samples of one RL
+        prompt told apart by `seed`, share one prefill: its cache is copied to each of their rows. Without
+        `on_tokens` and `return_logits` the whole decode is one device loop; otherwise calls of `decode_steps`."""
         self._check(requests)
         check_context_length([len(r.input_ids) for r in requests], sampling.max_new_tokens, self.model.llm_config)
         n = len(requests)
         batch = 1 << (n - 1).bit_length()
-        lengths = [len(r.input_ids) for r in requests]
+        prompts, rows = _distinct(requests)
+        shared = len(prompts) < n
+        prompt_batch = 1 << (len(prompts) - 1).bit_length() if shared else batch
+        lengths = [len(requests[j].input_ids) for j in prompts]
         plen = bucket(max(lengths))
         m = sampling.max_new_tokens
         n_calls = -(-(m - 1) // self.decode_steps)
         cache_len = bucket(plen + n_calls * self.decode_steps)
+        stream = on_tokens is not None or return_logits
+        n_steps = self.decode_steps if stream else cache_len - plen  # one loop: the decode budget is m - 1 steps
 
-        ids = np.full((batch, plen), self.pad_token_id, np.int32)
-        mask = np.zeros((batch, plen), np.int32)
-        for i, r in enumerate(requests):
-            ids[i, plen - lengths[i]:] = np.asarray(r.input_ids, np.int32)
-            mask[i, plen - lengths[i]:] = 1
+        ids = np.full((prompt_batch, plen), self.pad_token_id, np.int32)
+        mask = np.zeros((prompt_batch, plen), np.int32)
+        for i, (j, length) in enumerate(zip(prompts, lengths)):
+            ids[i, plen - length:] = np.asarray(requests[j].input_ids, np.int32)
+            mask[i, plen - length:] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        row_prompt = np.zeros(batch, np.int32)  # the extra rows of the padded batch copy prompt 0 and are not live
+        row_prompt[:n] = rows
+        live = np.arange(batch) < n
         seeds = [r.seed if r.seed is not None else i for i, r in enumerate(requests)] + [0] * (batch - n)
-        static = {"kind": sampling.kind(), "with_logits": return_logits}
+        static = {"kind": sampling.kind(), "with_logits": return_logits, "with_logprobs": return_logprobs}
         # stop ids are data (only their count is compiled in); -1 pads an empty list and matches no token
         stop_ids = np.asarray(sampling.stop_token_ids or (-1,), np.int32)
+        stops = set(sampling.stop_token_ids)
         dyn = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), stop_ids)
 
         out: list[list[int]] = [[] for _ in range(n)]
         finished = [False] * n
         logits_log: list[list[np.ndarray]] = [[] for _ in range(n)]
+        logprob_log: list[list[float]] = [[] for _ in range(n)]
 
-        def collect(tokens: np.ndarray, logits: np.ndarray | None) -> None:
+        def collect(tokens: np.ndarray, logprobs: np.ndarray | None, logits: np.ndarray | None) -> None:
             for i in range(n):
                 if finished[i]:
                     continue
-                new = []
-                for k, t in enumerate(tokens[i][: m - len(out[i])]):
-                    new.append(int(t))
-                    if logits is not None:
-                        logits_log[i].append(logits[i, k])
-                    if int(t) in sampling.stop_token_ids:
-                        finished[i] = True
-                        break
+                new = tokens[i, : m - len(out[i])].tolist()
+                end = next((k + 1 for k, t in enumerate(new) if t in stops), None)
+                if end is not None:
+                    new, finished[i] = new[:end], True
+                if logits is not None:
+                    logits_log[i] += list(logits[i, : len(new)])
+                if logprobs is not None:
+                    logprob_log[i] += logprobs[i, : len(new)].tolist()
                 out[i] += new
                 finished[i] |= len(out[i]) >= m
                 if new and on_tokens is not None:
                     on_tokens(i, new)
 
         with self._mesh_scope():
-            feats, feat_mask = self._image_features(requests) if self.image_slots else (None, None)
+            feats, feat_mask = self._image_features([requests[j] for j in prompts]) if self.image_slots else (None,
+                                                                                                               None)
             keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed),
                                                                     jnp.asarray(seeds, jnp.uint32))
-            state, tok, logits = self._p.prefill(
-                self.params, ids, mask, positions, feats, feat_mask, keys, *dyn, cache_len=cache_len, **static)
-            collect(np.asarray(tok)[:, None], None if logits is None else np.asarray(logits)[:, None])
+            state, tok, lp, logits = self._p.prefill(
+                self.params, ids, mask, positions, feats, feat_mask, row_prompt if shared else None, live, keys, *dyn,
+                cache_len=cache_len, **static)
+            collect(*(None if x is None else np.asarray(x)[:, None] for x in (tok, lp, logits)))
             while not all(finished):
-                state, toks, logits = self._p.decode(self.params, state, *dyn, n_steps=self.decode_steps, **static)
-                collect(np.asarray(toks), None if logits is None else np.asarray(logits))
+                limit = jnp.int32(n_steps if stream else m - 1)
+                state, toks, lps, logits = self._p.decode(self.params, state, limit, *dyn, n_steps=n_steps,
+                                                          **static)
+                collect(*(None if x is None else np.asarray(x) for x in (toks, lps, logits)))
         return [
             Completion(
                 token_ids=out[i],
-                finish_reason="stop" if out[i] and out[i][-1] in sampling.stop_token_ids else "length",
+                finish_reason="stop" if out[i] and out[i][-1] in stops else "length",
                 step_logits=np.stack(logits_log[i]) if return_logits else None,
+                logprobs=np.asarray(logprob_log[i], np.float32) if return_logprobs else None,
             )
             for i in range(n)
         ]
 
+
+def _distinct(requests: Sequence[Request]) -> tuple[list[int], list[int]]:
+    """(index of each distinct prompt's first request, each request's prompt number): equal token ids and the very
+    same objects in every other input field but `seed` (pixels are compared by identity, not bytes: hashing every
+    tile of a batch would cost more than it saves; any image input a `Request` gains is covered the same way)."""
+    first: dict[tuple, int] = {}
+    prompts, rows = [], []
+    for i, r in enumerate(requests):
+        inputs = tuple(None if (v := getattr(r, f.name)) is None else id(v)
+                       for f in dataclasses.fields(r) if f.name not in ("input_ids", "seed"))
+        key = (np.asarray(r.input_ids, np.int32).tobytes(), inputs)
+        if key not in first:
+            first[key] = len(prompts)
+            prompts.append(i)
+        rows.append(first[key])
+    return prompts, rows
