@@ -77,8 +77,7 @@ def scatter_tile_features(
         vals = f[jnp.maximum(tile, 0), ordinal % n]
         return jnp.where((is_ctx & (tile >= 0))[..., None], vals.astype(e.dtype), e)
 
-    # Each group's rows, tiles and features stay on the group's device (the layouts XLA would otherwise guess from
-    # the embedding table's, gathering whole activations).
+    # Pin the group axis to the data-parallel devices, so each group's gather runs on the device holding its rows.
     grouped = ("activation_batch", None, "activation_length", "activation_embed")
     split = lambda x: x.reshape(groups, -1, *x.shape[1:])
     e = constrain(split(embeds), grouped)
