@@ -25,7 +25,7 @@ from sail_jax.data.tile_budget import (
 from sail_jax.evaluation.demo import make_demo_data
 from sail_jax.sharding import mesh_from_spec, use_mesh
 from sail_jax.training.program import build_program
-from sail_jax.training.step import make_loss_fn
+from sail_jax.training.step import make_loss_fn, micro_batch
 from sail_jax.training.synthetic import SyntheticSource
 
 S = 4  # tile side in the pipeline tests: the packer only moves tiles around
@@ -184,3 +184,26 @@ def test_pipeline_with_auto_budget_sees_each_demo_sample_once_and_restores(data_
     assert all("deferred_rows" in b for b in batches)
     with pytest.raises(ValueError, match="tile_budget=4: expected None, 'auto' or an int >= max_tiles=8"):
         dataclasses.replace(cfg, tile_budget=4)
+
+
+def test_micro_batches_of_a_budgeted_batch_hold_their_own_rows_tiles():
+    """With G = shards x micro-batches tile groups, micro-batch j of each shard (`step.micro_batch`) gets exactly
+    the packed tiles of its own rows: what packing those rows alone over the shards gives."""
+    rng = np.random.default_rng(4)
+    shards, micro, rows_per_group, slots, budget = 2, 2, 2, 3, 6
+    rows = shards * micro * rows_per_group
+    mask = np.zeros((rows, slots), bool)
+    for r, n in enumerate(rng.integers(0, slots + 1, rows)):
+        mask[r, :n] = True
+    pix = rng.standard_normal((rows, slots, 1, 2, 2)).astype(np.float32) * mask[..., None, None, None]
+    ids = np.arange(rows * 4, dtype=np.int32).reshape(rows, 4)
+    pixels, index = pack_tiles(pix, mask, shards * micro, budget)
+    batch = {"input_ids": ids, "pixel_values": pixels, "tile_index": index}
+    for j in range(micro):
+        got = jax.tree.map(np.asarray, micro_batch(batch, j, micro, shards))
+        fixed = {"input_ids": ids, "pixel_values": pix, "tile_mask": mask}
+        want = jax.tree.map(np.asarray, micro_batch(fixed, j, micro, shards))
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        w_pixels, w_index = pack_tiles(want["pixel_values"], want["tile_mask"], shards, budget)
+        np.testing.assert_array_equal(got["tile_index"], w_index)
+        np.testing.assert_array_equal(got["pixel_values"], w_pixels)
