@@ -5,6 +5,8 @@ fixed-slot loss and gradients on the same batch over 8 devices."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import grain
 import jax
@@ -25,8 +27,9 @@ from sail_jax.data.tile_budget import (
 from sail_jax.evaluation.demo import make_demo_data
 from sail_jax.sharding import mesh_from_spec, use_mesh
 from sail_jax.training.program import build_program
-from sail_jax.training.step import make_loss_fn
+from sail_jax.training.step import make_loss_fn, micro_batch
 from sail_jax.training.synthetic import SyntheticSource
+from sail_jax.training.trainer import train
 
 S = 4  # tile side in the pipeline tests: the packer only moves tiles around
 BASE = PRESETS["tiny"]
@@ -184,3 +187,54 @@ def test_pipeline_with_auto_budget_sees_each_demo_sample_once_and_restores(data_
     assert all("deferred_rows" in b for b in batches)
     with pytest.raises(ValueError, match="tile_budget=4: expected None, 'auto' or an int >= max_tiles=8"):
         dataclasses.replace(cfg, tile_budget=4)
+
+
+def test_micro_batches_of_a_budgeted_batch_hold_their_own_rows_tiles():
+    """With G = shards x micro-batches tile groups, micro-batch j of each shard (`step.micro_batch`) gets exactly
+    the packed tiles of its own rows: what packing those rows alone over the shards gives."""
+    rng = np.random.default_rng(4)
+    shards, micro, rows_per_group, slots, budget = 2, 2, 2, 3, 6
+    rows = shards * micro * rows_per_group
+    mask = np.zeros((rows, slots), bool)
+    for r, n in enumerate(rng.integers(0, slots + 1, rows)):
+        mask[r, :n] = True
+    pix = rng.standard_normal((rows, slots, 1, 2, 2)).astype(np.float32) * mask[..., None, None, None]
+    ids = np.arange(rows * 4, dtype=np.int32).reshape(rows, 4)
+    pixels, index = pack_tiles(pix, mask, shards * micro, budget)
+    batch = {"input_ids": ids, "pixel_values": pixels, "tile_index": index}
+    for j in range(micro):
+        got = jax.tree.map(np.asarray, micro_batch(batch, j, micro, shards))
+        fixed = {"input_ids": ids, "pixel_values": pix, "tile_mask": mask}
+        want = jax.tree.map(np.asarray, micro_batch(fixed, j, micro, shards))
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        w_pixels, w_index = pack_tiles(want["pixel_values"], want["tile_mask"], shards, budget)
+        np.testing.assert_array_equal(got["tile_index"], w_index)
+        np.testing.assert_array_equal(got["pixel_values"], w_pixels)
+
+
+def budgeted_synthetic(*, cfg, global_batch_size, seq_len, process_index, process_count, seed):
+    """A data factory of budgeted batches: samples of up to two 56-px tiles packed into rows of `seq_len`, two rows
+    and 2 tiles per device, so tile-heavy rows wait."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(40):
+        tiles = int(rng.choice([0, 1, 2]))
+        ids = np.concatenate([np.full(tiles * cfg.tokens_per_tile, cfg.img_context_token_id),
+                              rng.integers(1, 64, 12)]).astype(np.int32)
+        samples.append({"input_ids": ids, "loss_mask": (np.arange(len(ids)) >= len(ids) - 6).astype(np.int32),
+                        "pixel_values": rng.standard_normal((tiles, 3, 56, 56), dtype=np.float32),
+                        "info": {"dataset": 0, "where": f"s:{i}"}})
+    ds = grain.MapDataset.source(samples).repeat(None).to_iter_dataset(grain.ReadOptions(num_threads=0))
+    return iter(BudgetedBatchIterDataset(pack_rows(ds, seq_len, 2, num_bins=2, seed=seed), global_batch_size, 4,
+                                         budget=2, max_tiles=2))
+
+
+def test_trainer_steps_on_budgeted_batches_and_reports_deferred_rows(tmp_path):
+    """`train` on budgeted batches: the jitted, donated, sharded step on a {data: 2, fsdp: 2} mesh, a finite loss,
+    and each step's `deferred_rows` in its metrics."""
+    train(model=CFG, data=budgeted_synthetic, workdir=str(tmp_path), steps=2, batch_size=8, seq_len=24,
+          trainable=("adapter",), mesh={"data": 2, "fsdp": 2}, log_every=1)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and 0 < m["tiles"] <= 8 for m in steps), steps
+    assert sum(m["deferred_rows"] for m in steps) > 0

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sail_jax.config import LLMConfig, ModelConfig, RuntimeConfig
+from sail_jax.layers.common import constrain
 from sail_jax.models.adapter import PixelShuffleAdapter
 from sail_jax.models.anyres import PackedImages, gather_pixel_shuffle
 from sail_jax.models.generative import ImageSlots
@@ -78,9 +79,13 @@ def scatter_tile_features(
         vals = f[jnp.maximum(tile, 0), ordinal % n]
         return jnp.where((is_ctx & (tile >= 0))[..., None], vals.astype(e.dtype), e)
 
+    # Pin the group axis to the data-parallel devices, so each group's gather runs on the device holding its rows.
+    grouped = ("activation_batch", None, "activation_length", "activation_embed")
     split = lambda x: x.reshape(groups, -1, *x.shape[1:])
-    out = jax.vmap(group)(split(embeds), split(input_ids), split(features), tile_index)
-    return out.reshape(b, t, d)
+    e = constrain(split(embeds), grouped)
+    f = constrain(split(features), ("activation_tiles", None, None, "activation_embed"))
+    out = constrain(jax.vmap(group)(e, split(input_ids), f, tile_index), grouped)
+    return constrain(out.reshape(b, t, d), ("activation_batch", "activation_length", "activation_embed"))
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> tuple[jax.Array, jax.Array]:

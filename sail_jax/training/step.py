@@ -17,7 +17,9 @@ and token counts, from a forward-only pass over the micro-batches first, because
 product of two whole-batch sums and its gradient needs the assignment counts of every micro-batch). The shares add
 up to the whole batch's loss, so their gradients add up to its gradient; metrics, the guard and AdaLRS see the
 step. Micro-batch j takes rows j*r..(j+1)*r-1 of every batch shard's rows (r = rows / (shards * k)), so no device
-sends rows to another, and the target budget applies per micro-batch (per shard's slice of it).
+sends rows to another, and the target budget applies per micro-batch (per shard's slice of it). A tile-budgeted
+batch (`data.batch`: `tile_index` [G, budget, 2]) splits the same way when its G tile groups are the shards x
+micro-batches, so each micro-batch's ViT runs on its own groups' tiles only.
 """
 
 from __future__ import annotations
