@@ -48,7 +48,7 @@ from converters.orbax_io import (
     write_step_metadata,
 )
 from sail_jax.config import ModelConfig
-from sail_jax.files import apply_umask, as_path, is_url, upload_tree
+from sail_jax.files import apply_umask, as_path, is_url, local_copy, upload_tree
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json",
@@ -89,14 +89,15 @@ class OrbaxSource:
 
 
 def open_source(src: str | Path) -> tuple[ModelConfig, TensorSource]:
-    """(config, tensors) of an upstream SAIL-VL2 directory or of our checkpoint directory (either local, ours also
-    on an object store)."""
+    """(config, tensors) of an upstream SAIL-VL2 directory or of our checkpoint directory, local or on an object
+    store (an upstream one is copied to the local cache first)."""
     if is_our_checkpoint(src):
         source = OrbaxSource(src)
         return source.cfg, source
-    if is_url(src):
-        raise ConversionError(f"{src}: not a sail-jax checkpoint (params/ + model_config/); upstream safetensors "
-                              f"directories are read from local paths only: copy it to a local directory first")
+    if is_url(src):  # safetensors are memory-mapped: a local copy, made once per content (`files.local_copy`)
+        if not (as_path(src) / "config.json").is_file():
+            raise ConversionError(f"{src}: neither a sail-jax checkpoint (params/ + model_config/) nor has config.json")
+        src = local_copy(src)
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such checkpoint directory")

@@ -100,6 +100,27 @@ def test_video_records_under_a_gcs_root(gcs, tmp_path):
     assert gone["skip"] == "missing_video" and f"gs://{BUCKET}/videos/gone.mp4" in gone["error"]
 
 
+def test_eval_video_tsv_and_videos_from_gcs(gcs, tmp_path):
+    """A Video-MME-style TSV and its videos in the bucket: rows read from the URL, frames from the object."""
+    from sail_jax.data.video import load_video
+    from sail_jax.evaluation.data import read_tsv
+    from tests.video_utils import write_video
+
+    write_video(tmp_path / "a.mp4", 12)
+    bench = as_path(f"gs://{BUCKET}/bench")
+    (bench / "videos" / "a.mp4").write_bytes((tmp_path / "a.mp4").read_bytes())
+    (bench / "v.tsv").write_text("index\tvideo\tquestion\tanswer\tA\tB\n0\tvideos/a.mp4\tWhat?\tA\tbars\tdots\n"
+                                 "1\tvideos/gone.mp4\tWhat?\tB\tbars\tdots\n")
+    items = read_tsv(f"gs://{BUCKET}/bench/v.tsv", num_frames=4)
+    assert [i.video.path for i in items] == [f"gs://{BUCKET}/bench/videos/a.mp4", f"gs://{BUCKET}/bench/videos/gone.mp4"]
+    assert load_video(items[0].video.path, 4).frames.shape[0] == 4
+    with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/bench/videos/gone.mp4"):
+        load_video(items[1].video.path, 4)
+    with pytest.raises(ValueError, match=f"gs://{BUCKET}/bench/bad.tsv: missing column"):
+        (bench / "bad.tsv").write_text("index\tquestion\n0\tWhat?\n")
+        read_tsv(f"gs://{BUCKET}/bench/bad.tsv")
+
+
 def test_train_on_data_and_tokenizer_from_gcs(gcs, gcs_data, tmp_path):
     data, tok = gcs_data
     e = {**os.environ, **gcs, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
@@ -158,6 +179,10 @@ def test_train_kill_resume_convert_on_gcs(gcs, tmp_path, capsys):
     assert json.loads((hf / "config.json").read_text())["llm_config"]["vocab_size"] == 512
     assert (hf / "model.safetensors").exists()
     assert (hf / "vocab.json").read_bytes() == (REPO / "assets/tokenizer/vocab.json").read_bytes()
+    # and an upstream directory on gs:// converts back (read through a local copy)
+    back = tmp_path / "back"
+    assert main(["convert", "hf-to-orbax", "--src", f"gs://{BUCKET}/hf", "--dst", str(back), "--no-progress"]) == 0
+    assert (back / "params").is_dir() and (back / "model_config").is_dir()
 
     # commands run from the gs:// workdir alone (the tokenizer it carries is fetched)
     assert main(["info", "--checkpoint", workdir]) == 0

@@ -151,7 +151,7 @@ def test_eval_on_a_video_mcq_tsv(clips, tmp_path, capsys):
     items = read_tsv(tsv, root, num_frames=2)
     assert [i.options for i in items] == [{"A": "bars", "B": "a cat", "C": "nothing"}, {"A": "one", "B": "two"},
                                           {"A": "yes", "B": "no"}]
-    assert items[1].video.path == root / "videos" / "b.mp4" and items[1].category == "Counting"
+    assert items[1].video.path == str(root / "videos" / "b.mp4") and items[1].category == "Counting"
     out = tmp_path / "result.json"
     assert main(["eval", "--checkpoint", CKPT, "--data", str(tsv), "--data-root", str(root), "--kind", "mcq",
                  "--num-frames", "2", "--max-new-tokens", "4", "--batch-size", "3", "--out", str(out)]) == 0

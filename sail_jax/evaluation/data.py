@@ -30,6 +30,7 @@ from sail_jax.data.chat import vlmevalkit_prompt, with_thinking
 from sail_jax.data.images import load_image, multi_image_max_num, vlmevalkit_max_num
 from sail_jax.data.processor import SailProcessor
 from sail_jax.data.video import DEFAULT_NUM_FRAMES, VIDEO_PLACEHOLDER, frame_lines, load_video
+from sail_jax.files import as_path, is_url, local_copy, parent_dir
 
 REQUIRED_COLUMNS = ("index", "image", "question", "answer")
 VIDEO_OPTION_COLUMNS = ("candidates", "options")
@@ -50,7 +51,7 @@ _CJK = re.compile(r"[\u4e00-\u9fff]")
 class VideoRef:
     """A video row's file and how its frames are sampled (`num_frames` uniformly, or at `fps`)."""
 
-    path: Path
+    path: str  # a local path or a URL
     num_frames: int = DEFAULT_NUM_FRAMES
     fps: float | None = None
 
@@ -72,7 +73,12 @@ class Item:
     fields: dict[str, str] = field(default_factory=dict)  # every cell but `image`, in file order (prediction files)
 
 
-def _where(path: Path, row: int, index: str) -> str:
+def join(root: str, name: str) -> str:
+    """`name` under `root`, a local directory or a URL."""
+    return f"{root.rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
+
+
+def _where(path: Path | str, row: int, index: str) -> str:
     return f"{path}: row {row} (index {index})"
 
 
@@ -107,11 +113,16 @@ def read_tsv(path: str | Path, data_root: str | Path | None = None, num_frames: 
              fps: float | None = None) -> list[Item]:
     """All rows of a VLMEvalKit TSV; a missing column or an empty required cell names the file, row and column.
     Video rows take their files under `data_root` (default: the TSV's directory), sampled by `num_frames` / `fps`."""
-    path = Path(path)
-    if not path.is_file():
+    if is_url(path):  # read from a local copy (`files.local_copy`); messages still name the URL
+        if not as_path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such benchmark file")
+        local, path = local_copy(path), str(path)  # `Path` would fold gs:// into gs:/
+    else:
+        local = path = Path(path)
+    if not local.is_file():
         raise FileNotFoundError(f"{path}: no such benchmark file")
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8") as f:
+    with local.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         columns = reader.fieldnames or []
         is_video = "video" in columns and "image" not in columns
@@ -122,7 +133,7 @@ def read_tsv(path: str | Path, data_root: str | Path | None = None, num_frames: 
         option_cols = [c for c in string.ascii_uppercase if c in columns]
         raw = list(reader)
     if is_video:
-        root = Path(data_root) if data_root is not None else path.parent
+        root = str(data_root) if data_root is not None else parent_dir(str(path))
         return [_video_item(path, n, r, root, option_cols, num_frames, fps) for n, r in enumerate(raw, start=1)]
     by_index = {r["index"]: r for r in raw}
     items = []
@@ -149,7 +160,7 @@ def read_tsv(path: str | Path, data_root: str | Path | None = None, num_frames: 
     return items
 
 
-def _video_item(path: Path, n: int, r: dict[str, str], root: Path, option_cols: list[str], num_frames: int,
+def _video_item(path: Path | str, n: int, r: dict[str, str], root: Path, option_cols: list[str], num_frames: int,
                 fps: float | None) -> Item:
     where = _where(path, n, r["index"])
     for col in ("index", "video", "question", "answer"):
@@ -164,7 +175,7 @@ def _video_item(path: Path, n: int, r: dict[str, str], root: Path, option_cols: 
         index=r["index"], row=n, question=r["question"], answers=_parse_list(answer) or [answer], images=[],
         options=options, hint=(r.get("hint") or "").strip() or None,
         category=(r.get("category") or r.get("task_type") or "").strip() or None,
-        video=VideoRef(root / r["video"].strip(), num_frames, fps),
+        video=VideoRef(join(root, r["video"].strip()), num_frames, fps),
     )
 
 
@@ -176,7 +187,7 @@ def encode_video_item(processor: SailProcessor, item: Item, kind: str, dataset: 
     try:
         video = load_video(ref.path, ref.num_frames, ref.fps)
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"{_where(Path(source), item.row, item.index)}: column 'video': {e}") from None
+        raise ValueError(f"{_where(source, item.row, item.index)}: column 'video': {e}") from None
     text = question_prompt(item, kind, dataset)
     text = with_thinking(text) if thinking else text
     enc = processor.encode_video([{"role": "user", "content": VIDEO_PLACEHOLDER + "\n" + text}], video,
@@ -191,7 +202,7 @@ def decode_images(item: Item, path: str | Path = "") -> list[Image.Image]:
         try:  # the one image policy of every reader (data.images.load_image), decompression bombs included
             out.append(load_image(base64.b64decode(data, validate=False), convert_rgb=True))
         except (binascii.Error, ValueError) as e:
-            raise ValueError(f"{_where(Path(path), item.row, item.index)}: column 'image', image {k}: "
+            raise ValueError(f"{_where(path, item.row, item.index)}: column 'image', image {k}: "
                              f"not decodable base64 image data ({e})") from None
     return out
 
