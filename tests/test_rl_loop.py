@@ -242,3 +242,40 @@ def test_gspo_on_tiny_moe(tmp_path, prompts):
     # GSPO's sequence ratio stays within the tiny clip range only if the policy barely moved: clipping is counted
     assert 0 <= last["clip_frac_high"] + last["clip_frac_low"] <= 1
     assert not trees_equal(load_item(workdir, 1, "params"), load_item(workdir, 3, "params"))
+
+
+def filter_judge(question: str, response: str, answer: str) -> float:
+    """"always" answers are always right; the others as `parity_judge`."""
+    return 1.0 if answer == "always" else parity_judge(question, response, answer)
+
+
+def test_keep_prompt_rule():
+    from sail_jax.rl.pass_filter import keep_prompt
+
+    assert [keep_prompt("math", p) for p in (0.0, 0.25, 1.0)] == [False, True, False]
+    assert [keep_prompt("mcq", p) for p in (0.0, 0.25, 1.0)] == [True, True, False]
+    assert keep_prompt("mcq", 0.0, reasoning_kinds=("mcq",)) is False
+
+
+def test_rl_filter_writes_pass_at_k(dapo_run, tmp_path):
+    from sail_jax.cli import main
+
+    rows = [{"id": "m", "question": "What is 2+2?", "answer": "4", "kind": "math"},
+            {"id": "c", "question": "Options: (A) 1 (B) 2", "answer": "B", "kind": "mcq"},
+            {"id": "a", "question": "Anything.", "answer": "always", "kind": "open"},
+            {"id": "o", "question": "Say it.", "answer": "x", "kind": "open"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    out = tmp_path / "kept.jsonl"
+    rc = main(["rl-filter", "--checkpoint", str(dapo_run / "checkpoints" / "3"), "--data", str(data), "--k", "4",
+               "--out", str(out), "--max-new-tokens", "6", "--judge", "tests.test_rl_loop:filter_judge"])
+    assert rc == 0
+    scores = {r["id"]: r for r in map(json.loads, Path(f"{out}.passk.jsonl").read_text().splitlines())}
+    assert set(scores) == {"m", "c", "a", "o"}
+    assert scores["m"]["pass_at_k"] == 0 and not scores["m"]["kept"]  # a random model never solves it
+    assert scores["c"]["pass_at_k"] == 0 and scores["c"]["kept"]  # not a reasoning kind: only pass@k = 1 drops
+    assert scores["a"]["pass_at_k"] == 1 and not scores["a"]["kept"]
+    assert scores["o"]["pass_at_k"] in (0, 0.25, 0.5, 0.75, 1)
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in kept] == [i for i in ("m", "c", "a", "o") if scores[i]["kept"]]
+    assert all(r["pass_at_k"] == scores[r["id"]]["pass_at_k"] and r["question"] for r in kept)
