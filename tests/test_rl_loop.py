@@ -97,6 +97,31 @@ def test_score_rollouts_parts_and_overlong_shaping():
         score_rollouts(rollouts[:1], RewardConfig(weights=weights), max_new_tokens=10)
 
 
+@pytest.mark.parametrize("stage", ["verifiable", "verifiable_moe", "mixed"])
+def test_stage_configs_resolve(stage, prompts):
+    from sail_jax.rl import gin_setup
+
+    files = [str(REPO / "configs" / "rl" / f"{stage}.gin"), str(REPO / "configs" / "model" / "2b.gin")]
+    bindings = _bindings(Path("/unused"), prompts)
+    if stage == "mixed":
+        gin_setup.parse(files, bindings)
+        with pytest.raises(ValueError, match="RewardConfig.judge is not set"):
+            gin_setup.rl_arguments()
+        bindings.append("RewardConfig.judge = 'tests.test_rl_loop:parity_judge'")
+    gin_setup.parse(files, bindings)
+    args = gin_setup.rl_arguments()
+    loss, rewards = args["loss"], args["rewards"]
+    assert args["prompts_per_episode"] * args["samples_per_prompt"] == 2048
+    assert args["optimizer"].learning_rate == 1e-6 and loss.kl_coef == 0
+    assert (loss.level, loss.clip_low, loss.clip_high, loss.agg) == (
+        ("sequence", 3e-4, 4e-4, "seq-mean-token-mean") if stage == "verifiable_moe"
+        else ("token", 0.20, 0.28, "token-mean"))
+    assert rewards.weights.answer == (0.7 if stage == "mixed" else 1.0)
+    gin_setup.parse(files, [*bindings, "PolicyLossConfig.clip_high = 'wide'"])
+    with pytest.raises(ValueError, match="PolicyLossConfig.clip_high"):
+        gin_setup.rl_arguments()
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The tests' tiny model (rl_tiny.gin's shapes), random weights, its processor."""
@@ -154,10 +179,12 @@ def test_learner_step_sharded_equals_single_device(tiny):
                            [None] * 4, rows=4, prompt_len=6, response_len=5, tile_slots=0, tile_shape=(3, 56, 56),
                            pad_id=0)
     batch["old_logp"] = np.full((4, 5), -11.9, np.float32)
+    batch["ref_logp"] = np.full((4, 5), -12.0, np.float32)
     batch["advantages"] = np.array([1.0, -0.5, 0.25, -1.0], np.float32)
     opt = OptimizerConfig(learning_rate=1e-2, warmup_fraction=0.0)
     tx = make_optimizer(opt, params, ("llm",))
-    step = make_update_step(cfg, tx, make_schedule(opt, 10), ("llm",), PolicyLossConfig(entropy_coef=0.01), 1.0)
+    step = make_update_step(cfg, tx, make_schedule(opt, 10), ("llm",), PolicyLossConfig(entropy_coef=0.01, kl_coef=0.1),
+                            1.0)
     results = []
     for devices in (1, 2):
         mesh = make_mesh(data=devices)
@@ -168,7 +195,8 @@ def test_learner_step_sharded_equals_single_device(tiny):
             results.append((jax.device_get(state.params), jax.device_get(m)))
     (p1, m1), (p2, m2) = results
     assert m1["response_tokens"] == 12
-    for k in ("loss", "entropy", "approx_kl", "grad_norm"):
+    assert m1["kl_ref"] > 0 and np.isclose(m1["loss"], m1["pg_loss"] - 0.01 * m1["entropy"] + 0.1 * m1["kl_ref"])
+    for k in ("loss", "entropy", "approx_kl", "kl_ref", "grad_norm"):
         np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)  # Adam amplifies rounding
     assert not trees_equal(p1, params)
