@@ -258,7 +258,11 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(dapo_run, prompts, t
     assert [r["reward_mean"] for r in metrics(workdir)] == [r["reward_mean"] for r in metrics(dapo_run)]
 
 
-def test_gspo_on_tiny_moe(tmp_path, prompts):
+def test_gspo_on_tiny_moe(tmp_path):
+    """Text-only prompts (the DAPO run covers images): the learner batch has no tile slots, no ViT compiles."""
+    prompts = tmp_path / "text.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "question": q, "answer": "x", "kind": "open"}) + "\n"
+                               for i, q in enumerate(["Say something.", "Describe it.", "Go on."])))
     workdir = tmp_path / "moe"
     last = _run(workdir, prompts, "rl.dynamic_sampling = False", "rl.episodes = 3", "rl.mini_batches = 1",
                 stage=str(REPO / "configs" / "rl" / "verifiable_moe.gin"),
