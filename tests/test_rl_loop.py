@@ -271,6 +271,7 @@ def test_gspo_on_tiny_moe(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["gen_rounds"] == 1 and r["kept_rollouts"] == 8 for r in rows)  # no filter: the whole round
     assert last["aux_loss"] > 0 and np.isfinite(last["loss"])  # the MoE router loss is part of the objective
+    assert last["expert_max_load"] >= 1 and last["expert_entropy"] > 0  # load x E: 1 = balanced
     # GSPO's sequence ratio stays within the tiny clip range only if the policy barely moved: clipping is counted
     assert 0 <= last["clip_frac_high"] + last["clip_frac_low"] <= 1
     assert not trees_equal(load_item(workdir, 1, "params"), load_item(workdir, 3, "params"))

@@ -24,7 +24,7 @@ from sail_jax.config import ModelConfig
 from sail_jax.models.sail_vl import SailVL
 from sail_jax.rl.loss import AGGS, LEVELS, agg_denom, agg_loss, policy_loss
 from sail_jax.training.optim import global_norm, split_groups
-from sail_jax.training.step import TrainState, has_router_loss, lm_head_kernel, router_loss
+from sail_jax.training.step import TrainState, has_router_loss, lm_head_kernel, router_loss, step_metrics
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
             aux_loss = router_loss(cfg, aux, None)
             total = total + aux_loss
             metrics["aux_loss"] = aux_loss
+        metrics.update(step_metrics(cfg, {"routing": aux}))  # MoE: expert entropy, max load, dropped fraction
         return total, metrics
 
     def update(state: TrainState, batch: dict, step: jax.Array):
