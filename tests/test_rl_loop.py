@@ -122,6 +122,17 @@ def test_stage_configs_resolve(stage, prompts):
         gin_setup.rl_arguments()
 
 
+def test_rl_cli_names_a_missing_macro_and_creates_nothing(tmp_path, capsys):
+    from sail_jax.cli import main
+
+    workdir = tmp_path / "run"
+    rc = main(["rl", f"--gin_file={DAPO}", f"--gin_file={RL_GIN}", f"--gin.WORKDIR='{workdir}'"])
+    assert rc == 2 and not workdir.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sail-jax rl: error: required gin macro(s) not set: PROMPTS (set them in a --gin-file or with "
+                   "--gin.PROMPTS=...)"]
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The tests' tiny model (rl_tiny.gin's shapes), random weights, its processor."""
@@ -226,6 +237,18 @@ def test_dapo_three_episodes_with_dynamic_sampling(dapo_run):
     assert sum(r["dropped_all_correct"] + r["dropped_all_wrong"] for r in rows) > 0  # count/math all wrong
     assert event_tags(dapo_run)["train/reward_mean"] == 3
     assert not trees_equal(load_item(dapo_run, 1, "params"), load_item(dapo_run, 3, "params"))
+
+
+def test_an_episode_with_every_group_dropped_makes_no_update(dapo_run, tmp_path):
+    """Math prompts a random model never solves: every group is all wrong, the batch stays empty, no step runs."""
+    prompts = tmp_path / "math.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "question": f"What is {i}+{i}?", "answer": str(2 * i),
+                                           "kind": "math"}) + "\n" for i in range(3)))
+    workdir = tmp_path / "run"
+    last = _run(workdir, prompts, "rl.max_gen_rounds = 2")
+    assert np.isnan(last["loss"]) and last["updates"] == 0
+    assert [(r["kept_rollouts"], r["dropped_all_wrong"], r["batch_full"]) for r in metrics(workdir)] == [(0, 4, 0)] * 3
+    assert trees_equal(load_item(workdir, 1, "params"), load_item(workdir, 3, "params"))
 
 
 def _rl_env() -> dict[str, str]:

@@ -20,7 +20,7 @@ from sail_jax.rl.rewards import RewardWeights
 from sail_jax.rl.rollout import RewardConfig
 from sail_jax.training import gin_setup as train_gin
 
-REQUIRED_MACROS = ("MODEL", "WORKDIR")
+REQUIRED_MACROS = ("MODEL", "WORKDIR", "PROMPTS")
 RL_PARTS: dict[str, type] = {"PolicyLossConfig": PolicyLossConfig, "RewardConfig": RewardConfig,
                              "RewardWeights": RewardWeights}
 _rl_with_gin = gin.configurable("rl")(rl)

@@ -274,6 +274,7 @@ class _Episode:
             scores = score_rollouts(rollouts, self.rewards, self.sampling["max_new_tokens"], self.judge)
             rounds.append(scores)
             samples = [(ro, float(rw)) for ro, rw in zip(rollouts, scores.reward, strict=True)]
+            # without dynamic sampling every group is kept: an accuracy of 0.5 passes the filter
             accuracy = scores.accuracy if self.dynamic_sampling else np.full(len(rollouts), 0.5)
             return samples, accuracy, [ro.group for ro in rollouts]
 
@@ -293,7 +294,9 @@ class _Episode:
         adv = group_advantages([rw for _, rw in samples], batch.group_ids, scale_by_std=self.scale_by_std) \
             if samples else np.zeros(0, np.float32)
         minis, delta = [], 0.0
-        for j in range(self.mini_batches):
+        # A mini-batch with no rollout (dynamic sampling came up short) gets no optimizer step: a zero gradient
+        # would still move the parameters through Adam's momentum and weight decay.
+        for j in range(-(-len(samples) // self.rows)):
             part = samples[j * self.rows:(j + 1) * self.rows]
             host = pack_sequences([ro.prompt.input_ids for ro, _ in part], [ro.response_ids for ro, _ in part],
                                   [ro.prompt.pixel_values for ro, _ in part], rows=self.rows,
@@ -308,7 +311,7 @@ class _Episode:
             dev["old_logp"] = self.logprob(state.params, dev)
             if self.reference is not None:
                 dev["ref_logp"] = self.logprob(self.reference, dev)
-            if self.logprob_check and part:
+            if self.logprob_check:
                 delta = max(delta, _max_logprob_delta(np.asarray(dev["old_logp"]), part))
             minis.append(dev)
         jax.block_until_ready(minis)
@@ -322,8 +325,11 @@ class _Episode:
                 updates_done += 1
         step_metrics = jax.device_get(step_metrics)
         t_update = time.perf_counter() - t0 - t_rollout - t_logprob
-        out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        out["skipped_updates"] = out.pop("skipped") * len(step_metrics)
+        if step_metrics:
+            out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+            out["skipped_updates"] = out.pop("skipped") * len(step_metrics)
+        else:  # every group was dropped: nothing to learn from this episode
+            out = {"loss": float("nan"), "lr": float("nan"), "skipped_updates": 0.0}
         out.update(_rollout_metrics(rounds, batch))
         total = time.perf_counter() - t0
         out.update(logprob_max_abs_diff=delta if self.logprob_check else float("nan"), time_rollout_s=t_rollout,
