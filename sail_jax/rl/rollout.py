@@ -2,9 +2,9 @@
 mixed reward of each.
 
 Sampling randomness is a pure function of (`SamplingParams.seed`, the row's index in the round), so an episode
-replays exactly after a resume. With `with_logprobs` the engine's own log-probs of the sampled tokens (its step
-logits at the sampling temperature, before top-p) come back too: compared with the learner's recomputed ones they
-are a numerics health check of the two forward paths.
+replays exactly after a resume. With `with_logprobs` the engine's own log-probs of the sampled tokens (log softmax
+of its step logits at the sampling temperature, before top-p, computed on the device) come back too: compared with
+the learner's recomputed ones they are a numerics health check of the two forward paths.
 """
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ def encode_prompt(processor: SailProcessor, prompt: RLPrompt, system: str | None
     return EncodedPrompt(prompt, enc["input_ids"], pixels)
 
 
-def sample_logprobs(step_logits: np.ndarray, tokens: Sequence[int], temperature: float) -> np.ndarray:
-    """log softmax(logits / temperature) of each sampled token; `step_logits` [steps, V] float32."""
-    logits = np.asarray(step_logits, np.float64)[:len(tokens)] / max(temperature, 1e-6)
-    top = logits.max(-1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-    return (logits[np.arange(len(tokens)), np.asarray(tokens)] - lse).astype(np.float32)
-
-
 def generate_rollouts(engine: Engine, processor: SailProcessor, prompts: Sequence[EncodedPrompt], *, n: int,
                       sampling: SamplingParams, with_logprobs: bool = False) -> list[Rollout]:
     """n completions of each prompt (rows prompt-major: prompt i's samples are rows i*n .. i*n+n-1, group i)."""
@@ -67,10 +59,10 @@ def generate_rollouts(engine: Engine, processor: SailProcessor, prompts: Sequenc
         raise ValueError(f"samples per prompt must be >= 1, got {n}")
     requests = [Request(p.input_ids, p.pixel_values, seed=row)
                 for row, p in enumerate(p for p in prompts for _ in range(n))]
-    outs = engine.generate(requests, sampling, return_logits=with_logprobs)
+    outs = engine.generate(requests, sampling, return_logprobs=with_logprobs)
     rollouts = []
     for row, out in enumerate(outs):
-        logp = sample_logprobs(out.step_logits, out.token_ids, sampling.temperature) if with_logprobs else None
+        logp = np.asarray(out.logprobs[:len(out.token_ids)], np.float32) if with_logprobs else None
         rollouts.append(Rollout(prompts[row // n], row // n, list(out.token_ids), out.finish_reason,
                                 decode_response(processor.tokenizer, out.token_ids), logp))
     return rollouts
