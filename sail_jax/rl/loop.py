@@ -17,7 +17,6 @@ import functools
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +27,7 @@ from converters.orbax_io import checkpoint_tokenizer, is_our_checkpoint, restore
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig
 from sail_jax.data.batch import batch_sharding
 from sail_jax.data.processor import SailProcessor
+from sail_jax.files import as_path
 from sail_jax.inference.engine import Engine
 from sail_jax.inference.sampling import SamplingParams
 from sail_jax.models.sail_vl import SailVL
@@ -168,17 +168,14 @@ def rl(
     judge = make_judge(rewards.judge, timeout_s=rewards.judge_timeout_s, max_retries=rewards.judge_max_retries) \
         if rewards.judge else None
     it = PromptIterator(len(data.prompts), seed)
-    workdir_ = Path(workdir).absolute()
+    workdir_ = as_path(workdir)
     workdir_.mkdir(parents=True, exist_ok=True)
     with distributed.workdir_lock(workdir_):
         ckpt = Checkpointer(workdir_, checkpoint)
         finished = False
         try:
-            latest = ckpt.latest_step()
-            if latest is not None and not resume:
-                raise ValueError(f"{ckpt.directory} already holds checkpoints (latest episode {latest}); pass "
-                                 f"--resume (rl.resume=True) to continue, or use another workdir")
-            fresh = not (resume and latest is not None)
+            latest = ckpt.resumable_step(resume, "episode", "rl.resume")
+            fresh = latest is None
             params = initial_params(init_from, cfg, program, seed) if fresh else None
             reference = initial_params(init_from, cfg, program, seed) if loss.kl_coef else None
             with use_mesh(program.mesh):

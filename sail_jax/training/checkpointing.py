@@ -216,6 +216,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def resumable_step(self, resume: bool, unit: str, flag: str) -> int | None:
+        """The newest step to resume from (None: start fresh); a fresh run into a workdir that holds checkpoints is
+        refused, naming `flag`, so nothing is overwritten by accident."""
+        latest = self.latest_step()
+        if latest is not None and not resume:
+            raise ValueError(f"{self.directory} already holds checkpoints (latest {unit} {latest}); pass --resume "
+                             f"({flag}=True) to continue, or use another workdir")
+        return latest if resume else None
+
     def save(self, step: int, *, cfg: ModelConfig, params: Any, opt_state: Any, train_state: dict, data_iter: Any,
              snapshot: tuple[Any, Any] | None = None, force: bool = False, tokenizer: str | None = None) -> bool:
         """Issue a save every `every_steps` steps (or when `force`d); returns whether it did.

@@ -134,10 +134,7 @@ def train(
         ckpt = Checkpointer(workdir_, checkpoint)
         finished = False
         try:
-            latest = ckpt.latest_step()
-            if latest is not None and not resume:
-                raise ValueError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
-                                 f"--resume (train.resume=True) to continue, or use another workdir")
+            latest = ckpt.resumable_step(resume, "step", "train.resume")
             data_iter = data(cfg=cfg, global_batch_size=batch_size, seq_len=seq_len,
                              process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
             run = _Run(cfg=cfg, mesh=program.mesh, ckpt=ckpt, data_iter=data_iter, steps=steps,
@@ -148,7 +145,7 @@ def train(
                        schedule=schedule_of(steps, optimizer), allow_schedule_change=allow_schedule_change,
                        controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
             with use_mesh(program.mesh):
-                if resume and latest is not None:
+                if latest is not None:
                     state, start = run.restore(program.abstract_state)
                 else:
                     if init_from:
