@@ -1,14 +1,15 @@
 """RL rollout throughput: n sampled completions of each prompt, our engine vs transformers `generate` with
 `num_return_sequences`, same weights (the tiny test checkpoint's LLM), tokens/s of each and their ratio; then the time
-split of one episode's rollout and its old-policy log-prob recompute by the trainer's forward, with the largest
-difference between the engine's sampling log-probs and the recomputed ones.
+split of one DAPO episode (rollout / old-policy log-prob recompute by the trainer's forward / the optimizer updates,
+with the RL loop's own functions), with the largest difference between the engine's sampling log-probs and the
+recomputed ones.
 
 Text prompts of random lengths (random token ids), pure sampling at temperature 1 (top-k and top-p off on both sides,
 as DAPO samples), stop at `<|im_end|>` or `--new-tokens`, float32 on whatever device JAX / torch use here. Each side
 runs once untimed first (compilation, allocator warm-up). Tokens counted are the ones each side returns up to and
 including a stop token.
 
-    python benchmarks/rl.py [--prompts 16] [--n 8] [--new-tokens 128]
+    python benchmarks/rl.py [--prompts 16] [--n 8] [--new-tokens 128] [--mini-batches 4] [--update-epochs 2]
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks._twins import hf_generate, tiny_checkpoint  # noqa: E402
 from sail_jax.config import IM_END_TOKEN_ID, PAD_TOKEN_ID, ModelConfig  # noqa: E402
-from sail_jax.inference.engine import Completion, Engine, Request, bucket  # noqa: E402
+from sail_jax.data.batch import batch_sharding  # noqa: E402
+from sail_jax.inference.engine import Completion, Engine, Request  # noqa: E402
 from sail_jax.inference.sampling import SamplingParams  # noqa: E402
-from sail_jax.models.sail_vl import SailVL  # noqa: E402
-from sail_jax.training.step import lm_head_kernel  # noqa: E402
+from sail_jax.rl.advantages import group_advantages  # noqa: E402
+from sail_jax.rl.learner import PolicyLossConfig, pack_sequences  # noqa: E402
+from sail_jax.rl.loop import learner_functions  # noqa: E402
+from sail_jax.sharding import use_mesh  # noqa: E402
+from sail_jax.training.optim import OptimizerConfig  # noqa: E402
+from sail_jax.training.step import TrainState  # noqa: E402
 
 
 def response_lengths(tokens: np.ndarray) -> list[int]:
@@ -52,65 +57,63 @@ def rollout(engine: Engine, prompts: list[np.ndarray], n: int, sampling: Samplin
     return time.perf_counter() - start, out
 
 
-def logprob_program(model: SailVL, cfg: ModelConfig, rows_per_chunk: int = 8):
-    """log softmax of each response token by the trainer's forward (`SailVL` over whole rows with `return_hidden`, as
-    `training.step` runs it, then lm_head on the response positions, `rows_per_chunk` rows at a time)."""
-
-    @jax.jit
-    def logprobs(params, ids, positions, segment_ids, where, targets):
-        hidden = model.apply(params, ids, positions=positions, segment_ids=segment_ids, return_hidden=True).hidden
-        h = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [R, T_resp, D]: the states that predict them
-        kernel = lm_head_kernel(cfg, params["params"])
-
-        def chunk(args):
-            hc, tc = args
-            logits = (hc @ kernel).astype(jnp.float32)
-            return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tc[..., None], -1)[..., 0]
-
-        r = h.shape[0] // rows_per_chunk
-        split = lambda x: x.reshape(r, rows_per_chunk, *x.shape[1:])
-        return jax.lax.map(chunk, (split(h), split(targets))).reshape(targets.shape)
-
-    return logprobs
-
-
-def logprob_batch(prompts: list[np.ndarray], n: int, responses: list[list[int]], new_tokens: int,
-                  rows_per_chunk: int = 8) -> tuple[np.ndarray, ...]:
-    """Right-padded rows prompt + response [R, T] (T bucketed), their positions and segment ids, the index of the
-    state predicting each response token [R, new_tokens] and the targets (pad past a row's end)."""
-    rows = len(responses)
-    pad_rows = -rows % rows_per_chunk
-    width = bucket(max(len(p) for p in prompts) + new_tokens)
-    ids = np.full((rows + pad_rows, width), PAD_TOKEN_ID, np.int32)
-    seg = np.zeros_like(ids)
-    where = np.zeros((rows + pad_rows, new_tokens), np.int32)
-    targets = np.full((rows + pad_rows, new_tokens), PAD_TOKEN_ID, np.int32)
-    for r, resp in enumerate(responses):
-        p = prompts[r // n]
-        ids[r, :len(p)], ids[r, len(p):len(p) + len(resp)] = p, resp
-        seg[r, :len(p) + len(resp)] = 1
-        where[r] = np.minimum(len(p) - 1 + np.arange(new_tokens), width - 1)
-        targets[r, :len(resp)] = resp
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), ids.shape).copy()
-    return ids, positions, seg, where, targets
-
-
-def episode_time_split(engine: Engine, model: SailVL, cfg: ModelConfig, prompts: list[np.ndarray], n: int,
-                       sampling: SamplingParams) -> dict[str, float]:
-    """Seconds of one episode's parts that exist on this branch: the rollout (with the engine's sampling log-probs)
-    and the old-policy log-prob recompute (compiled beforehand, as in a running loop), and the numerics health
-    metric: max |engine log-prob - recomputed|. The updates need the RL loop (`sail-jax rl`), not here yet."""
+def episode_time_split(engine: Engine, cfg: ModelConfig, prompts: list[np.ndarray], n: int,
+                       sampling: SamplingParams, mini_batches: int, update_epochs: int) -> dict[str, float]:
+    """Seconds of one DAPO episode's parts, timed as `sail_jax.rl.loop` times them and with its functions
+    (`learner_functions`, `pack_sequences`), each compiled beforehand as in a running loop: the rollout (with the
+    engine's sampling log-probs), the old-policy log-prob recompute by the trainer's forward (pack, transfer and
+    forward each mini-batch) and `update_epochs` passes of `mini_batches` optimizer steps (configs/rl/verifiable.gin:
+    PolicyLossConfig defaults, AdamW at a constant 1e-6, adapter + LLM trainable), on group advantages of random 0/1
+    rewards; and the numerics health metric: max |engine log-prob - recomputed|. The updates donate the engine's
+    parameters: call it last."""
     rollout(engine, prompts, n, sampling, logprobs=True)  # compile the log-prob variant
-    seconds, out = rollout(engine, prompts, n, sampling, logprobs=True)
-    responses = [c.token_ids for c in out]
-    batch = logprob_batch(prompts, n, responses, sampling.max_new_tokens)
-    program = logprob_program(model, cfg)
-    jax.block_until_ready(program(engine.params, *batch))  # compile
-    start = time.perf_counter()
-    recomputed = np.asarray(program(engine.params, *batch))
-    recompute_s = time.perf_counter() - start
-    delta = max(float(np.abs(recomputed[r, :len(c.token_ids)] - c.logprobs).max()) for r, c in enumerate(out))
-    return {"rollout": seconds, "log-prob recompute": recompute_s, "max |logp delta|": delta}
+    rollout_s, out = rollout(engine, prompts, n, sampling, logprobs=True)
+
+    rows = len(out) // mini_batches
+    prompt_len, response_len = max(len(p) for p in prompts), sampling.max_new_tokens
+    opt = OptimizerConfig(learning_rate=1e-6, warmup_fraction=0.0, final_lr_fraction=1.0, weight_decay=0.0)
+    updates = mini_batches * update_epochs
+    program, update, logprob = learner_functions(cfg, opt, ("adapter", "llm"), PolicyLossConfig(),
+                                                 sampling.temperature, updates + 1, None, rows,
+                                                 prompt_len + response_len)
+    rewards = np.random.default_rng(1).integers(0, 2, len(out)).astype(np.float32)
+    adv = group_advantages(rewards, np.arange(len(out)) // n)
+    image = cfg.vision.image_size
+
+    def recompute(params) -> list[dict[str, jax.Array]]:
+        minis = []
+        for j in range(mini_batches):
+            part = range(j * rows, (j + 1) * rows)
+            host = pack_sequences([prompts[r // n] for r in part], [out[r].token_ids for r in part],
+                                  [None] * rows, rows=rows, prompt_len=prompt_len, response_len=response_len,
+                                  tile_slots=0, tile_shape=(3, image, image), pad_id=PAD_TOKEN_ID)
+            host["advantages"] = adv[j * rows:(j + 1) * rows]
+            dev = {k: jax.device_put(v, batch_sharding(program.mesh, v.shape)) for k, v in host.items()}
+            dev["old_logp"] = logprob(params, dev)
+            minis.append(dev)
+        return jax.block_until_ready(minis)
+
+    with use_mesh(program.mesh):
+        params = jax.device_put(engine.params["params"], program.shardings.params)
+        state = TrainState(params, program.init_opt_state(params))
+        recompute(state.params)  # compile
+        start = time.perf_counter()
+        minis = recompute(state.params)
+        recompute_s = time.perf_counter() - start
+        delta = max(float(np.abs(np.asarray(minis[r // rows]["old_logp"][r % rows, :len(c.token_ids)])
+                                 - c.logprobs).max()) for r, c in enumerate(out) if c.token_ids)
+        state, _ = update(state, minis[0], np.int32(0))  # compile
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        metrics = []
+        for step in range(updates):
+            state, m = update(state, minis[step % mini_batches], np.int32(step + 1))
+            metrics.append(m)
+        metrics = jax.device_get(metrics)
+        update_s = time.perf_counter() - start
+    skipped = sum(float(m["skipped"]) for m in metrics)
+    return {"rollout": rollout_s, "log-prob recompute": recompute_s, f"{updates} updates of {rows} rows": update_s,
+            "max |logp delta|": delta, "skipped updates": skipped}
 
 
 def main() -> None:
@@ -119,11 +122,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--new-tokens", type=int, default=128, help="most new tokens per sample")
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(24, 96), help="prompt lengths drawn in [lo, hi]")
+    ap.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per pass over the episode's rollouts")
+    ap.add_argument("--update-epochs", type=int, default=2, help="passes over the episode's rollouts (DAPO: 2)")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
+    if (args.prompts * args.n) % args.mini_batches:
+        ap.error(f"{args.prompts * args.n} rollouts do not split into {args.mini_batches} mini-batches")
     hf, model, params, cfg = tiny_checkpoint()
     engine = Engine(model, params)
     rng = np.random.default_rng(0)
@@ -150,12 +157,10 @@ def main() -> None:
         print(f"{name:>12}: {rows} rollouts, {tokens} tokens in {s:.2f} s = {tokens / s:9.1f} tok/s")
     print(f"ratio sail-jax / transformers (rollout tokens/s): {ours_tokens / ours_s / (hf_tokens / hf_s):.2f}x "
           f"(goal >= 3x)")
-    split = episode_time_split(engine, model, cfg, prompts, args.n, sampling)
-    delta = split.pop("max |logp delta|")
+    split = episode_time_split(engine, cfg, prompts, args.n, sampling, args.mini_batches, args.update_epochs)
+    delta, skipped = split.pop("max |logp delta|"), split.pop("skipped updates")
     print("episode time split: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items())
-          + f"; updates: not measured (the RL loop is not on this branch); max |sampling - recomputed log-prob| "
-          f"{delta:.2e}")
-
+          + f" ({skipped:.0f} skipped); max |sampling - recomputed log-prob| {delta:.2e}")
 
 if __name__ == "__main__":
     main()

@@ -77,10 +77,14 @@ class PromptIterator:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], loss: PolicyLossConfig,
-            temperature: float, total_updates: int, mesh: tuple[tuple[str, int], ...] | None, rows: int,
-            seq_len: int):
-    """(program, jitted update, jitted log-prob) of one configuration, shared by the runs of a process."""
+def learner_functions(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[str, ...], loss: PolicyLossConfig,
+                      temperature: float, total_updates: int, mesh: tuple[tuple[str, int], ...] | None, rows: int,
+                      seq_len: int):
+    """(program, jitted update, jitted log-prob) of one configuration, shared by the runs of a process (and by
+    benchmarks/rl.py, which times an episode's parts with them): `program` holds the mesh, shardings, optimizer and
+    `init_opt_state`; `update(state, batch, step)` donates the state; `logprob(params, batch)` gives old-policy
+    log-probs. `rows` is the mini-batch size, `seq_len` = prompt + response columns, `mesh` sorted (axis, size)
+    pairs (hashable: the arguments key the cache)."""
     program = build_program(model=cfg, batch_size=rows, seq_len=seq_len, steps=total_updates, trainable=trainable,
                             optimizer=opt, mesh=dict(mesh) if mesh is not None else None)
     update = make_update_step(cfg, program.tx, make_schedule(opt, total_updates), program.trainable, loss,
@@ -162,9 +166,9 @@ def rl(
     images_per_prompt = max(len(p.images) for p in data.prompts)
     tile_slots = images_per_prompt * (max_tiles + (max_tiles > 1))  # + the thumbnail of a tiled image
     total_updates = episodes * mini_batches * update_epochs
-    program, update, logprob = _jitted(cfg, optimizer, tuple(trainable), loss, float(temperature), total_updates,
-                                       tuple(sorted(mesh.items())) if mesh else None, rows,
-                                       max_prompt_len + max_new_tokens)
+    program, update, logprob = learner_functions(cfg, optimizer, tuple(trainable), loss, float(temperature),
+                                                 total_updates, tuple(sorted(mesh.items())) if mesh else None, rows,
+                                                 max_prompt_len + max_new_tokens)
     judge = make_judge(rewards.judge, timeout_s=rewards.judge_timeout_s, max_retries=rewards.judge_max_retries) \
         if rewards.judge else None
     it = PromptIterator(len(data.prompts), seed)
