@@ -1,5 +1,5 @@
-"""`sail-jax demo-rl` end to end at a tiny size (data -> 2 SFT steps -> eval -> 2 RL episodes -> eval -> results
-JSON), through the CLI in a subprocess; the accuracy rise itself is measured at full size (BUILD.md, RL loop)."""
+"""`sail-jax demo-rl` end to end at a tiny size (data -> step 2 of a 4-step SFT -> eval -> 2 RL episodes -> eval ->
+results JSON), through the CLI in a subprocess; the rise itself is measured at full size (BUILD.md, RL loop)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def test_exact_match_judge_uses_the_heldout_scoring():
 def test_demo_rl_runs_end_to_end(tmp_path):
     out = tmp_path / "demo_rl"
     cmd = [sys.executable, "-m", "sail_jax", "demo-rl", "--out", str(out), "--n", "24", "--sft-steps", "2",
-           "--episodes", "2", "--prompts-per-episode", "2", "--samples", "4", "--n-heldout", "24", "--n-rl", "40"]
+           "--sft-schedule", "4", "--episodes", "2", "--prompts-per-episode", "2", "--samples", "4",
+           "--n-heldout", "24", "--n-rl", "40"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out greedy accuracy" in proc.stdout

@@ -4,8 +4,11 @@
 1. `make_demo_data` (the `sail-jax demo` data): SFT samples, a held-out question set and, from another seed, a
    disjoint set of RL prompts; both keep only count and colour questions (counts are verified by `count_reward`,
    colours by `exact_match`, the same normalised exact match as the held-out scoring).
-2. A deliberately short SFT (`configs/demo.gin`, `sft_steps` steps): a model that reads counts and colours only
-   partly, so sampling at temperature 1 finds right answers that greedy decoding misses — what RL can learn from.
+2. A deliberately unfinished SFT (`configs/demo.gin` with a `sft_schedule` -step schedule, taken at step
+   `sft_steps`, while its learning rate is still high): a model that reads counts and colours only partly, so
+   sampling at temperature 1 finds right answers that greedy decoding misses — what RL can learn from. A model
+   trained to the end of even a short schedule answers every question of a type alike, and RL then has nothing to
+   learn from.
    (From a strong SFT model, RL only sharpened answers greedy decoding already picked: BUILD.md, "The RL loop".)
 3. Greedy held-out accuracy of the SFT model (questions RL never sees).
 4. `sail-jax rl` with `configs/rl/demo.gin` (DAPO: token-level clip 0.20/0.28, dynamic sampling) on the RL prompts.
@@ -65,9 +68,9 @@ def _evaluate(step_dir: Path, rows: list[dict[str, Any]], label: str) -> dict[st
     return result
 
 
-def run_demo_rl(out: str | Path = "demo_rl_out", *, n: int = 3000, sft_steps: int = 60, episodes: int = 30,
-                prompts_per_episode: int = 16, samples_per_prompt: int = 8, n_heldout: int = 1600,
-                n_rl: int = 2400, seed: int = 0) -> dict[str, Any]:
+def run_demo_rl(out: str | Path = "demo_rl_out", *, n: int = 3000, sft_steps: int = 60, sft_schedule: int = 100,
+                episodes: int = 10, prompts_per_episode: int = 16, samples_per_prompt: int = 8,
+                n_heldout: int = 1600, n_rl: int = 2400, seed: int = 0) -> dict[str, Any]:
     """Run every stage into `out/` (data/, rl_data/, sft/, rl/, demo_rl_results.json); returns the results.
     `n_heldout` / `n_rl` are demo samples drawn for the held-out set / the RL prompts (about a quarter of them give
     a count or colour question)."""
@@ -92,13 +95,14 @@ def run_demo_rl(out: str | Path = "demo_rl_out", *, n: int = 3000, sft_steps: in
     t0 = time.time()
     train_gin.parse([str(DEMO_GIN)], [f"WORKDIR = '{out / 'sft'}'", f"grain_data.tokenizer_dir = '{TOKENIZER}'",
                                       f"grain_data.datasets = [{{'path': '{data / 'train.jsonl'}'}}]",
-                                      f"train.seed = {seed}", f"train.steps = {sft_steps}",
-                                      f"CheckpointConfig.every_steps = {sft_steps}"])
+                                      f"train.seed = {seed}", f"train.steps = {max(sft_schedule, sft_steps)}",
+                                      f"CheckpointConfig.every_steps = {sft_steps}", "CheckpointConfig.keep = 10"])
     (out / "sft").mkdir(parents=True)
     train_gin.train_using_gin()
     sft_seconds = time.time() - t0
-    sft_step = _latest_step(out / "sft")
-    print(f"[demo-rl] SFT {sft_steps} steps in {sft_seconds:.0f}s", flush=True)
+    sft_step = out / "sft" / "checkpoints" / str(sft_steps)
+    print(f"[demo-rl] SFT: step {sft_steps} of a {max(sft_schedule, sft_steps)}-step schedule in {sft_seconds:.0f}s",
+          flush=True)
     before = _evaluate(sft_step, heldout, "after SFT (before RL)")
 
     rl_gin.parse([str(RL_DEMO_GIN)], [f"WORKDIR = '{out / 'rl'}'", f"PROMPTS = '{out / 'rl_prompts.jsonl'}'",
