@@ -27,7 +27,6 @@ from converters.orbax_io import checkpoint_tokenizer, is_our_checkpoint, restore
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig
 from sail_jax.data.batch import batch_sharding
 from sail_jax.data.processor import SailProcessor
-from sail_jax.files import as_path
 from sail_jax.inference.engine import Engine
 from sail_jax.inference.sampling import SamplingParams
 from sail_jax.models.sail_vl import SailVL
@@ -39,7 +38,7 @@ from sail_jax.rl.prompts import read_prompts
 from sail_jax.rl.rollout import RewardConfig, encode_prompt, generate_rollouts, score_rollouts
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
-from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
+from sail_jax.training.checkpointing import CheckpointConfig, claim_workdir
 from sail_jax.training.metrics import MetricsWriter
 from sail_jax.training.optim import OptimizerConfig, make_schedule
 from sail_jax.training.program import build_program
@@ -172,10 +171,7 @@ def rl(
     judge = make_judge(rewards.judge, timeout_s=rewards.judge_timeout_s, max_retries=rewards.judge_max_retries) \
         if rewards.judge else None
     it = PromptIterator(len(data.prompts), seed)
-    workdir_ = as_path(workdir)
-    workdir_.mkdir(parents=True, exist_ok=True)
-    with distributed.workdir_lock(workdir_):
-        ckpt = Checkpointer(workdir_, checkpoint)
+    with claim_workdir(workdir, checkpoint) as ckpt:
         finished = False
         try:
             latest = ckpt.resumable_step(resume, "episode", "rl.resume")
@@ -200,7 +196,7 @@ def rl(
                               dynamic_sampling=dynamic_sampling, max_gen_rounds=max_gen_rounds,
                               scale_by_std=scale_by_std, decode_steps=decode_steps, logprob_check=logprob_check,
                               seed=seed, reference=reference)
-                writer = MetricsWriter(workdir_, episodes, start, enabled=jax.process_index() == 0,
+                writer = MetricsWriter(ckpt.workdir, episodes, start, enabled=jax.process_index() == 0,
                                        log_every=log_every)
                 last: dict[str, float] = {}
                 try:

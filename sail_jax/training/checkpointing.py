@@ -20,6 +20,7 @@ the newest step that restores, moving the unreadable newer steps aside into `che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +180,22 @@ def verify_manifest(step_dir: str | Path, step: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def claim_workdir(workdir: str | Path, cfg: CheckpointConfig) -> Iterator[Checkpointer]:
+    """The run's checkpoint manager in `workdir` (created), under the workdir's exclusive lock for the whole run, so
+    a second run on the same workdir is refused instead of interleaving with this one."""
+    path = as_path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    with distributed.workdir_lock(path):
+        yield Checkpointer(path, cfg)
+
+
 class Checkpointer:
     """The workdir's `checkpoints/` manager."""
 
     def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
-        self.directory = as_path(workdir) / "checkpoints"
+        self.workdir = as_path(workdir)
+        self.directory = self.workdir / "checkpoints"
         self.every_steps = cfg.every_steps
         self.async_save = cfg.async_save
         self._saving: int | None = None

@@ -30,11 +30,10 @@ from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, batch_shards, check_batch, local_rows, to_global
 from sail_jax.data.packing import skip_totals
 from sail_jax.data.tokenizer import find_tokenizer_dir
-from sail_jax.files import as_path
 from sail_jax.sharding import use_mesh
 from sail_jax.training import distributed
 from sail_jax.training.adalrs import Action, AdaLRS, AdaLRSConfig
-from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer
+from sail_jax.training.checkpointing import CheckpointConfig, Checkpointer, claim_workdir
 from sail_jax.training.metrics import MetricsWriter, peak_flops_per_device, step_flops
 from sail_jax.training.optim import OptimizerConfig
 from sail_jax.training.program import build_program
@@ -128,10 +127,7 @@ def train(
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer here (expected vocab.json + merges.txt)")
     program = build_program(model=cfg, batch_size=batch_size, seq_len=seq_len, steps=steps, trainable=trainable,
                             optimizer=optimizer, mesh=mesh, target_fraction=target_fraction, microbatches=microbatches)
-    workdir_ = as_path(workdir)
-    workdir_.mkdir(parents=True, exist_ok=True)
-    with distributed.workdir_lock(workdir_):
-        ckpt = Checkpointer(workdir_, checkpoint)
+    with claim_workdir(workdir, checkpoint) as ckpt:
         finished = False
         try:
             latest = ckpt.resumable_step(resume, "step", "train.resume")
@@ -153,7 +149,7 @@ def train(
                     else:
                         params = program.init_params(jax.random.PRNGKey(seed))
                     state, start = TrainState(params, program.init_opt_state(params)), 0
-                writer = MetricsWriter(workdir_, steps, start, enabled=jax.process_index() == 0,
+                writer = MetricsWriter(ckpt.workdir, steps, start, enabled=jax.process_index() == 0,
                                        log_every=log_every)
                 if epochs is not None:
                     writer.message(f"train.epochs={epochs}: {steps} steps")
