@@ -8,6 +8,7 @@ only the bad request fails. Finished items go to a `PredictionLog` as they finis
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,35 +98,51 @@ def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def encode_batch(processor: SailProcessor, batch: Sequence[Item], settings: EvalSettings,
+                 source: str | Path = "") -> list[tuple[Item, str, dict] | tuple[Item, Exception]]:
+    """Each item's (item, prompt, processor output), or (item, error) when its image or prompt fails."""
+    out: list[tuple[Item, str, dict] | tuple[Item, Exception]] = []
+    for item in batch:
+        try:
+            out.append((item, *encode_item(processor, item, settings, source)))
+        except Exception as e:  # a bad image or prompt fails its row only
+            out.append((item, e))
+    return out
+
+
 def generate_records(engine: Engine, processor: SailProcessor, items: Sequence[Item], settings: EvalSettings,
                      on_record: Callable[[dict[str, Any]], None], source: str | Path = "",
                      progress: bool = True) -> None:
     """Generate greedily for `items`, `settings.batch_size` at a time; each item's record goes to `on_record` as soon
-    as its batch finishes: index, prompt, tiles, response, prediction and error (None, or why the row failed)."""
+    as its batch finishes: index, prompt, tiles, response, prediction and error (None, or why the row failed).
+
+    The next batch is decoded, tiled and tokenized on a second thread while the device generates for this one
+    (image decoding, tokenization and the device all release the GIL), so host work does not add to device time."""
     sampling = SamplingParams(max_new_tokens=settings.max_new_tokens)
     bar = tqdm(total=len(items), desc=f"eval {settings.dataset or settings.kind}", unit="item", disable=not progress)
-    for start in range(0, len(items), settings.batch_size):
-        batch = items[start:start + settings.batch_size]
-        encoded, requests = [], []
-        for item in batch:
-            try:
-                prompt, enc = encode_item(processor, item, settings, source)
-            except Exception as e:  # a bad image or prompt fails its row only
+    batches = [items[s:s + settings.batch_size] for s in range(0, len(items), settings.batch_size)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(encode_batch, processor, batches[0], settings, source) if batches else None
+        for k in range(len(batches)):
+            encoded = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(encode_batch, processor, batches[k + 1], settings, source)
+            ok = [e for e in encoded if len(e) == 3]
+            for item, error in (e for e in encoded if len(e) == 2):
                 on_record({"index": item.index, "prompt": None, "tiles": [], "response": None, "prediction": "",
-                           "error": describe(e)})
-                continue
-            encoded.append((item, prompt, enc))
-            requests.append(Request.from_encoding(enc))
-        outputs = generate_each(engine, requests, sampling) if requests else []
-        for (item, prompt, enc), out in zip(encoded, outputs):
-            record = {"index": item.index, "prompt": prompt, "tiles": [int(t) for t in enc.get("num_patches_list", ())]}
-            if isinstance(out, Exception):
-                record.update(response=None, prediction="", error=describe(out))
-            else:
-                text = decode_response(processor.tokenizer, out.token_ids)
-                record.update(response=text, prediction=final_answer(text, settings), error=None)
-            on_record(record)
-        bar.update(len(batch))
+                           "error": describe(error)})
+            requests = [Request.from_encoding(enc) for _, _, enc in ok]
+            outputs = generate_each(engine, requests, sampling) if requests else []
+            for (item, prompt, enc), out in zip(ok, outputs):
+                record = {"index": item.index, "prompt": prompt,
+                          "tiles": [int(t) for t in enc.get("num_patches_list", ())]}
+                if isinstance(out, Exception):
+                    record.update(response=None, prediction="", error=describe(out))
+                else:
+                    text = decode_response(processor.tokenizer, out.token_ids)
+                    record.update(response=text, prediction=final_answer(text, settings), error=None)
+                on_record(record)
+            bar.update(len(batches[k]))
     bar.close()
 
 
