@@ -46,6 +46,19 @@ def test_console_script_from_another_directory_finds_the_shipped_configs(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_includes_resolve_with_the_checkout_on_the_python_path_from_another_directory(tmp_path):
+    """A checkout on PYTHONPATH makes `configs` importable as a namespace package; gin's package lookup of an
+    `include 'configs/...'` then used to crash (no file origin) instead of going on to the repository root."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "SAIL_JAX_MALLOC_TUNED": "1"}
+    out = subprocess.run([sys.executable, "-m", "sail_jax", "train", "--gin-file=configs/synthetic_demo.gin",
+                          f"--gin.WORKDIR='{tmp_path / 'run'}'", "--dry-run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "model.llm: LLMConfig(vocab_size=512, hidden_size=32, " in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_issue_case_on_the_command_line_keeps_the_model_file_runtime(tmp_path, capsys):
     out = dry_run(capsys, "train", "--gin_file=configs/stage/sft.gin", "--gin-file=configs/model/8b.gin",
                   "--gin.RuntimeConfig.attention_impl='pallas'", "--gin.DATA=@synthetic_data",

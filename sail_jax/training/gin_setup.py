@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import gin
+from gin import config as gin_config
+from gin import resource_reader
 
 from sail_jax.config import (
     AdapterConfig,
@@ -181,6 +183,22 @@ def rewrite_gin_args(args: Sequence[str]) -> list[str]:
             raise ValueError(f"{a}: expected --gin.NAME=VALUE")
         bindings.append(f"{name} = {value}")
     return bindings
+
+
+def _package_file_exists(config_path: str) -> bool:
+    """gin's package-resource check, minus its crash on namespace packages: with a checkout on the Python path,
+    `include 'configs/...'` makes gin look `configs.stage` up as a package, which has no `__init__.py` and so no
+    file origin (a TypeError inside gin); such a directory is simply not a package resource, and the search goes on
+    to the search paths."""
+    try:
+        return resource_reader.system_path_file_exists(config_path)
+    except TypeError:
+        return False
+
+
+gin_config._FILE_READERS[:] = [  # no public way to replace a registered reader's existence check
+    (reader, _package_file_exists if exists is resource_reader.system_path_file_exists else exists)
+    for reader, exists in gin_config._FILE_READERS]
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
