@@ -202,3 +202,18 @@ def test_anyres_input_settings_do_not_change_the_architecture(anyres_cfg):
     assert config_dict_differences(a, b) == []
     rope = model_config_to_dict(anyres_cfg.replace(vision=dataclasses.replace(anyres_cfg.vision, use_2d_rope=True)))
     assert config_dict_differences(a, rope) == ["vision.use_2d_rope: False (checkpoint) vs True (config)"]
+
+
+def test_rl_filter_on_an_anyres_checkpoint(anyres_checkpoint, tmp_path):
+    """RL prompts with images on an AnyRes checkpoint: the rollouts send native-resolution patches (the engine's
+    request from the processor's encoding), not tiles."""
+    _image(90, 60, 1).save(tmp_path / "red.png")
+    rows = [{"id": "i", "question": "How many shapes?", "answer": "1", "kind": "count", "image": "red.png"},
+            {"id": "t", "question": "(A) one (B) two", "answer": "B", "kind": "mcq"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "kept.jsonl"
+    assert main(["rl-filter", "--checkpoint", str(anyres_checkpoint), "--data", str(data), "--k", "2", "--out",
+                 str(out), "--max-new-tokens", "3"]) == 0
+    scores = [json.loads(line) for line in (tmp_path / "kept.jsonl.passk.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in scores] == ["i", "t"] and all(s["pass_at_k"] in (0, 0.5, 1) for s in scores)

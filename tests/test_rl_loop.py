@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from sail_jax.inference.engine import Request
 from sail_jax.rl.learner import PolicyLossConfig, make_logprob_fn, make_update_step, pack_sequences
 from sail_jax.rl.prompts import RLPrompt
 from sail_jax.rl.rewards import RewardWeights
@@ -75,7 +76,7 @@ def test_pack_sequences_left_pads_prompts_and_aligns_responses():
 
 
 def _rollout(text: str, answer: str, kind: str, n_tokens: int, finish: str = "stop") -> Rollout:
-    prompt = EncodedPrompt(RLPrompt("p", "question?", answer, kind), np.zeros(3, np.int32), None)
+    prompt = EncodedPrompt(RLPrompt("p", "question?", answer, kind), Request(np.zeros(3, np.int32)))
     return Rollout(prompt, 0, list(range(n_tokens)), finish, text)
 
 
@@ -230,7 +231,7 @@ def test_dapo_three_episodes_with_dynamic_sampling(dapo_run):
             == r["groups_seen"]
         assert r["logprob_max_abs_diff"] < 1e-3  # engine vs trainer forward
         assert r["updates"] == 2 * r["step"] and r["skipped_updates"] == 0
-        for k in ("reward_mean", "reward_answer", "reward_format", "reward_overlong", "accuracy", "entropy",
+        for k in ("reward_mean", "reward_format", "reward_overlong", "accuracy", "entropy",
                   "clip_frac_high", "clip_frac_low", "approx_kl", "response_len_mean", "response_len_max",
                   "truncated_frac", "time_rollout_s", "time_logprob_s", "time_update_s"):
             assert np.isfinite(r[k]), k
@@ -279,6 +280,42 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(dapo_run, prompts, t
         assert trees_equal(load_item(workdir, 3, item), load_item(dapo_run, 3, item)), item
     assert load_item(workdir, 3, "train_state") == load_item(dapo_run, 3, "train_state")
     assert [r["reward_mean"] for r in metrics(workdir)] == [r["reward_mean"] for r in metrics(dapo_run)]
+
+
+def test_sigterm_checkpoints_the_episode_and_a_changed_schedule_is_refused(dapo_run, prompts, tmp_path,
+                                                                           monkeypatch):
+    """SIGTERM (a real signal, sent after the first episode) checkpoints that episode and raises Preempted (the CLI's
+    exit 143); a resume that changes the number of optimizer updates is refused; an unchanged one replays the
+    uninterrupted run."""
+    from sail_jax.rl import loop
+    from sail_jax.training.trainer import Preempted
+
+    run = loop._Episode.run
+
+    def run_then_sigterm(self, state, episode, updates_done):
+        out = run(self, state, episode, updates_done)
+        if episode == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop._Episode, "run", run_then_sigterm)
+    workdir = tmp_path / "run"
+    with pytest.raises(Preempted, match="SIGTERM: checkpointed episode 1 in .*; continue with --resume"):
+        _run(workdir, prompts)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"rl.episodes x mini_batches x update_epochs \(optimizer updates\) changed "
+                                         r"on --resume: 6 \(checkpoint 1\) -> 8;.*rl.allow_schedule_change=True"):
+        _run(workdir, prompts, "rl.episodes = 4", resume=True)
+    _run(workdir, prompts, resume=True)
+    assert trees_equal(load_item(workdir, 3, "params"), load_item(dapo_run, 3, "params"))
+
+
+def test_init_from_a_workdir_starts_from_its_newest_step(dapo_run, prompts, tmp_path):
+    """`rl.init_from` takes a run's workdir as `train.init_from` does (its newest finalised step)."""
+    workdir = tmp_path / "run"
+    last = _run(workdir, prompts, f"rl.init_from = '{dapo_run}'", "rl.episodes = 1")
+    assert last["logprob_max_abs_diff"] < 1e-3 and last["updates"] == 2
 
 
 def test_gspo_on_tiny_moe(tmp_path):

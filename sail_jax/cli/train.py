@@ -17,7 +17,6 @@ import os
 import sys
 
 from sail_jax.cli._common import add_gin_args
-from sail_jax.files import as_path
 
 EPILOG = """exit status:
   0    the run reached train.steps
@@ -71,13 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(gin_setup.describe(resolved, dict(mesh.shape), steps_note))
         return 0
-    workdir = as_path(gin_setup.workdir())
-    # The workdir lock is taken before anything is written there, so a second run changes nothing.
-    with distributed.workdir_lock(workdir):
-        if jax.process_index() == 0:
-            (workdir / "config.gin").write_text(gin.config_str())
-            if steps_note:
-                print(steps_note, file=sys.stderr)
+    with gin_setup.run_workdir() as workdir:
+        if steps_note and jax.process_index() == 0:
+            print(steps_note, file=sys.stderr)
         try:  # the steps as resolved: derived when train.epochs gives the run length
             last = gin_setup.train_using_gin(resume=args.resume, steps=resolved["steps"],
                                              **({"allow_schedule_change": True} if args.allow_schedule_change else {}))

@@ -47,10 +47,6 @@ def _write_prompts(rows: list[dict[str, Any]], path: Path) -> int:
     return len(lines)
 
 
-def _latest_step(workdir: Path) -> Path:
-    return max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-
-
 def _evaluate(step_dir: Path, rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
     from converters.load import load_checkpoint
     from sail_jax.data.processor import SailProcessor
@@ -74,8 +70,7 @@ def run_demo_rl(out: str | Path = "demo_rl_out", *, n: int = 3000, sft_steps: in
     """Run every stage into `out/` (data/, rl_data/, sft/, rl/, demo_rl_results.json); returns the results.
     `n_heldout` / `n_rl` are demo samples drawn for the held-out set / the RL prompts (about a quarter of them give
     a count or colour question)."""
-    import gin
-
+    from converters.orbax_io import resolve_checkpoint
     from sail_jax.rl import gin_setup as rl_gin
     from sail_jax.training import gin_setup as train_gin
 
@@ -96,9 +91,11 @@ def run_demo_rl(out: str | Path = "demo_rl_out", *, n: int = 3000, sft_steps: in
     train_gin.parse([str(DEMO_GIN)], [f"WORKDIR = '{out / 'sft'}'", f"grain_data.tokenizer_dir = '{TOKENIZER}'",
                                       f"grain_data.datasets = [{{'path': '{data / 'train.jsonl'}'}}]",
                                       f"train.seed = {seed}", f"train.steps = {max(sft_schedule, sft_steps)}",
-                                      f"CheckpointConfig.every_steps = {sft_steps}", "CheckpointConfig.keep = 10"])
-    (out / "sft").mkdir(parents=True)
-    train_gin.train_using_gin()
+                                      f"CheckpointConfig.every_steps = {sft_steps}",
+                                      # every save of the schedule kept: step sft_steps must survive to the end
+                                      f"CheckpointConfig.keep = {-(-max(sft_schedule, sft_steps) // sft_steps) + 1}"])
+    with train_gin.run_workdir(str(out / "sft")):
+        train_gin.train_using_gin()
     sft_seconds = time.time() - t0
     sft_step = out / "sft" / "checkpoints" / str(sft_steps)
     print(f"[demo-rl] SFT: step {sft_steps} of a {max(sft_schedule, sft_steps)}-step schedule in {sft_seconds:.0f}s",
@@ -110,14 +107,13 @@ def run_demo_rl(out: str | Path = "demo_rl_out", *, n: int = 3000, sft_steps: in
                                       f"rl.episodes = {episodes}", f"rl.prompts_per_episode = {prompts_per_episode}",
                                       f"rl.samples_per_prompt = {samples_per_prompt}", f"rl.seed = {seed}",
                                       f"CheckpointConfig.every_steps = {episodes}", "CheckpointConfig.keep = 1"])
-    (out / "rl").mkdir(parents=True)
-    (out / "rl" / "config.gin").write_text(gin.config_str())
     t0 = time.time()
-    rl_gin.rl_using_gin()
+    with train_gin.run_workdir(str(out / "rl")):
+        rl_gin.rl_using_gin()
     rl_seconds = time.time() - t0
     print(f"[demo-rl] RL {episodes} episodes ({prompts_per_episode} prompts x {samples_per_prompt} samples) in "
           f"{rl_seconds:.0f}s", flush=True)
-    after = _evaluate(_latest_step(out / "rl"), heldout, "after RL")
+    after = _evaluate(Path(resolve_checkpoint(str(out / "rl"))), heldout, "after RL")
 
     m = len(heldout)
     # binomial standard error of one accuracy at this set size (the same questions before and after)

@@ -67,13 +67,13 @@ class Request:
     anyres_grids: np.ndarray | None = None
 
     @classmethod
-    def from_encoding(cls, enc: dict[str, np.ndarray], seed: int | None = None) -> Request:
+    def from_encoding(cls, enc: dict[str, np.ndarray]) -> Request:
         """A request from `SailProcessor` output (input_ids [N] or [1, N]; tiles or AnyRes patches, if any)."""
         ids = np.asarray(enc["input_ids"]).reshape(-1)
         if len(enc.get("anyres_grids", ())):
-            return cls(ids, seed=seed, anyres_patches=enc["anyres_patches"], anyres_grids=enc["anyres_grids"])
+            return cls(ids, anyres_patches=enc["anyres_patches"], anyres_grids=enc["anyres_grids"])
         pix = enc.get("pixel_values")
-        return cls(ids, pix if pix is not None and len(pix) else None, seed)
+        return cls(ids, pix if pix is not None and len(pix) else None)
 
 
 @dataclass

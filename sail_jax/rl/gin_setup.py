@@ -49,10 +49,10 @@ def rl_arguments() -> dict[str, Any]:
     return args
 
 
-def rl_using_gin(resume: bool = False) -> dict[str, float]:
-    """Run `rl` with its gin bindings (checked first)."""
+def rl_using_gin(resume: bool = False, **overrides: Any) -> dict[str, float]:
+    """Run `rl` with its gin bindings (checked first); `overrides` (CLI flags) win over them."""
     rl_arguments()
-    return _rl_with_gin(resume=resume)
+    return _rl_with_gin(resume=resume, **overrides)
 
 
 def workdir() -> str:

@@ -24,7 +24,14 @@ from sail_jax.config import ModelConfig
 from sail_jax.models.sail_vl import SailVL
 from sail_jax.rl.loss import AGGS, LEVELS, agg_denom, agg_loss, policy_loss
 from sail_jax.training.optim import global_norm, split_groups
-from sail_jax.training.step import TrainState, has_router_loss, lm_head_kernel, router_loss, step_metrics
+from sail_jax.training.step import (
+    TrainState,
+    has_router_loss,
+    lm_head_kernel,
+    router_loss,
+    step_metrics,
+    vision_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,7 @@ def token_logprobs(cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], 
     `temperature` (the sampling distribution, before top-p); R = the response columns (`pack_sequences`). The
     lm_head runs one row at a time under `jax.checkpoint`, so [R, V] logits exist for one row and are recomputed
     in the backward pass."""
-    pixels = batch["pixel_values"] if batch["pixel_values"].shape[1] else None
-    out = SailVL(cfg).apply({"params": params}, batch["input_ids"], pixels, batch["tile_mask"],
+    out = SailVL(cfg).apply({"params": params}, batch["input_ids"], **vision_inputs(batch),
                             positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
     kernel = lm_head_kernel(cfg, params)
     length, response = batch["input_ids"].shape[1], batch["response_mask"].shape[1]

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from converters.load import load_checkpoint
-from converters.orbax_io import checkpoint_tokenizer, is_our_checkpoint, restore_model_params
+from converters.orbax_io import checkpoint_tokenizer, is_our_checkpoint, resolve_checkpoint, restore_model_params
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig
 from sail_jax.data.batch import batch_sharding
 from sail_jax.data.processor import SailProcessor
@@ -43,6 +43,7 @@ from sail_jax.training.metrics import MetricsWriter
 from sail_jax.training.optim import OptimizerConfig, make_schedule
 from sail_jax.training.program import build_program
 from sail_jax.training.step import TrainState
+from sail_jax.training.trainer import Preempted, check_schedule, schedule_of
 
 
 class PromptIterator:
@@ -144,11 +145,18 @@ def rl(
     logprob_check: bool = True,
     seed: int = 0,
     resume: bool = False,
+    allow_schedule_change: bool = False,
     log_every: int = 1,
 ) -> dict[str, float]:
     """Run `episodes` RL episodes into `workdir` (checkpoints/, metrics.jsonl, tensorboard/); returns the last
     episode's metrics. Each episode's batch is prompts_per_episode x samples_per_prompt rollouts, split into
-    `mini_batches` optimizer steps per pass; prompts (image tokens included) must fit `max_prompt_len` tokens."""
+    `mini_batches` optimizer steps per pass; prompts (image tokens included) must fit `max_prompt_len` tokens.
+    `init_from`: a checkpoint step, a workdir (its newest finalised step) or an upstream directory. The learning-rate
+    schedule (episodes x mini_batches x update_epochs updates) is fixed for a run: a resume that changes it is refused
+    unless `allow_schedule_change`. SIGTERM checkpoints the current episode and raises `trainer.Preempted`."""
+    if model.vision.anyres:
+        raise ValueError("rl: AnyRes models are not supported by the RL learner (sail-jax rl-filter and the engine "
+                         "are); use a fixed-tile model")
     if min(episodes, prompts_per_episode, samples_per_prompt, mini_batches, update_epochs, max_gen_rounds) < 1:
         raise ValueError("rl: episodes, prompts_per_episode, samples_per_prompt, mini_batches, update_epochs and "
                          "max_gen_rounds must all be >= 1")
@@ -156,6 +164,7 @@ def rl(
     if rows_total % mini_batches:
         raise ValueError(f"rl: {rows_total} rollouts per episode do not split into {mini_batches} mini-batches")
     rows = rows_total // mini_batches
+    init_from = resolve_checkpoint(init_from) if init_from else None
     tokenizer_dir = tokenizer_dir or (str(checkpoint_tokenizer(init_from) or "") if init_from else None)
     if not tokenizer_dir:
         raise ValueError("rl.tokenizer_dir is not set and rl.init_from carries no tokenizer")
@@ -165,6 +174,7 @@ def rl(
     images_per_prompt = max(len(p.images) for p in data.prompts)
     tile_slots = images_per_prompt * (max_tiles + (max_tiles > 1))  # + the thumbnail of a tiled image
     total_updates = episodes * mini_batches * update_epochs
+    schedule = schedule_of(total_updates, optimizer)
     program, update, logprob = learner_functions(cfg, optimizer, tuple(trainable), loss, float(temperature),
                                                  total_updates, tuple(sorted(mesh.items())) if mesh else None, rows,
                                                  max_prompt_len + max_new_tokens)
@@ -184,6 +194,10 @@ def rl(
                     _, (params, opt_state, saved, _) = ckpt.restore_latest(
                         _warn, cfg=cfg, abstract_params=program.abstract_state.params,
                         abstract_opt_state=program.abstract_state.opt_state, data_iter=it)
+                    if not allow_schedule_change:
+                        check_schedule(saved.get("schedule"), schedule, int(saved["episode"]),
+                                       "rl.episodes x mini_batches x update_epochs (optimizer updates)",
+                                       "rl.allow_schedule_change")
                     state = TrainState(params, opt_state)
                     start, updates_done = int(saved["episode"]), int(saved["updates"])
                 else:
@@ -199,28 +213,31 @@ def rl(
                 writer = MetricsWriter(ckpt.workdir, episodes, start, enabled=jax.process_index() == 0,
                                        log_every=log_every)
                 last: dict[str, float] = {}
+                preempted = 0
                 try:
                     with distributed.PreemptionFlag() as preempt:
                         for episode in range(start, episodes):
                             state, last, updates_done = ep.run(state, episode, updates_done)
                             writer.write(episode + 1, last)
-                            stop = preempt.requested
+                            stop = distributed.any_process(preempt.requested)
                             saved = ckpt.save(episode + 1, cfg=cfg, params=state.params, opt_state=state.opt_state,
-                                              train_state={"episode": episode + 1, "updates": updates_done},
+                                              train_state={"episode": episode + 1, "updates": updates_done,
+                                                           "schedule": schedule},
                                               data_iter=it, force=stop or episode + 1 == episodes,
                                               tokenizer=tokenizer_dir)
                             if saved:
                                 writer.flush()
                             if stop:
-                                writer.message(f"SIGTERM: checkpointed episode {episode + 1}; continue with "
-                                               f"--resume")
+                                preempted = episode + 1 if episode + 1 < episodes else 0  # the last: done
                                 break
                 finally:
                     writer.close()
             finished = True
-            return last
         finally:
             ckpt.finish(raise_errors=finished)
+        if preempted:
+            raise Preempted(preempted, str(ckpt.directory), "episode")  # after `finish` completed the checkpoint
+        return last
 
 
 @dataclasses.dataclass
@@ -354,8 +371,8 @@ def _rollout_metrics(rounds: list, batch: GroupBatch) -> dict[str, float]:
     cat = lambda name: np.concatenate([getattr(s, name) for s in rounds]).astype(np.float64)
     length = cat("length")
     kept = [rw for _, rw in batch.samples]
-    return {"reward_mean": float(cat("reward").mean()), "reward_answer": float(cat("accuracy").mean()),
-            "reward_think": float(cat("think").mean()), "reward_format": float(cat("format").mean()),
+    return {"reward_mean": float(cat("reward").mean()), "reward_think": float(cat("think").mean()),
+            "reward_format": float(cat("format").mean()),
             "reward_overlong": float(cat("overlong").mean()), "accuracy": float(cat("accuracy").mean()),
             "response_len_mean": float(length.mean()), "response_len_max": float(length.max()),
             "truncated_frac": float(cat("truncated").mean()), "kept_rollouts": float(len(kept)),

@@ -16,7 +16,7 @@ import numpy as np
 
 from sail_jax.data.processor import SailProcessor
 from sail_jax.data.sources import BadSample, JsonlSource, decode_object
-from sail_jax.files import write_text_atomic
+from sail_jax.files import parent_dir, write_text_atomic
 from sail_jax.inference.engine import Engine
 from sail_jax.inference.sampling import SamplingParams
 from sail_jax.rl.prompts import RLPrompt, parse_prompt
@@ -37,7 +37,7 @@ def read_records(path: str | Path, image_root: str | Path | None = None
                  ) -> tuple[list[tuple[dict, RLPrompt]], list[str]]:
     """(the raw JSON object and the parsed prompt of each usable line, the "file:line: why" of each bad line)."""
     source = JsonlSource(path)
-    root = Path(path).parent if image_root is None else Path(image_root)
+    root = parent_dir(path) if image_root is None else image_root  # gs://... stays a URL (parse_prompt)
     good, bad = [], []
     for i in range(len(source)):
         record = source[i]

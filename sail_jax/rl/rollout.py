@@ -9,8 +9,8 @@ the learner's recomputed ones they are a numerics health check of the two forwar
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,16 +23,24 @@ from sail_jax.rl.prompts import RLPrompt
 from sail_jax.rl.rewards import RewardWeights, answer_reward, format_reward, mixed_reward
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EncodedPrompt:
-    """A prompt ready for the engine and the learner: token ids (image tokens expanded) and its tiles or None."""
+    """A prompt ready for the engine and the learner: its request (token ids with the image tokens expanded, and
+    its tiles or AnyRes patches)."""
 
     prompt: RLPrompt
-    input_ids: np.ndarray
-    pixel_values: np.ndarray | None
+    request: Request
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.request.input_ids
+
+    @property
+    def pixel_values(self) -> np.ndarray | None:
+        return self.request.pixel_values
 
 
-@dataclass
+@dataclasses.dataclass
 class Rollout:
     """One sampled completion of `prompt` (group `group`: the completions of one prompt in one round)."""
 
@@ -48,8 +56,7 @@ def encode_prompt(processor: SailProcessor, prompt: RLPrompt, system: str | None
     """One user turn (images first, then the question) with the assistant turn opened, as `sail-jax chat` asks."""
     enc = processor.encode_conversation([{"role": "user", "content": prompt.question}],
                                         [str(p) for p in prompt.images], system=system, add_generation_prompt=True)
-    pixels = enc["pixel_values"] if len(enc["pixel_values"]) else None
-    return EncodedPrompt(prompt, enc["input_ids"], pixels)
+    return EncodedPrompt(prompt, Request.from_encoding(enc))
 
 
 def generate_rollouts(engine: Engine, processor: SailProcessor, prompts: Sequence[EncodedPrompt], *, n: int,
@@ -57,8 +64,8 @@ def generate_rollouts(engine: Engine, processor: SailProcessor, prompts: Sequenc
     """n completions of each prompt (rows prompt-major: prompt i's samples are rows i*n .. i*n+n-1, group i)."""
     if n < 1:
         raise ValueError(f"samples per prompt must be >= 1, got {n}")
-    requests = [Request(p.input_ids, p.pixel_values, seed=row)
-                for row, p in enumerate(p for p in prompts for _ in range(n))]
+    # the same arrays in each of a prompt's n requests: the engine prefills them once
+    requests = [dataclasses.replace(p.request, seed=row) for row, p in enumerate(p for p in prompts for _ in range(n))]
     outs = engine.generate(requests, sampling, return_logprobs=with_logprobs)
     rollouts = []
     for row, out in enumerate(outs):
@@ -68,7 +75,7 @@ def generate_rollouts(engine: Engine, processor: SailProcessor, prompts: Sequenc
     return rollouts
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """The reward of a response: `weights` of the answer / think / format parts (mixed reward), plus DAPO's
     overlong shaping over the last `overlong_buffer` tokens before max_new_tokens (0: off). `judge` (import path
@@ -82,7 +89,7 @@ class RewardConfig:
     judge_max_retries: int = 2
 
 
-@dataclass
+@dataclasses.dataclass
 class Scores:
     """Per rollout [N]: the shaped reward the advantages use and its parts; `accuracy` (raw answer correctness)
     is what dynamic sampling filters on."""

@@ -366,6 +366,24 @@ def workdir() -> str:
     return str(gin.query_parameter("%WORKDIR"))
 
 
+@contextmanager
+def run_workdir(path: str | None = None) -> Iterator[Any]:
+    """The run's workdir (`path`, default %WORKDIR; any filesystem) under its lock for the whole run, with the parsed
+    configuration written to `config.gin` by process 0 first: the lock comes before anything is written there, so a
+    second run on the same workdir changes nothing."""
+    import jax
+
+    from sail_jax.files import as_path
+    from sail_jax.training import distributed
+
+    directory = as_path(path or workdir())
+    with distributed.workdir_lock(directory):
+        if jax.process_index() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "config.gin").write_text(gin.config_str())
+        yield directory
+
+
 def describe(args: dict[str, Any], mesh_shape: dict[str, int], steps_note: str | None = None) -> str:
     """The operative config of a run (what `--dry-run` prints): model, runtime, run (and how `train.epochs` gave
     the steps), optimizer, data, mesh."""

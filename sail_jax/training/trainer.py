@@ -50,11 +50,10 @@ class TrainingAborted(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM: the step `step` is checkpointed (and the checkpoint complete); continue with --resume."""
+    """SIGTERM: step (or RL episode) `step` is checkpointed (and the checkpoint complete); continue with --resume."""
 
-    def __init__(self, step: int, directory: str):
-        super().__init__(f"SIGTERM: checkpointed step {step} in {directory}; continue with --resume")
-        self.step = step
+    def __init__(self, step: int, directory: str, unit: str = "step"):
+        super().__init__(f"SIGTERM: checkpointed {unit} {step} in {directory}; continue with --resume")
 
 
 def schedule_of(steps: int, optimizer: OptimizerConfig) -> dict[str, float]:
@@ -62,15 +61,16 @@ def schedule_of(steps: int, optimizer: OptimizerConfig) -> dict[str, float]:
     return json.loads(json.dumps({"steps": steps, **{f: getattr(optimizer, f) for f in SCHEDULE_FIELDS}}))
 
 
-def check_schedule(saved: dict | None, current: dict[str, float], step: int) -> None:
-    """Refuse a resume whose schedule differs from the checkpoint's, naming the first changed field."""
+def check_schedule(saved: dict | None, current: dict[str, float], step: int, steps_name: str = "train.steps",
+                   override: str = "train.allow_schedule_change") -> None:
+    """Refuse a resume whose schedule differs from the checkpoint's, naming the first changed field (`steps_name`:
+    what sets the schedule's length, `override`: the binding that accepts a change)."""
     for field, value in current.items():
         old = (saved or {}).get(field, value)  # checkpoints from before the schedule was recorded: not checked
         if old != value:
-            name = "train.steps" if field == "steps" else f"OptimizerConfig.{field}"
+            name = steps_name if field == "steps" else f"OptimizerConfig.{field}"
             raise ValueError(f"{name} changed on --resume: {old} (checkpoint {step}) -> {value}; the learning rate "
-                             f"would jump. Pass --allow-schedule-change (train.allow_schedule_change=True) to accept "
-                             f"it")
+                             f"would jump. Pass --allow-schedule-change ({override}=True) to accept it")
 
 
 def train(
