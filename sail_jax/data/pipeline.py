@@ -387,7 +387,8 @@ def global_budgeted(cfg: DataConfig, shards: range, num_shards: int, process_cou
     for v in shards:
         ds = row_dataset(cfg, v, num_shards)
         if cfg.prefetch_batches:
-            ds = grain.experimental.ThreadPrefetchIterDataset(ds, cfg.prefetch_batches * cfg.batch_size)
+            ds = grain.experimental.ThreadPrefetchIterDataset(
+                ds, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
         rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID)
     migrants = max(1, cfg.batch_size // 4) if cfg.max_migrants is None else cfg.max_migrants
     return GlobalBudgetedIterator(lambda v: _FingerprintedIterator(rows[v], fingerprint), rows, shards, num_shards,
