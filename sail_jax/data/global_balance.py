@@ -6,7 +6,8 @@ slots stay empty. Here one assignment (`assign_global`) places the candidate row
 devices:
 
 * each round every process offers its shards' candidate rows: first the rows they carry over, then as many fresh
-  rows as the shard's own devices have free row slots (as the per-shard iterator reads them); the row LOADS (tile
+  rows as the shard's own devices have free row slots (as the per-shard iterator reads them; once only shards that
+  stopped reading have free slots, the others read up to their migrant allowance for them); the row LOADS (tile
   counts) of all shards are exchanged (`exchange`: one `process_allgather` of a small int array per round, a few
   rounds per step), and every host computes the same placement from them;
 * rows are placed longest first (carried-over rows before them) on the least-loaded device with a free row slot
@@ -88,6 +89,16 @@ def process_exchange(x: Any) -> Any:
     return multihost_utils.process_allgather(x, tiled=True)
 
 
+def spread(total: int, room: np.ndarray) -> np.ndarray:
+    """`total` split over the shards one at a time in turn, shard v taking at most `room[v]`."""
+    out = np.zeros_like(room)
+    while total and (out < room).any():
+        for v in np.flatnonzero(out < room)[:total]:
+            out[v] += 1
+            total -= 1
+    return out
+
+
 class GlobalBudgetedIterator(ShardedIterator):
     """The batches of data shards `shards` (of `num_shards`), their rows placed over the devices of all shards
     (module docstring). `make(v)` gives shard v's checkpointable iterator (the state `ShardedIterator` stores) and
@@ -136,7 +147,10 @@ class GlobalBudgetedIterator(ShardedIterator):
         place({v: it.waiting for v, it in self._rows.items()}, ordered=True)  # carried-over rows first
         while True:  # fresh rows fill each shard's free slots; a shard stops reading once a batch of rows waits
             free = n * p - count.reshape(S, n).sum(axis=1)
-            want = np.where(exhausted | (deferred >= B), 0, free)
+            active = ~exhausted & (deferred < B)
+            want = np.where(active, free, 0)
+            if not want.any():  # slots left only on shards that stopped: others read rows that may move there
+                want = spread(int(free.sum()), np.where(active, np.maximum(self._max_migrants - sent, 0), 0))
             if not want.any():
                 break
             got = place({v: it.pull(int(want[v])) for v, it in self._rows.items()}, ordered=False)
