@@ -126,7 +126,8 @@ class GlobalBudgetedIterator(ShardedIterator):
 
         def place(fresh: dict[int, list[tuple[int, dict[str, Any]]]], ordered: bool) -> np.ndarray:
             """One round: exchange the offered rows' loads, place them; the number each shard offered."""
-            local = np.full((len(self._rows), 1 + 2 * B), -1, np.int32)
+            # Static width: fewer than B rows wait before a round, which reads at most max(B, max_migrants).
+            local = np.full((len(self._rows), 1 + B + max(B, self._max_migrants)), -1, np.int32)
             for i, (v, rows) in enumerate(fresh.items()):
                 local[i, 0] = len(rows)
                 local[i, 1:1 + len(rows)] = [row_tiles(r) for _, r in rows]
