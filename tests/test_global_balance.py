@@ -128,15 +128,28 @@ def factory_options(path: Path, data_dir: Path, balance: str) -> dict:
                 shuffle=False, num_workers=0, num_packing_bins=2, prefetch_batches=1)
 
 
+def factory(path: Path, data_dir: Path, balance: str):
+    return grain_data(cfg=CFG, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
+                      **factory_options(path, data_dir, balance))
+
+
 def global_batches(path: Path, data_dir: Path, balance: str, steps: int) -> list[dict]:
-    it = grain_data(cfg=CFG, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
-                    **factory_options(path, data_dir, balance))
+    it = factory(path, data_dir, balance)
     return [next(it) for _ in range(steps)]
 
 
 def test_two_processes_build_the_global_batches_of_one_and_train(data_dir, tmp_path):
     path = skewed_jsonl(tmp_path / "data", 64)
-    one = global_batches(path, data_dir, "global", 3)
+    it = factory(path, data_dir, "global")
+    one = [next(it)]
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["shards"]["0"]["data_config"]["tile_balance"] == "global"
+    one += [next(it), next(it)]
+    again = factory(path, data_dir, "global")
+    again.set_state(state)  # the Grain factory's checkpoint: the same following batches
+    for a, b in zip(one[1:], [next(again), next(again)]):
+        for k in (*BUDGET_KEYS, "deferred_rows"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert tiles(one) == [6 * 7] * 3 and tiles(global_batches(path, data_dir, "process", 3)) == [4 * 7] * 3
     with socket.socket() as s:
         s.bind(("localhost", 0))
