@@ -64,6 +64,14 @@ def merge_states(states: Sequence[Any], process_count: int) -> dict[str, Any]:
                           f"needs grain_data.data_shards set when the run starts; see BUILD.md)")
 
 
+def join_parts(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Shards' batches as one: arrays concatenated row-wise in shard order, host-side counts (0-d) summed."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {k: np.sum([p[k] for p in parts]) if np.ndim(parts[0][k]) == 0 else np.concatenate([p[k] for p in parts])
+            for k in parts[0]}
+
+
 class ShardedIterator(Iterator[dict[str, np.ndarray]]):
     """The batches of data shards `shards` (of `num_shards`), concatenated row-wise in shard order.
 
@@ -78,10 +86,7 @@ class ShardedIterator(Iterator[dict[str, np.ndarray]]):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self._its.values()]  # a finite stream ends with its first shard
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return join_parts([next(it) for it in self._its.values()])  # a finite stream ends with its first shard
 
     def get_state(self) -> dict[str, Any]:
         return {"elastic": SHARDS, "num_shards": self.num_shards,

@@ -36,9 +36,16 @@ import numpy as np
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig, VisionConfig
 from sail_jax.data.batch import local_rows
 from sail_jax.data.elastic import ShardedIterator, owned_shards
+from sail_jax.data.global_balance import GlobalBudgetedIterator, local_exchange, process_exchange
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
 from sail_jax.data.sources import open_source
-from sail_jax.data.tile_budget import BudgetedBatchIterDataset, auto_budget, row_tiles
+from sail_jax.data.tile_budget import (
+    BudgetedBatchIterator,
+    BudgetedBatchIterDataset,
+    auto_budget,
+    check_budget,
+    row_tiles,
+)
 from sail_jax.data.transforms import SampleTransform
 from sail_jax.data.video import DEFAULT_NUM_FRAMES
 from sail_jax.files import parent_dir
@@ -88,6 +95,9 @@ class DataConfig:
     Tile budget (`tile_budget`): None runs the ViT on every slot; an int or "auto" packs each device's tiles into
     that many slots (>= max_tiles), "auto" choosing it once as the `tile_budget_quantile` of the balanced
     per-device tile loads of the first `CALIBRATION_BATCHES` batches of process 0's rows (the same on every host).
+    With several data shards (`grain_data`), `tile_balance` "global" places the rows of all shards over the devices
+    of all shards in one assignment (`data.global_balance`; a shard sends at most `max_migrants` rows a step to
+    other shards' devices, None: a quarter of its rows, at least 1), "process" balances each shard on its own.
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
     (`data.frame_cache`; None: decode every time). AnyRes: `anyres` (the model's vision config, set by `grain_data`
     for an AnyRes model) keeps images at native resolution; rows then hold `max_patches` patches (a static budget,
@@ -121,6 +131,8 @@ class DataConfig:
     frame_cache_dir: str | None = None
     tile_budget: int | str | None = None
     tile_budget_quantile: float = 0.9
+    tile_balance: str = "global"
+    max_migrants: int | None = None
     anyres: VisionConfig | None = None
     max_patches: int = 16384
 
@@ -145,6 +157,10 @@ class DataConfig:
             raise ValueError(f"tile_budget={budget!r}: expected None, 'auto' or an int >= max_tiles={self.max_tiles}")
         if not 0 < self.tile_budget_quantile <= 1:
             raise ValueError(f"tile_budget_quantile={self.tile_budget_quantile} must be in (0, 1]")
+        if self.tile_balance not in ("global", "process"):
+            raise ValueError(f"tile_balance={self.tile_balance!r}: expected 'global' or 'process'")
+        if self.max_migrants is not None and self.max_migrants < 0:
+            raise ValueError(f"max_migrants must be >= 0, got {self.max_migrants}")
         if self.anyres is not None and budget is not None:
             raise ValueError("tile_budget applies to tiles; an AnyRes model packs max_patches patches per row")
         if self.max_patches < 4 or self.max_patches % 4:
@@ -264,12 +280,14 @@ STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tile
 
 # With a tile budget these decide the batches too (left out without one, so older checkpoints still match).
 BUDGET_FIELDS = ("tile_budget", "tile_budget_quantile")
+GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # with a tile budget balanced globally
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint (the
     tile-budget and AnyRes ones only when on, so older checkpoints still match)."""
     fields = STREAM_FIELDS + (BUDGET_FIELDS if cfg.tile_budget is not None else ())
+    fields += GLOBAL_BALANCE_FIELDS if cfg.tile_budget is not None and cfg.tile_balance == "global" else ()
     out = {k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k) for k in fields}
     if cfg.anyres is not None:
         out.update(anyres=dataclasses.asdict(cfg.anyres), max_patches=cfg.max_patches)
@@ -354,4 +372,25 @@ def grain_data(
 
         devices, rem = divmod(jax.local_device_count(), len(mine))
         data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
+    if data_cfg.tile_budget is not None and data_cfg.tile_balance == "global" and shards > 1:
+        return global_budgeted(data_cfg, mine, shards, process_count)
     return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)
+
+
+def global_budgeted(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
+    """The budgeted batches of data shards `shards` (of `num_shards`, `cfg.batch_size` rows each), their rows placed
+    over the devices of all shards (`data.global_balance`); row packing runs `prefetch_batches` batches ahead in a
+    thread per shard, the placement and its collectives in the caller's thread."""
+    n, budget, fingerprint = batch_devices(cfg), resolve_tile_budget(cfg, num_shards), data_fingerprint(cfg)
+    check_budget(cfg.batch_size, n, budget, cfg.max_tiles)
+    rows = {}
+    for v in shards:
+        ds = row_dataset(cfg, v, num_shards)
+        if cfg.prefetch_batches:
+            ds = grain.experimental.ThreadPrefetchIterDataset(
+                ds, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
+        rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID)
+    migrants = max(1, cfg.batch_size // 4) if cfg.max_migrants is None else cfg.max_migrants
+    return GlobalBudgetedIterator(lambda v: _FingerprintedIterator(rows[v], fingerprint), rows, shards, num_shards,
+                                  cfg.batch_size, n, budget, migrants,
+                                  process_exchange if process_count > 1 else local_exchange)

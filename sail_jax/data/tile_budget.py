@@ -93,7 +93,7 @@ def row_tiles(row: Mapping[str, Any]) -> int:
     return int((row["pixel_values_segment_ids"] > 0).sum())
 
 
-class _BudgetedBatchIterator(grain.DatasetIterator):
+class BudgetedBatchIterator(grain.DatasetIterator):
     """Deferred rows survive checkpoints without storing pixels: the state is the parent's state before the
     oldest waiting row (`parent`), how many rows were read since (`read`) and which of them still wait
     (`waiting`); restoring re-reads those rows and keeps the waiting ones."""
@@ -107,7 +107,18 @@ class _BudgetedBatchIterator(grain.DatasetIterator):
         self._template: dict[str, Any] | None = None
         self._exhausted = False
 
-    def _pull(self, n: int) -> list[tuple[int, dict[str, Any]]]:
+    @property
+    def template(self) -> dict[str, Any] | None:
+        """An empty row (zeros shaped like the rows read), None before the first row."""
+        return self._template
+
+    @property
+    def waiting(self) -> list[tuple[int, dict[str, Any]]]:
+        """The deferred (ordinal, row)s, oldest first."""
+        return list(self._waiting)
+
+    def pull(self, n: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to `n` fresh (ordinal, row)s from the parent (fewer once it is exhausted)."""
         out = []
         while len(out) < n and not self._exhausted:
             try:
@@ -135,24 +146,32 @@ class _BudgetedBatchIterator(grain.DatasetIterator):
         place(self._waiting, len(self._waiting))  # rows deferred earlier go first, oldest first
         # Fresh rows fill the free slots; deferring stops reading once a batch of rows waits.
         while (free := self._batch_size - int(count.sum())) and len(waiting) < self._batch_size:
-            fresh = self._pull(free)
+            fresh = self.pull(free)
             if not fresh:
                 break
             place(fresh, 0)
         if not count.sum():
             raise StopIteration
+        self.commit(waiting)
+        return self.batch([sorted(rows, key=lambda x: x[0]) for rows in placed], len(waiting))
+
+    def commit(self, waiting: list[tuple[int, dict[str, Any]]]) -> None:
+        """End a batch: `waiting` are the rows read so far that were not placed; the state moves past the rest."""
         waiting.sort(key=lambda x: x[0])
         self._waiting = waiting
         self._marks.append((self._read, self._parent.get_state()))
         oldest = waiting[0][0] if waiting else self._read
         while len(self._marks) > 1 and self._marks[1][0] <= oldest:
             self._marks.pop(0)
-        return self._batch([sorted(rows, key=lambda x: x[0]) for rows in placed], len(waiting))
 
-    def _batch(self, placed: list[list[tuple[int, dict[str, Any]]]], deferred: int) -> dict[str, np.ndarray]:
+    def batch(self, placed: list[list[tuple[Any, dict[str, Any]]]], deferred: int,
+              template: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The budgeted batch of each device's rows ((key, row) pairs, in order), padded with empty rows
+        (`template` when this iterator has read none)."""
+        template = self._template if self._template is not None else template
         per_device = self._batch_size // self._n_devices
         rows = [r for device_rows in placed for r in [x[1] for x in device_rows]
-                + [self._template] * (per_device - len(device_rows))]
+                + [template] * (per_device - len(device_rows))]
         stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
         segment_ids = stack("input_ids_segment_ids", "segment_ids")
         pixels, index = pack_tiles(np.stack([r["pixel_values"] for r in rows]),
@@ -177,7 +196,16 @@ class _BudgetedBatchIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._read, self._exhausted, self._marks = 0, False, [(0, state["parent"])]
         keep = set(state["waiting"])
-        self._waiting = [x for x in self._pull(int(state["read"])) if x[0] in keep]
+        self._waiting = [x for x in self.pull(int(state["read"])) if x[0] in keep]
+
+
+def check_budget(batch_size: int, n_devices: int, budget: int, max_tiles: int) -> None:
+    """Fail in one line when `batch_size` rows cannot be split over `n_devices` or a full row exceeds `budget`."""
+    if batch_size < 1 or n_devices < 1 or batch_size % n_devices:
+        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of devices "
+                         f"({n_devices}) that share it")
+    if budget < max_tiles:
+        raise ValueError(f"tile_budget={budget} must be >= max_tiles={max_tiles} (a full row must fit on a device)")
 
 
 class BudgetedBatchIterDataset(grain.IterDataset):
@@ -188,13 +216,8 @@ class BudgetedBatchIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, batch_size: int, n_devices: int, budget: int, max_tiles: int,
                  pad_id: int = 0):
         super().__init__(parent)
-        if batch_size < 1 or n_devices < 1 or batch_size % n_devices:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of devices "
-                             f"({n_devices}) that share it")
-        if budget < max_tiles:
-            raise ValueError(f"tile_budget={budget} must be >= max_tiles={max_tiles} (a full row must fit on a "
-                             f"device)")
+        check_budget(batch_size, n_devices, budget, max_tiles)
         self._args = (batch_size, n_devices, budget, pad_id)
 
-    def __iter__(self) -> _BudgetedBatchIterator:
-        return _BudgetedBatchIterator(self._parent.__iter__(), *self._args)
+    def __iter__(self) -> BudgetedBatchIterator:
+        return BudgetedBatchIterator(self._parent.__iter__(), *self._args)

@@ -1,0 +1,171 @@
+"""Visual packing balanced over all data shards' devices (`data.global_balance`): the placement on its own, the
+coordinator over 2 skewed data shards in one process (fewer deferred rows than per-shard balancing, every sample
+once, exact restore, no migration = per-shard), and 2 processes giving the global batches of one (and training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sail_jax.data.batch import BUDGET_KEYS
+from sail_jax.data.elastic import ShardedIterator
+from sail_jax.data.global_balance import GlobalBudgetedIterator, assign_global
+from sail_jax.data.pipeline import grain_data
+from sail_jax.data.tile_budget import BudgetedBatchIterator, BudgetedBatchIterDataset, assign_rows
+from tests.test_tile_budget import CFG, rows, sample, seen_samples
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check(loads, device, n, per_device, budget, max_migrants=None) -> tuple[int, int]:
+    """Assert the row-slot, budget and migrant limits; (deferred rows, placed load)."""
+    g = np.concatenate(device)
+    flat = np.concatenate([np.asarray(x) for x in loads])
+    home = np.repeat(np.arange(len(loads)), [len(x) for x in loads])
+    on = g >= 0
+    assert (np.bincount(g[on], minlength=len(loads) * n) <= per_device).all()
+    assert (np.bincount(g[on], weights=flat[on], minlength=len(loads) * n) <= budget).all()
+    if max_migrants is not None:
+        assert (np.bincount(home[on & (g // n != home)], minlength=len(loads)) <= max_migrants).all()
+    return int((~on).sum()), int(flat[on].sum())
+
+
+def test_assign_global_places_skewed_shards_better_than_per_shard_and_is_per_shard_with_one():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        heavy, light = rng.integers(4, 9, 8), rng.integers(0, 3, 5)  # shard 0 heavy, shard 1 light
+        device = assign_global([heavy, light], n_devices=2, rows_per_device=4, budget=12, max_migrants=3)
+        alone = [assign_rows(x, 2, 4, 12) for x in (heavy, light)]
+        _, load = check([heavy, light], device, 2, 4, 12, max_migrants=3)
+        assert load > sum(int(x[a >= 0].sum()) for x, a in zip((heavy, light), alone))  # fuller budgets
+        loads = rng.integers(0, 9, 7)
+        np.testing.assert_array_equal(assign_global([loads], 3, 2, 10, ordered=[2])[0],
+                                      assign_rows(loads, 3, 2, 10, ordered=2))
+        alone = assign_global([heavy, light], 2, 4, 12, max_migrants=0)  # no migration: each shard on its own
+        for x, d, v in zip((heavy, light), alone, (0, 1)):
+            want = assign_rows(x, 2, 4, 12)
+            np.testing.assert_array_equal(d, np.where(want < 0, -1, want + 2 * v))
+    # carried-over rows go first, taken in turn from each shard (oldest first), here filling the 4 devices
+    got = assign_global([[5, 5, 5], [5, 5], [], []], 1, 1, 5, ordered=[3, 2, 0, 0])
+    assert [list(d) for d in got] == [[0, 2, -1], [1, 3], [], []]
+    # a light shard's empty devices take the heavy shard's rows its own devices cannot
+    assert [list(d) for d in assign_global([[6, 6, 6, 6], []], 2, 2, 6)] == [[0, 1, 2, 3], []]
+
+
+def skewed(n: int) -> tuple[list[dict], list[dict]]:
+    """Shard 0: rows of 6 tiles (one per device fills the budget); shard 1: text-only rows (numbered apart)."""
+    return [sample(i, 30, 6) for i in range(n)], [sample(100 + i, 30, 0) for i in range(n)]
+
+
+def coordinator(shards: tuple[list[dict], list[dict]], max_migrants: int = 2) -> GlobalBudgetedIterator:
+    its = {v: BudgetedBatchIterator(iter(rows(s)), 4, 2, 6, 0) for v, s in enumerate(shards)}
+    return GlobalBudgetedIterator(lambda v: its[v], its, range(2), 2, shard_rows=4, n_devices=2, budget=6,
+                                  max_migrants=max_migrants)
+
+
+def per_shard(shards: tuple[list[dict], list[dict]]) -> ShardedIterator:
+    return ShardedIterator(lambda v: iter(BudgetedBatchIterDataset(rows(shards[v]), 4, 2, 6, 6)), range(2), 2)
+
+
+def tiles(batches: list[dict]) -> list[int]:
+    return [int((b["tile_index"][..., 0] >= 0).sum()) for b in batches]
+
+
+def deferred(batches: list[dict], steps: int) -> int:
+    return sum(int(b["deferred_rows"]) for b in batches[:steps])
+
+
+def test_two_skewed_shards_defer_fewer_rows_see_every_sample_once_and_restore():
+    data = skewed(24)
+    batches = list(coordinator(data))
+    seen = [i for b in batches for i in seen_samples(b, 4)]
+    assert sorted(seen) == list(range(24)) + list(range(100, 124))  # nothing dropped, nothing twice
+    process = list(per_shard(data))
+    assert deferred(batches, 5) < deferred(process, 5), (deferred(batches, 5), deferred(process, 5))
+    assert tiles(batches[:5]) == [24] * 5 and tiles(process[:5]) == [12] * 5  # 4 heavy rows a step, not 2
+    one = list(coordinator(data, max_migrants=1))  # 3 heavy rows a step: rows wait
+    assert sorted(i for b in one for i in seen_samples(b, 4)) == sorted(seen)
+    it = coordinator(data, max_migrants=1)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    assert state["shards"]["0"]["waiting"], "the test needs rows waiting at the checkpoint"
+    again = coordinator(data, max_migrants=1)
+    again.set_state(json.loads(json.dumps(state)))
+    for a, b in zip(one[3:], list(again), strict=True):
+        for k in (*BUDGET_KEYS, "deferred_rows"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for a, b in zip(list(coordinator(data, max_migrants=0))[:4], process[:4]):  # no migration: per shard
+        for k in (*BUDGET_KEYS, "deferred_rows"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def skewed_jsonl(out: Path, n: int) -> Path:
+    """n records: even ones with a 3:2 image (6 tiles + thumbnail at 56 px), odd ones text only; unshuffled, data
+    shard 0 of 2 reads all the image records."""
+    out.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (168, 112), (200, 30, 30)).save(out / "wide.png")
+    with (out / "train.jsonl").open("w") as f:
+        for i in range(n):
+            ask = {"from": "human", "value": ("<image>\n" if i % 2 == 0 else "") + f"Question {i}?"}
+            record = {"id": f"r{i}", "conversations": [ask, {"from": "gpt", "value": f"answer {i}"}]}
+            if i % 2 == 0:
+                record["image"] = "wide.png"
+            f.write(json.dumps(record) + "\n")
+    return out / "train.jsonl"
+
+
+def factory_options(path: Path, data_dir: Path, balance: str) -> dict:
+    return dict(datasets=[{"path": str(path)}], tokenizer_dir=str(data_dir / "tokenizer"), data_shards=2,
+                num_devices=4, max_tiles=8, max_num=6, tile_budget=8, tile_balance=balance, max_migrants=2,
+                shuffle=False, num_workers=0, num_packing_bins=2, prefetch_batches=1)
+
+
+def factory(path: Path, data_dir: Path, balance: str):
+    return grain_data(cfg=CFG, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
+                      **factory_options(path, data_dir, balance))
+
+
+def global_batches(path: Path, data_dir: Path, balance: str, steps: int) -> list[dict]:
+    it = factory(path, data_dir, balance)
+    return [next(it) for _ in range(steps)]
+
+
+def test_two_processes_build_the_global_batches_of_one_and_train(data_dir, tmp_path):
+    path = skewed_jsonl(tmp_path / "data", 64)
+    it = factory(path, data_dir, "global")
+    one = [next(it)]
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["shards"]["0"]["data_config"]["tile_balance"] == "global"
+    one += [next(it), next(it)]
+    again = factory(path, data_dir, "global")
+    again.set_state(state)  # the Grain factory's checkpoint: the same following batches
+    for a, b in zip(one[1:], [next(again), next(again)]):
+        for k in (*BUDGET_KEYS, "deferred_rows"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert tiles(one) == [6 * 7] * 3 and tiles(global_batches(path, data_dir, "process", 3)) == [4 * 7] * 3
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+    options = json.dumps(factory_options(path, data_dir, "global"))
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "global_balance_driver.py"), f"localhost:{port}",
+                               str(i), str(tmp_path / "out"), options], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    for step, want in enumerate(one):
+        got = [np.load(tmp_path / "out" / f"p{i}-{step}.npz") for i in range(2)]
+        for k in (*BUDGET_KEYS, "deferred_rows"):
+            joined = np.sum([g[k] for g in got]) if k == "deferred_rows" else np.concatenate([g[k] for g in got])
+            np.testing.assert_array_equal(joined, want[k], err_msg=f"step {step} {k}")
+    m = [json.loads(x) for x in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert m and all(np.isfinite(r["loss"]) for r in m), m
