@@ -23,8 +23,8 @@ import numpy as np
 
 from sail_jax.data.elastic import ShardedIterator
 from sail_jax.data.global_balance import GlobalBudgetedIterator
-from sail_jax.data.packing import pack_rows
-from sail_jax.data.tile_budget import BudgetedBatchIterator, auto_budget, row_tiles
+from sail_jax.data.packing import pack_rows, row_tiles
+from sail_jax.data.tile_budget import BudgetedBatchIterator, auto_budget
 
 SEQ, SLOTS, TOKENS, ROWS, DEVICES = 256, 16, 16, 16, 4
 

@@ -30,12 +30,11 @@ import transformers  # noqa: E402
 
 from benchmarks._twins import hf_generate, tiny_checkpoint  # noqa: E402
 from sail_jax.config import IM_END_TOKEN_ID, PAD_TOKEN_ID, ModelConfig  # noqa: E402
-from sail_jax.data.batch import batch_sharding  # noqa: E402
 from sail_jax.inference.engine import Completion, Engine, Request  # noqa: E402
 from sail_jax.inference.sampling import SamplingParams  # noqa: E402
 from sail_jax.rl.advantages import group_advantages  # noqa: E402
 from sail_jax.rl.learner import PolicyLossConfig, pack_sequences  # noqa: E402
-from sail_jax.rl.loop import learner_functions  # noqa: E402
+from sail_jax.rl.loop import learner_functions, to_device  # noqa: E402
 from sail_jax.sharding import use_mesh  # noqa: E402
 from sail_jax.training.optim import OptimizerConfig  # noqa: E402
 from sail_jax.training.step import TrainState  # noqa: E402
@@ -88,7 +87,7 @@ def episode_time_split(engine: Engine, cfg: ModelConfig, prompts: list[np.ndarra
                                   [None] * rows, rows=rows, prompt_len=prompt_len, response_len=response_len,
                                   tile_slots=0, tile_shape=(3, image, image), pad_id=PAD_TOKEN_ID)
             host["advantages"] = adv[j * rows:(j + 1) * rows]
-            dev = {k: jax.device_put(v, batch_sharding(program.mesh, v.shape)) for k, v in host.items()}
+            dev = to_device(host, program.mesh)
             dev["old_logp"] = logprob(params, dev)
             minis.append(dev)
         return jax.block_until_ready(minis)

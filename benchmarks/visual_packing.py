@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 
 from sail_jax.config import PRESETS  # noqa: E402
 from sail_jax.data.batch import to_global  # noqa: E402
-from sail_jax.data.packing import VisualBatchIterDataset, pack_rows  # noqa: E402
-from sail_jax.data.tile_budget import BudgetedBatchIterDataset, auto_budget, row_tiles  # noqa: E402
+from sail_jax.data.packing import VisualBatchIterDataset, pack_rows, row_tiles  # noqa: E402
+from sail_jax.data.tile_budget import BudgetedBatchIterDataset, auto_budget  # noqa: E402
 from sail_jax.models.sail_vl import SailVL  # noqa: E402
 from sail_jax.sharding import mesh_from_spec, use_mesh  # noqa: E402
 from sail_jax.training.optim import split_groups  # noqa: E402

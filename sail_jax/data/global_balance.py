@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from sail_jax.data.elastic import ShardedIterator, join_parts
-from sail_jax.data.tile_budget import BudgetedBatchIterator, row_tiles
+from sail_jax.data.packing import row_tiles
+from sail_jax.data.tile_budget import BudgetedBatchIterator
 
 Exchange = Callable[[Any], Any]  # this process's [k, ...] arrays (a pytree) -> all shards' [num_shards, ...]
 

@@ -38,6 +38,26 @@ PACKERS = {"best_fit": grain.experimental.BestFitPackIterDataset,
            "first_fit": grain.experimental.FirstFitPackIterDataset}
 
 
+def row_tiles(row: Mapping[str, Any], key: str = "pixel_values") -> int:
+    """Real tiles (`key` "anyres_patches": AnyRes patches) of a packed row (`pack_rows` output)."""
+    return int((row[f"{key}_segment_ids"] > 0).sum())
+
+
+def empty_row(like: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A row of no tokens and no images shaped like packed row `like`: the filler that keeps batch shapes static."""
+    return {k: np.zeros_like(v) for k, v in like.items() if isinstance(v, np.ndarray)}
+
+
+def token_arrays(rows: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, np.ndarray]:
+    """The token keys of the batch contract (`data.batch`, in its key order) stacked from packed rows; input_ids
+    outside every segment become `pad_id`."""
+    stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
+    segment_ids = stack("input_ids_segment_ids", "segment_ids")
+    return {"input_ids": np.where(segment_ids > 0, stack("input_ids", "input_ids"), DTYPES["input_ids"](pad_id)),
+            "segment_ids": segment_ids, "positions": stack("input_ids_positions", "positions"),
+            "loss_mask": stack("loss_mask", "loss_mask")}
+
+
 class _SkipBadSamplesIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, files: Sequence[str], max_skip_fraction: float,
                  min_samples: int):
@@ -216,36 +236,25 @@ class _VisualBatchIterator(grain.DatasetIterator):
                     raise
                 break
         if len(rows) < self._batch_size:  # end of a finite stream: empty rows keep the shapes static
-            rows += [self._empty_row(rows[0])] * (self._batch_size - len(rows))
+            rows += [empty_row(rows[0])] * (self._batch_size - len(rows))
         vision_key = "pixel_values" if self._anyres is None else "anyres_patches"
-        order = balance_rows([int((r[f"{vision_key}_segment_ids"] > 0).sum()) for r in rows], self._n_devices)
+        order = balance_rows([row_tiles(r, vision_key) for r in rows], self._n_devices)
         rows = [rows[i] for i in order]
-        stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
-        segment_ids = stack("input_ids_segment_ids", "segment_ids")
-        pad = DTYPES["input_ids"](self._pad_id)
-        batch = {  # the batch contract of `data.batch`, in its key order
-            "input_ids": np.where(segment_ids > 0, stack("input_ids", "input_ids"), pad),
-            "segment_ids": segment_ids,
-            "positions": stack("input_ids_positions", "positions"),
-            "loss_mask": stack("loss_mask", "loss_mask"),
-        }
+        batch = token_arrays(rows, self._pad_id)
         if self._anyres is None:
-            return {**batch, "pixel_values": stack("pixel_values", "pixel_values"),
-                    "tile_mask": stack("pixel_values_segment_ids", "segment_ids") > 0}
+            pixels = np.stack([r["pixel_values"] for r in rows]).astype(DTYPES["pixel_values"], copy=False)
+            return {**batch, "pixel_values": pixels,
+                    "tile_mask": np.stack([r["pixel_values_segment_ids"] for r in rows]) > 0}
         return {**batch, **self._anyres_arrays(rows)}
 
     def _anyres_arrays(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """Each row's packed AnyRes images (`batch.anyres_row`), stacked."""
         out = []
         for r in rows:
-            n = int((r["anyres_patches_segment_ids"] > 0).sum())
+            n = row_tiles(r, "anyres_patches")
             grids = r["anyres_grids"][r["anyres_grids_segment_ids"] > 0]
             out.append(anyres_row(r["anyres_patches"][:n], grids, self._anyres, len(r["anyres_patches"])))
         return {k: np.stack([o[k] for o in out]) for k in out[0]}
-
-    @staticmethod
-    def _empty_row(like: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: np.zeros_like(v) for k, v in like.items() if isinstance(v, np.ndarray)}
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()

@@ -37,14 +37,13 @@ from sail_jax.config import PAD_TOKEN_ID, ModelConfig, VisionConfig
 from sail_jax.data.batch import local_rows
 from sail_jax.data.elastic import ShardedIterator, owned_shards
 from sail_jax.data.global_balance import GlobalBudgetedIterator, local_exchange, process_exchange
-from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows
+from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows, row_tiles
 from sail_jax.data.sources import open_source
 from sail_jax.data.tile_budget import (
     BudgetedBatchIterator,
     BudgetedBatchIterDataset,
     auto_budget,
     check_budget,
-    row_tiles,
 )
 from sail_jax.data.transforms import SampleTransform
 from sail_jax.data.video import DEFAULT_NUM_FRAMES

@@ -1,7 +1,8 @@
 """Visual packing on a budget: each data-parallel device runs the ViT on at most `budget` tiles, not on
 rows x max_tiles slots, so empty slots cost nothing.
 
-The units are generic "loads" (tiles here; AnyRes patches reuse the same assignment and budget with patch counts):
+The units are generic "loads" (tile counts; an AnyRes model has no tile budget: its rows are patch-balanced by
+`packing`):
 
 * `assign_rows` places rows on devices (a fixed number of rows each, the rows the batch sharding gives a device)
   so that no device's load passes the budget: rows carried over from earlier batches first, in their order, then
@@ -26,6 +27,7 @@ import grain
 import numpy as np
 
 from sail_jax.data.batch import DTYPES
+from sail_jax.data.packing import empty_row, row_tiles, token_arrays
 
 
 def assign_rows(loads: Sequence[int], n_devices: int, rows_per_device: int, budget: int, ordered: int = 0,
@@ -88,11 +90,6 @@ def pack_tiles(pixel_values: np.ndarray, tile_mask: np.ndarray, n_devices: int, 
     return pixels, index
 
 
-def row_tiles(row: Mapping[str, Any]) -> int:
-    """Real tiles of a packed row (`pack_rows` output)."""
-    return int((row["pixel_values_segment_ids"] > 0).sum())
-
-
 class BudgetedBatchIterator(grain.DatasetIterator):
     """Deferred rows survive checkpoints without storing pixels: the state is the parent's state before the
     oldest waiting row (`parent`), how many rows were read since (`read`) and which of them still wait
@@ -127,7 +124,7 @@ class BudgetedBatchIterator(grain.DatasetIterator):
                 self._exhausted = True
                 break
             if self._template is None:
-                self._template = {k: np.zeros_like(v) for k, v in row.items() if isinstance(v, np.ndarray)}
+                self._template = empty_row(row)
             out.append((self._read, row))
             self._read += 1
         return out
@@ -172,17 +169,11 @@ class BudgetedBatchIterator(grain.DatasetIterator):
         per_device = self._batch_size // self._n_devices
         rows = [r for device_rows in placed for r in [x[1] for x in device_rows]
                 + [template] * (per_device - len(device_rows))]
-        stack = lambda grain_key, key: np.stack([r[grain_key] for r in rows]).astype(DTYPES[key], copy=False)
-        segment_ids = stack("input_ids_segment_ids", "segment_ids")
         pixels, index = pack_tiles(np.stack([r["pixel_values"] for r in rows]),
                                    np.stack([r["pixel_values_segment_ids"] for r in rows]) > 0,
                                    self._n_devices, self._budget)
         return {  # the budgeted batch contract of `data.batch`, plus the host-side count of waiting rows
-            "input_ids": np.where(segment_ids > 0, stack("input_ids", "input_ids"),
-                                  DTYPES["input_ids"](self._pad_id)),
-            "segment_ids": segment_ids,
-            "positions": stack("input_ids_positions", "positions"),
-            "loss_mask": stack("loss_mask", "loss_mask"),
+            **token_arrays(rows, self._pad_id),
             "pixel_values": pixels.astype(DTYPES["pixel_values"], copy=False),
             "tile_index": index,
             "deferred_rows": np.int64(deferred),

@@ -56,6 +56,14 @@ def scatter_image_features(
     return out.reshape(b, t, d)
 
 
+def scatter_rows(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, feature_mask: jax.Array,
+                 context_id: int) -> jax.Array:
+    """`scatter_image_features` row by row: row b's features [B, F, D] (mask [B, F]) fill only row b's context slots,
+    so the ordinal of a slot never depends on the rows before it (row-local under batch sharding)."""
+    one_row = lambda e, ids, f, m: scatter_image_features(e[None], ids[None], f, m, context_id)[0]
+    return jax.vmap(one_row)(embeds, input_ids, features, feature_mask)
+
+
 def scatter_tile_features(
     embeds: jax.Array, input_ids: jax.Array, features: jax.Array, tile_index: jax.Array, context_id: int
 ) -> jax.Array:
@@ -162,8 +170,7 @@ class SailVL(nn.Module):
             rows, ctx = images.patches.shape[0], self.cfg.img_context_token_id
             if rows > 1 and rows == input_ids.shape[0]:  # one packed row per text row (training): row-local
                 feats, mask = feats.reshape(rows, -1, feats.shape[-1]), mask.reshape(rows, -1)
-                one_row = lambda e, ids, f, m: scatter_image_features(e[None], ids[None], f, m, ctx)[0]
-                return jax.vmap(one_row)(embeds, input_ids, feats, mask)
+                return scatter_rows(embeds, input_ids, feats, mask, ctx)
             return scatter_image_features(embeds, input_ids, feats, mask, ctx)
         if pixel_values is None:
             return embeds
@@ -181,8 +188,7 @@ class SailVL(nn.Module):
                 raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows of tile slots; input_ids has {rows}")
             feats = feats.reshape(rows, -1, feats.shape[-1])
             mask = jnp.repeat(tile_mask.reshape(rows, -1), n, axis=1)
-            one_row = lambda e, ids, f, m: scatter_image_features(e[None], ids[None], f, m, ctx)[0]
-            return jax.vmap(one_row)(embeds, input_ids, feats, mask)
+            return scatter_rows(embeds, input_ids, feats, mask, ctx)
         return scatter_image_features(embeds, input_ids, feats.reshape(-1, feats.shape[-1]),
                                       jnp.repeat(tile_mask.reshape(-1), n), ctx)
 

@@ -93,7 +93,8 @@ def learner_functions(cfg: ModelConfig, opt: OptimizerConfig, trainable: tuple[s
             jax.jit(make_logprob_fn(cfg, temperature)))
 
 
-def _to_device(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def to_device(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """A learner batch on `mesh`, its rows sharded over the data-parallel axes."""
     return {k: jax.device_put(v, batch_sharding(mesh, v.shape)) for k, v in batch.items()}
 
 
@@ -321,7 +322,7 @@ class _Episode:
             a = np.zeros(self.rows, np.float32)
             a[:len(part)] = adv[j * self.rows:j * self.rows + len(part)]
             host["advantages"] = a
-            dev = _to_device(host, self.program.mesh)
+            dev = to_device(host, self.program.mesh)
             dev["old_logp"] = self.logprob(state.params, dev)
             if self.reference is not None:
                 dev["ref_logp"] = self.logprob(self.reference, dev)
