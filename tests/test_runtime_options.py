@@ -68,3 +68,35 @@ def test_query_chunks_bound_attention_memory_in_the_backward_pass_too():
     scores = b * hq * t * t * 4  # one [Tq, Tk] float32 score matrix for all heads
     assert temp(whole) > 2 * scores
     assert temp(chunked) < temp(whole) / 4  # (keeping every chunk's residuals: about the same as whole)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_row_blocks_give_the_whole_batch_result(monkeypatch, causal):
+    """On XLA:CPU a large batch runs in blocks of rows (`CPU_SCORE_BLOCK`): outputs, log-sum-exps and gradients
+    equal the one-block computation, for GQA, padded rows, a fully padded row and a batch of 6 (blocks of 2)."""
+    from sail_jax.layers import attention
+
+    rng = np.random.default_rng(1)
+    b, t, hq, hkv, d = 6, 64, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for h in (hq, hkv, hkv))
+    seg = np.ones((b, t), np.int32)
+    seg[1, 40:], seg[2, :10], seg[3] = 0, 2, 0
+    seg = jnp.asarray(seg)
+    cot = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+
+    def run():
+        def f(q, k, v):
+            o, lse = attention.xla_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal)
+            return jnp.vdot(o, cot), (o, lse)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (g_whole, (o_whole, lse_whole)) = run()
+    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK", 2 * hq * t * t)  # two rows per block
+    assert attention._row_block(b, hq * t * t) == 2
+    (g_blocks, (o_blocks, lse_blocks)) = run()
+    np.testing.assert_allclose(np.asarray(o_blocks), np.asarray(o_whole), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.isinf(lse_blocks), np.isinf(lse_whole))
+    finite = np.isfinite(np.asarray(lse_whole))
+    np.testing.assert_allclose(np.asarray(lse_blocks)[finite], np.asarray(lse_whole)[finite], rtol=1e-6)
+    for a, c in zip(g_whole, g_blocks):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-6)

@@ -11,6 +11,10 @@ import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # finite: keeps fully-masked rows NaN-free
+# Score elements (batch rows x heads x queries x keys) one block of XLA:CPU attention computes: a whole batch's
+# scores at once no longer fit the caches, and every elementwise pass then streams them from memory (8 rows of
+# 640 tokens ran 5x slower per row than one row; 16 ViT tiles 3x slower per tile than one at a time).
+CPU_SCORE_BLOCK = 1 << 22
 
 
 def attention_mask(
@@ -78,6 +82,14 @@ def xla_attention(
         q_indices = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
     if kv_indices is None:
         kv_indices = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+    rows = _row_block(b, hq * min(tq, q_chunk) * k.shape[1])
+    if rows < b:  # blocks of `rows` rows one after another (each then chunked over queries as below)
+        split = lambda x: x.reshape(b // rows, rows, *x.shape[1:])
+        body = lambda a: xla_attention(*a[:3], q_segment_ids=a[3], kv_segment_ids=a[4], q_indices=a[5],
+                                       kv_indices=a[6], causal=causal, scale=scale, q_chunk=q_chunk)
+        o, lse = jax.lax.map(jax.checkpoint(body), tuple(map(split, (q, k, v, q_segment_ids, kv_segment_ids,
+                                                                      q_indices, kv_indices))))
+        return o.reshape(b, tq, hq, d), lse.reshape(b, tq, hq)
     qg = q.reshape(b, tq, hkv, g, d)
 
     if tq <= q_chunk:
@@ -98,6 +110,19 @@ def xla_attention(
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * q_chunk, hq, d)[:, :tq]
     lse = jnp.moveaxis(lse, 0, 1).reshape(b, n * q_chunk, hq)[:, :tq]
     return o, lse
+
+
+def _row_block(b: int, scores_per_row: int) -> int:
+    """Batch rows per attention block: all of them, except on XLA:CPU without a multi-device mesh, where a block
+    holds the largest divisor of `b` rows whose scores stay within CPU_SCORE_BLOCK (at least one row). Accelerators
+    keep the whole batch in one parallel block, and a sharded batch keeps its layout."""
+    from sail_jax.sharding import target_platform
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if b * scores_per_row <= CPU_SCORE_BLOCK or target_platform() != "cpu" or (not mesh.empty and mesh.size > 1):
+        return b
+    limit = max(1, CPU_SCORE_BLOCK // scores_per_row)
+    return max(r for r in range(1, min(limit, b) + 1) if b % r == 0)
 
 
 def _pallas_self_attention(q, k, v, segment_ids, causal: bool, scale: float | None) -> jax.Array:
