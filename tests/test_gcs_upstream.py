@@ -42,6 +42,7 @@ def test_soup_of_upstream_directories_on_gcs(gcs, tmp_path):
     assert main(["soup", "--checkpoint", f"gs://{BUCKET}/soup/a", "--checkpoint", f"gs://{BUCKET}/soup/b",
                  "--weights", "0.3,0.7", "--out", f"gs://{BUCKET}/soup/out", "--no-progress"]) == 0
     same_tree(tmp_path / "local", f"gs://{BUCKET}/soup/out")
+    assert main(["generate", "--checkpoint", f"gs://{BUCKET}/soup/out", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     with pytest.raises(ValueError, match="is one of the input checkpoints"):
         make_soup([f"gs://{BUCKET}/soup/a", f"gs://{BUCKET}/soup/out"], f"gs://{BUCKET}/soup/out/", overwrite=True)
     with pytest.raises(ValueError, match="already exists; pass --overwrite"):
