@@ -150,12 +150,16 @@ def atomic_destination(dst: str | Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(dst)
 
 
+COMMIT_MARKER = "commit_success.txt"  # Orbax's sign of a complete item on an object store (no rename there)
+
+
 @contextlib.contextmanager
 def _staged_upload(dst: epath.Path, overwrite: bool) -> Iterator[Path]:
     """A local temporary directory, uploaded to `dst` only if the block succeeds. An object store has no rename:
     the files are uploaded one by one, the files that mark a complete checkpoint (config.json, model_config/,
     _CHECKPOINT_METADATA) last, so a reader never takes an interrupted upload for a checkpoint; an existing
-    destination (--overwrite) is deleted just before the upload."""
+    destination (--overwrite) is deleted just before the upload. Our `params/` gets Orbax's commit marker, which a
+    restore from an object store requires (Orbax's own saves write it there; a local directory has none)."""
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.exists() and not looks_like_checkpoint(dst):
@@ -164,6 +168,8 @@ def _staged_upload(dst: epath.Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="sail-jax-upload-"))
     try:
         yield tmp
+        if (tmp / PARAMS).is_dir():  # on an object store Orbax restores an item only beside its commit marker
+            (tmp / PARAMS / COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {dst / PARAMS}")
         if dst.exists():
             dst.rmtree()
         upload_tree(tmp, dst, last=("config.json", MODEL_CONFIG, "_CHECKPOINT_METADATA"))

@@ -78,6 +78,8 @@ def initial_params(directory: str | Path, cfg: ModelConfig, abstract_params: Any
     from converters.orbax_io import is_our_checkpoint, resolve_checkpoint, restore_model_params
 
     d = as_path(resolve_checkpoint(directory))
+    if not d.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
     if is_our_checkpoint(d):
         return restore_model_params(d, cfg, abstract_params)
     if not (d / "config.json").is_file():

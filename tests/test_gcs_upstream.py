@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from converters.convert import hf_to_orbax
 from converters.load import load_sailvl_checkpoint
+from converters.orbax_io import restore_params
 from converters.soup import make_soup
 from sail_jax.cli import main
 from sail_jax.files import files_under, upload_tree
@@ -47,6 +49,15 @@ def test_soup_of_upstream_directories_on_gcs(gcs, tmp_path):
         make_soup([f"gs://{BUCKET}/soup/a", f"gs://{BUCKET}/soup/out"], f"gs://{BUCKET}/soup/out/", overwrite=True)
     with pytest.raises(ValueError, match="already exists; pass --overwrite"):
         make_soup([f"gs://{BUCKET}/soup/a", f"gs://{BUCKET}/soup/b"], f"gs://{BUCKET}/soup/out", progress=False)
+
+    # our checkpoints on gs:// are read in place, and the soup of them is uploaded
+    for name, d in (("a", CKPT), ("b", other)):
+        hf_to_orbax(d, tmp_path / f"ours-{name}", progress=False)
+        upload_tree(tmp_path / f"ours-{name}", f"gs://{BUCKET}/ours/{name}")
+    make_soup([tmp_path / "ours-a", tmp_path / "ours-b"], tmp_path / "ours-local", [0.3, 0.7], progress=False)
+    make_soup([f"gs://{BUCKET}/ours/a", f"gs://{BUCKET}/ours/b"], f"gs://{BUCKET}/ours/out", [0.3, 0.7],
+              progress=False)
+    assert trees_equal(restore_params(f"gs://{BUCKET}/ours/out"), restore_params(tmp_path / "ours-local"))
 
 
 def test_assemble_from_directories_on_gcs(gcs, tmp_path, capsys):
