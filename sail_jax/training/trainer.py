@@ -1,7 +1,8 @@
 """`train(...)`: the training loop. A plain typed function; the CLI wraps it with gin.
 
-One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint, or `resume` from
-the workdir's latest checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
+One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint of ours or an upstream
+directory, local or on a URL (`converters.load.initial_params`), or `resume` from the workdir's latest
+checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
 donated) -> metrics -> AdaLRS -> checkpoint. SIGTERM checkpoints at the next step boundary and raises `Preempted`
 (`sail-jax train` exits with PREEMPTED_EXIT_CODE, so a scheduler requeues the job rather than count it done). The
 learning-rate schedule (`train.steps` and the optimizer's schedule fields) is stored in every checkpoint; a resume
