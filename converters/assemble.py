@@ -9,6 +9,8 @@ special tokens appended (a Qwen3 tokenizer then gives them the release's ids, 15
 is longer than the embedding, the embedding and lm_head grow to its length and each new row is the mean of the
 existing rows (InternVL's choice for tokens it adds; transformers' mean-resizing samples around that mean). All
 sources are checked (keys, shapes) before anything is written; the destination appears only when complete.
+The sources and the destination may be URLs (`gs://...`): a source is read from its local copy
+(`hf_checkpoint.local_upstream_dir`), the destination uploaded when complete (`convert.atomic_destination`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from converters.core import ConversionError, check_source, make_plan
-from converters.hf_checkpoint import INDEX_NAME, SafetensorsCheckpoint
+from converters.hf_checkpoint import INDEX_NAME, SafetensorsCheckpoint, local_upstream_dir
 from converters.hf_config import generation_config_dict, llm_config_from_hf, sailvl_config_dict, vision_config_from_hf
 from converters.hf_writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_safetensors_dir
 from converters.mapping import TRANSFORMS, aimv2_sources, model_entries
 from sail_jax.config import LLMConfig, ModelConfig, VisionConfig, get_preset
+from sail_jax.files import as_path, is_url
 
 # The tokens SAIL-VL2 adds to the Qwen3 tokenizer, in the release's id order (all special).
 SAIL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
@@ -299,15 +302,17 @@ def assemble(
     the tile size of a native AIMv2) and, when given, the parts' architectures must match it."""
     from converters.convert import atomic_destination
 
-    llm, vision = Path(llm), Path(vision)
+    # Read from local directories (a URL: its local copy); messages name the directories as given.
+    llm_dir, vit_dir = local_upstream_dir(llm), local_upstream_dir(vision)
+    llm, vision = (as_path(p) if is_url(p) else Path(p) for p in (llm, vision))
     base = get_preset(preset) if preset else ModelConfig()
-    llm_json = _read_json(llm / "config.json")
+    llm_json = _read_json(llm_dir / "config.json")
     if llm_json.get("model_type") not in ("qwen3", "qwen3_moe"):
         raise ConversionError(f"--llm {llm}: model_type={llm_json.get('model_type')!r}; expected 'qwen3' or "
                               "'qwen3_moe'")
     llm_cfg = llm_config_from_hf(llm_json, f"{llm}/config.json")
-    with SafetensorsCheckpoint(llm) as llm_ckpt, SafetensorsCheckpoint(vision) as vit_ckpt:
-        vit_cfg, vit = vision_part(vit_ckpt, _read_json(vision / "config.json"), base.vision.image_size,
+    with SafetensorsCheckpoint(llm_dir) as llm_ckpt, SafetensorsCheckpoint(vit_dir) as vit_ckpt:
+        vit_cfg, vit = vision_part(vit_ckpt, _read_json(vit_dir / "config.json"), base.vision.image_size,
                                    f"--vision {vision}")
         if preset:
             diffs = (_preset_differences(preset, vit_cfg, base.vision, "vision.")
@@ -315,7 +320,7 @@ def assemble(
             if diffs:
                 raise ConversionError(f"the parts do not match --preset {preset}: {'; '.join(diffs[:4])}")
         with atomic_destination(dst, overwrite) as tmp:
-            ids, length, notes = copy_tokenizer(llm, tmp)
+            ids, length, notes = copy_tokenizer(llm_dir, tmp)
             rows = max(llm_cfg.vocab_size, length)
             if rows > llm_cfg.vocab_size:
                 notes.append(f"the tokenizer has {length} tokens: grew the embedding and lm_head from "

@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 
 from converters.core import ConversionError, check_source, leaf_dtypes, make_plan
-from converters.hf_checkpoint import SafetensorsCheckpoint
+from converters.hf_checkpoint import SafetensorsCheckpoint, local_upstream_dir
 from converters.hf_config import (
     from_hf_config,
     generation_config_dict,
@@ -48,7 +48,7 @@ from converters.orbax_io import (
     write_step_metadata,
 )
 from sail_jax.config import ModelConfig
-from sail_jax.files import apply_umask, as_path, is_url, local_copy, upload_tree
+from sail_jax.files import apply_umask, as_path, is_url, upload_tree
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json",
@@ -94,11 +94,9 @@ def open_source(src: str | Path) -> tuple[ModelConfig, TensorSource]:
     if is_our_checkpoint(src):
         source = OrbaxSource(src)
         return source.cfg, source
-    if is_url(src):  # safetensors are memory-mapped: a local copy, made once per content (`files.local_copy`)
-        if not (as_path(src) / "config.json").is_file():
-            raise ConversionError(f"{src}: neither a sail-jax checkpoint (params/ + model_config/) nor has config.json")
-        src = local_copy(src)
-    src = Path(src)
+    if is_url(src) and not (as_path(src) / "config.json").is_file():
+        raise ConversionError(f"{src}: neither a sail-jax checkpoint (params/ + model_config/) nor has config.json")
+    src = local_upstream_dir(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
     if not (src / "config.json").exists():
@@ -152,12 +150,16 @@ def atomic_destination(dst: str | Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(dst)
 
 
+COMMIT_MARKER = "commit_success.txt"  # Orbax's sign of a complete item on an object store (no rename there)
+
+
 @contextlib.contextmanager
 def _staged_upload(dst: epath.Path, overwrite: bool) -> Iterator[Path]:
     """A local temporary directory, uploaded to `dst` only if the block succeeds. An object store has no rename:
     the files are uploaded one by one, the files that mark a complete checkpoint (config.json, model_config/,
     _CHECKPOINT_METADATA) last, so a reader never takes an interrupted upload for a checkpoint; an existing
-    destination (--overwrite) is deleted just before the upload."""
+    destination (--overwrite) is deleted just before the upload. Our `params/` gets Orbax's commit marker, which a
+    restore from an object store requires (Orbax's own saves write it there; a local directory has none)."""
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.exists() and not looks_like_checkpoint(dst):
@@ -166,6 +168,8 @@ def _staged_upload(dst: epath.Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="sail-jax-upload-"))
     try:
         yield tmp
+        if (tmp / PARAMS).is_dir():  # on an object store Orbax restores an item only beside its commit marker
+            (tmp / PARAMS / COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {dst / PARAMS}")
         if dst.exists():
             dst.rmtree()
         upload_tree(tmp, dst, last=("config.json", MODEL_CONFIG, "_CHECKPOINT_METADATA"))

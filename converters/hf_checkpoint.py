@@ -3,12 +3,16 @@
 Tensors are read with plain file reads into fresh arrays. (The safetensors library memory-maps each file, and
 every page it touches stays in the process's resident set while the file is open: converting a 1 GB shard that
 way leaves 1 GB resident on top of the tensor being converted.)
+
+An upstream directory on an object store (`gs://...`) is read from its local copy (`local_upstream_dir`): tensors
+are read by byte offset, and the tokenizer libraries open local files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +22,24 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
 from converters.core import ConversionError
+from sail_jax.files import as_path, is_url, local_copy
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # safetensors header dtype names <-> numpy dtypes (only what model weights use)
 ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
              "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def local_upstream_dir(directory: str | os.PathLike) -> Path:
+    """An upstream directory (config.json, safetensors, tokenizer files) as a local `Path`: itself, or for a URL its
+    whole local copy (`files.local_copy`, made once per content and shared by later runs). A URL without
+    config.json is refused before anything is copied."""
+    if not is_url(directory):
+        return Path(directory)
+    if not (as_path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}/config.json: no such file (not an upstream checkpoint directory)")
+    return local_copy(directory)
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from converters.core import import_params
-from converters.hf_checkpoint import SafetensorsCheckpoint
+from converters.hf_checkpoint import SafetensorsCheckpoint, local_upstream_dir
 from converters.hf_config import from_hf_config
 from converters.mapping import model_entries
 from sail_jax.config import ModelConfig, RuntimeConfig
@@ -18,18 +18,20 @@ from sail_jax.files import as_path
 def load_sailvl_checkpoint(
     directory: str | Path, runtime: RuntimeConfig | None = None, dtype: Any = None
 ) -> tuple[ModelConfig, dict]:
-    """(config, {"params": ...}) from an upstream directory; arrays are host numpy in the param dtype.
+    """(config, {"params": ...}) from an upstream directory (local, or a URL read from its local copy); arrays are
+    host numpy in the param dtype.
 
     lm_head is always read as its own tensor: the original code loads a stored lm_head untied.
     """
     from sail_jax.params import abstract_model_params
 
+    source, directory = str(directory), local_upstream_dir(directory)  # messages name what was given
     cfg = from_hf_config(directory, runtime)
     abstract = abstract_model_params(cfg)["params"]
     with SafetensorsCheckpoint(directory) as ckpt:
         params = import_params(
             model_entries(cfg), ckpt.__getitem__, abstract, available_keys=ckpt.keys(), dtype=dtype,
-            source=str(directory),
+            source=source,
         )
     return cfg, {"params": params}
 
@@ -61,3 +63,30 @@ def load_checkpoint(directory: str | Path, runtime: RuntimeConfig | None = None)
         )
     cfg, params = load_sailvl_checkpoint(directory, runtime)
     return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def initial_params(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> Any:
+    """What `train.init_from` / `rl.init_from` start from, in the shardings and dtypes of `abstract_params`
+    (ShapeDtypeStructs with shardings): our checkpoint (or a workdir's newest step) restored in place and checked
+    against `cfg` (`restore_model_params`), or an upstream directory, local or on a URL (read from its local copy),
+    whose config.json must match `cfg`, read in `cfg`'s layout. Call it outside a mesh scope (the upstream reader
+    builds its abstract tree without one)."""
+    import jax
+    import numpy as np
+
+    from converters.model_config import config_differences, model_config_to_dict, refuse_mismatch
+    from converters.orbax_io import is_our_checkpoint, resolve_checkpoint, restore_model_params
+
+    d = as_path(resolve_checkpoint(directory))
+    if not d.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    if is_our_checkpoint(d):
+        return restore_model_params(d, cfg, abstract_params)
+    if not (d / "config.json").is_file():
+        raise ValueError(f"{directory}: neither a sail-jax checkpoint (params/ + model_config/) nor an upstream "
+                         "directory (config.json)")
+    stored = from_hf_config(local_upstream_dir(d), cfg.runtime)
+    refuse_mismatch(d, config_differences(model_config_to_dict(stored), cfg))
+    _, params = load_sailvl_checkpoint(d, cfg.runtime)
+    return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), params["params"],
+                        abstract_params)

@@ -87,3 +87,11 @@ def config_dict_differences(a: dict, b: dict, labels: tuple[str, str] = ("checkp
 def config_differences(saved: dict, cfg: ModelConfig) -> list[str]:
     """Fields by which a stored config dict differs from the config `cfg` a caller wants to use its params with."""
     return config_dict_differences(saved, json.loads(json.dumps(model_config_to_dict(cfg))))
+
+
+def refuse_mismatch(directory: object, diffs: list[str]) -> None:
+    """Raise ValueError naming (the first 20 of) `diffs`: the fields or shapes by which the checkpoint `directory`
+    differs from the model a caller wants to load it into. Nothing when `diffs` is empty."""
+    if diffs:
+        shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+        raise ValueError(f"checkpoint {directory} does not match the configured model:\n  {shown}")

@@ -44,7 +44,12 @@ import tensorstore as ts
 from etils import epath
 
 from converters.core import ConversionError, Leaf, flat_abstract
-from converters.model_config import config_differences, model_config_from_dict, model_config_to_dict
+from converters.model_config import (
+    config_differences,
+    model_config_from_dict,
+    model_config_to_dict,
+    refuse_mismatch,
+)
 from sail_jax.config import ModelConfig
 from sail_jax.files import as_path
 from sail_jax.resources import TOKENIZER_FILES
@@ -221,10 +226,8 @@ def shape_differences(directory: str | Path, abstract_params: Any) -> list[str]:
 def check_compatible(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> None:
     """Raise ValueError naming every config field (architecture and layout) or else every parameter shape by which
     D differs from the model `cfg` / `abstract_params` a caller wants to restore it into."""
-    diffs = config_differences(read_model_config_dict(directory), cfg) or shape_differences(directory, abstract_params)
-    if diffs:
-        shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
-        raise ValueError(f"checkpoint {directory} does not match the configured model:\n  {shown}")
+    refuse_mismatch(directory, config_differences(read_model_config_dict(directory), cfg)
+                    or shape_differences(directory, abstract_params))
 
 
 def restore_model_params(directory: str | Path, cfg: ModelConfig, abstract_params: Any) -> Any:

@@ -1,9 +1,10 @@
 """Model soup: the weighted average of homogeneous checkpoints, written in the format they share.
 
 Inputs are either all our checkpoints (`params/` + `model_config/`) or all upstream directories (config.json +
-safetensors). Everything that could make the average meaningless (formats, architecture config, keys, shapes,
-dtypes, weights, the destination) is checked from metadata before any tensor is read, so a refused soup leaves
-nothing behind.
+safetensors), local or on an object store (ours are read in place, an upstream one from its local copy:
+`hf_checkpoint.local_upstream_dir`); the destination may be a URL too (`convert.atomic_destination`). Everything
+that could make the average meaningless (formats, architecture config, keys, shapes, dtypes, weights, the
+destination) is checked from metadata before any tensor is read, so a refused soup leaves nothing behind.
 
 Memory does not grow with the number of inputs: each unit (an upstream tensor, or one slice of a stacked array of
 ours, which is one upstream tensor) is averaged on its own into a float32 accumulator, reading the inputs one after
@@ -18,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from converters.convert import WEIGHT_SUFFIXES, atomic_destination
 from converters.core import FLOAT_DTYPES, ConversionError, make_plan
-from converters.hf_checkpoint import INDEX_NAME, SafetensorsCheckpoint
+from converters.hf_checkpoint import INDEX_NAME, SafetensorsCheckpoint, local_upstream_dir
 from converters.hf_config import from_hf_config
 from converters.hf_writer import TensorSpec, write_safetensors_dir
 from converters.mapping import model_entries
@@ -44,6 +46,7 @@ from converters.orbax_io import (
     unflatten,
     write_step_metadata,
 )
+from sail_jax.files import as_path, is_url
 
 OURS = "sail-jax checkpoint (params/ + model_config/)"
 UPSTREAM = "upstream directory (config.json + safetensors)"
@@ -56,25 +59,27 @@ _BLOCK = 4 * 2**20  # elements per accumulation step: bounds the float32 tempora
 class Ingredient:
     """One input checkpoint, described from metadata only."""
 
-    path: Path
+    path: Path  # where it is read: ours in place (a URL stays one), an upstream directory on a URL from its copy
+    where: str  # the input as given, for messages
     format: str
     config: dict  # the architecture config as stored (ours) or as read from config.json (upstream)
     arrays: dict[str, tuple[tuple[int, ...], np.dtype]]  # key -> (shape, dtype)
 
 
-def open_ingredient(path: str | Path) -> Ingredient:
-    d = Path(path)
+def open_ingredient(path: str | os.PathLike) -> Ingredient:
+    d = as_path(path) if is_url(path) else Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such checkpoint directory")
     if is_our_checkpoint(d):
         arrays = {"/".join(p): (tuple(a.shape), np.dtype(a.dtype)) for p, a in stored_arrays(d).items()}
-        return Ingredient(d, OURS, read_model_config_dict(d), arrays)
+        return Ingredient(d, str(d), OURS, read_model_config_dict(d), arrays)
     if not (d / "config.json").exists():
         raise ConversionError(f"{d}: neither a sail-jax checkpoint (params/ + model_config/) nor has config.json")
-    config = json.loads(json.dumps(model_config_to_dict(from_hf_config(d))))
-    with SafetensorsCheckpoint(d) as st:
+    local = local_upstream_dir(d)
+    config = json.loads(json.dumps(model_config_to_dict(from_hf_config(local))))
+    with SafetensorsCheckpoint(local) as st:
         arrays = {k: (st.shape(k), st.dtype(k)) for k in st.keys()}
-    return Ingredient(d, UPSTREAM, config, arrays)
+    return Ingredient(local, str(d), UPSTREAM, config, arrays)
 
 
 def normalize_weights(weights: Sequence[float] | None, n: int) -> tuple[list[float], str | None]:
@@ -96,24 +101,24 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> tuple[list[flo
 def _first_differences(a: Ingredient, b: Ingredient) -> str | None:
     """The first way in which `b` cannot be averaged with `a`, in one line; None if they are homogeneous."""
     if a.format != b.format:
-        return f"mixed formats: {a.path}: {a.format}; {b.path}: {b.format}"
-    diffs = config_dict_differences(a.config, b.config, (str(a.path), str(b.path)))
+        return f"mixed formats: {a.where}: {a.format}; {b.where}: {b.format}"
+    diffs = config_dict_differences(a.config, b.config, (a.where, b.where))
     if diffs:
         return f"architecture config differs: {'; '.join(diffs[:3])}" + (
             f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
     missing, extra = sorted(set(a.arrays) - set(b.arrays)), sorted(set(b.arrays) - set(a.arrays))
     if missing:
-        return f"{b.path}: missing key {missing[0]!r} (present in {a.path})" + (
+        return f"{b.where}: missing key {missing[0]!r} (present in {a.where})" + (
             f" and {len(missing) - 1} more" if len(missing) > 1 else "")
     if extra:
-        return f"{b.path}: extra key {extra[0]!r} (absent from {a.path})" + (
+        return f"{b.where}: extra key {extra[0]!r} (absent from {a.where})" + (
             f" and {len(extra) - 1} more" if len(extra) > 1 else "")
     for k, (shape, dtype) in a.arrays.items():
         other_shape, other_dtype = b.arrays[k]
         if shape != other_shape:
-            return f"key {k!r}: shape {list(shape)} ({a.path}) vs {list(other_shape)} ({b.path})"
+            return f"key {k!r}: shape {list(shape)} ({a.where}) vs {list(other_shape)} ({b.where})"
         if dtype != other_dtype:
-            return f"key {k!r}: dtype {dtype.name} ({a.path}) vs {other_dtype.name} ({b.path})"
+            return f"key {k!r}: dtype {dtype.name} ({a.where}) vs {other_dtype.name} ({b.where})"
     return None
 
 
@@ -127,14 +132,19 @@ def check_homogeneous(ingredients: Sequence[Ingredient]) -> None:
             raise ConversionError(diff)
     for k, (_, dtype) in first.arrays.items():
         if dtype.name not in FLOAT_DTYPES:
-            raise ConversionError(f"{first.path}: key {k!r} has dtype {dtype.name}; only {FLOAT_DTYPES} are averaged")
+            raise ConversionError(f"{first.where}: key {k!r} has dtype {dtype.name}; only {FLOAT_DTYPES} are averaged")
 
 
 def check_destination(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
     """An existing destination is replaced only with `overwrite`, and only if it looks like a checkpoint; it may
     not be one of the inputs."""
-    out = Path(out).absolute()
-    if any(out.resolve() == Path(p).resolve() for p in inputs):
+    if is_url(out):
+        out = as_path(out)
+        same = lambda p: is_url(p) and os.fspath(as_path(p)).rstrip("/") == os.fspath(out).rstrip("/")
+    else:
+        out = Path(out).absolute()
+        same = lambda p: not is_url(p) and out.resolve() == Path(p).resolve()
+    if any(same(p) for p in inputs):
         raise ValueError(f"--out {out} is one of the input checkpoints")
     if not out.exists():
         return
@@ -179,7 +189,10 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     first input but its weights and the files the soup writes itself."""
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.name not in _REWRITTEN:
-            shutil.copy2(f, dst / f.name)
+            if is_url(f):  # one of our checkpoints read in place from an object store
+                (dst / f.name).write_bytes(f.read_bytes())
+            else:
+                shutil.copy2(f, dst / f.name)
 
 
 def _row_reader(readers: Sequence[ParamsReader], path: tuple[str, ...], index: tuple[int, ...], scalar: bool):

@@ -5,8 +5,9 @@ converters' `--src/--dst`, image roots) go through
 `as_path`: an etils `epath.Path`, the path type Orbax itself uses, which reads and writes local files with
 `os`/`pathlib` and cloud URLs (`gs://`, `s3://`, ... through fsspec: gcsfs for `gs://`) with the same methods.
 Local paths are made absolute once, here: Orbax and TensorStore resolve a relative path against no fixed directory.
-Inputs that a library reads by local path only (data files indexed by byte offset, tokenizer files) are fetched from
-a URL once into a local cache (`local_copy`).
+Inputs that a library reads by local path only (data files indexed by byte offset, tokenizer files, upstream
+checkpoint directories) are fetched from a URL once into a local cache (`local_copy`), kept under a size cap by
+evicting the least recently used copies (`evict`).
 
 Local outputs are written under a temporary name beside their destination and renamed into place, so an interrupted run
 never leaves a partial file. `tempfile.mkstemp` / `mkdtemp` create that name as 0600 / 0700 (they are meant for
@@ -18,6 +19,7 @@ so a reader sees the old object or the new one, never a part: `write_text_atomic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,9 +76,58 @@ def file_identity(path: str | os.PathLike) -> dict[str, int | str]:
     return {"size": int(info["size"]), "version": str(info.get("generation") or info.get("mtime") or "")}
 
 
+CACHE_MAX_GB = 50.0  # default size cap of the local cache, in GB (10^9 bytes)
+
+
 def cache_root() -> Path:
     """Where `local_copy` keeps its copies: $SAIL_JAX_CACHE, else ~/.cache/sail-jax/files."""
     return Path(os.environ.get("SAIL_JAX_CACHE") or Path.home() / ".cache" / "sail-jax" / "files")
+
+
+def cache_max_bytes() -> int:
+    """The cache's size cap: $SAIL_JAX_CACHE_MAX_GB (GB, a positive number), else `CACHE_MAX_GB`."""
+    text = os.environ.get("SAIL_JAX_CACHE_MAX_GB", "").strip()
+    try:
+        gb = float(text) if text else CACHE_MAX_GB
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise ValueError(f"SAIL_JAX_CACHE_MAX_GB={text!r}: expected a positive number of GB (default {CACHE_MAX_GB:g})")
+    return int(gb * 1e9)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def evict(keep: Path, max_bytes: int) -> list[Path]:
+    """Remove the least recently used copies under `cache_root()` (by the time `local_copy` last returned each)
+    until the cache holds at most `max_bytes`, never `keep` (the copy the caller is about to use; alone it may
+    exceed the cap). Each is renamed away before it is deleted, so no process ever finds a partial copy; a process
+    still reading a removed copy's open files keeps reading them (POSIX). Returns the copies removed."""
+    root = keep.parent
+    entries = []
+    for d in root.iterdir():
+        if d.name.startswith(".") or d == keep or not d.is_dir():  # temporary names: copies being made or removed
+            continue
+        try:
+            entries.append((d.stat().st_mtime_ns, _tree_bytes(d), d))
+        except OSError:  # removed meanwhile by another process
+            continue
+    total = _tree_bytes(keep) + sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, d in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        gone = root / f".{d.name}.evicted-{os.getpid()}"
+        try:
+            os.rename(d, gone)
+        except OSError:  # another process evicted it first
+            continue
+        shutil.rmtree(gone, ignore_errors=True)
+        total -= size
+        removed.append(d)
+    return removed
 
 
 def local_copy(url: str | os.PathLike, names: tuple[str, ...] | None = None) -> Path:
@@ -84,7 +135,9 @@ def local_copy(url: str | os.PathLike, names: tuple[str, ...] | None = None) -> 
     of them), for libraries that read local files only. Made once per content: the copy lives under `cache_root()`
     named by a hash of the URL and every file's `file_identity`, so a changed object gives a new copy and every
     process of the host (Grain workers, later runs) reuses an unchanged one. It is written into a temporary
-    directory renamed into place, so a concurrent process never sees a partial copy."""
+    directory renamed into place, so a concurrent process never sees a partial copy. Each use marks the copy as
+    recently used (its directory's mtime); after a new copy, the least recently used others are evicted down to
+    `cache_max_bytes()` (`evict`)."""
     src = as_path(url)
     if src.is_dir():
         found = files_under(src) if names is None else [src / n for n in names if (src / n).is_file()]
@@ -98,7 +151,10 @@ def local_copy(url: str | os.PathLike, names: tuple[str, ...] | None = None) -> 
     entry = cache_root() / key
     out = entry if src.is_dir() else entry / src.name
     if entry.is_dir():
+        with contextlib.suppress(OSError):  # a read-only shared cache is still used, in order of creation
+            os.utime(entry)
         return out
+    max_bytes = cache_max_bytes()  # a bad setting is refused before anything is fetched
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
@@ -114,6 +170,7 @@ def local_copy(url: str | os.PathLike, names: tuple[str, ...] | None = None) -> 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    evict(entry, max_bytes)
     return out
 
 

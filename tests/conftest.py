@@ -22,3 +22,14 @@ DATA = Path(__file__).resolve().parent / "data"
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A GCS emulator with the bucket `gcs_emulator.BUCKET` for the module's tests, every client pointed at it and
+    a fresh local cache for copies of gs:// inputs; yields that environment."""
+    from tests.gcs_emulator import BUCKET, environment, gcs_emulator
+
+    cache = {"SAIL_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    with gcs_emulator(BUCKET, tmp_path_factory.mktemp("gcs") / "emulator.log") as env, environment({**env, **cache}):
+        yield {**env, **cache}

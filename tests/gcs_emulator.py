@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+BUCKET = "sail-test"  # the bucket the tests' `gcs` fixture (tests/conftest.py) creates
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -71,3 +71,26 @@ def test_converted_checkpoint_tree(tmp_path, umask, capsys):
     for path in tree:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert mode(path) == expected, (path, oct(mode(path)))
+
+
+def test_local_copy_cache_evicts_the_least_recently_used(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAIL_JAX_CACHE", str(cache))
+    monkeypatch.setenv("SAIL_JAX_CACHE_MAX_GB", str(2500 / 1e9))  # room for two 1000-byte copies
+    src = {}
+    for name, size in (("a", 1000), ("b", 1000), ("c", 1000), ("d", 3000)):
+        src[name] = tmp_path / name
+        src[name].write_bytes(os.urandom(size))
+    a, b = files.local_copy(src["a"]), files.local_copy(src["b"])
+    os.utime(a.parent, ns=(10**12, 10**12))  # used long ago: a, then b
+    os.utime(b.parent, ns=(2 * 10**12, 2 * 10**12))
+    assert files.local_copy(src["a"]) == a  # a is now the most recently used
+    c = files.local_copy(src["c"])  # 3000 bytes > the cap: b goes
+    assert a.read_bytes() == src["a"].read_bytes() and c.read_bytes() == src["c"].read_bytes() and not b.exists()
+    d = files.local_copy(src["d"])  # alone over the cap: kept (in use), every other copy goes
+    assert d.read_bytes() == src["d"].read_bytes() and sorted(cache.iterdir()) == [d.parent]
+    for bad in ("0", "x"):
+        monkeypatch.setenv("SAIL_JAX_CACHE_MAX_GB", bad)
+        with pytest.raises(ValueError, match=f"SAIL_JAX_CACHE_MAX_GB='{bad}': expected a positive number"):
+            files.local_copy(src["a"])
+    assert files.local_copy(src["d"]) == d  # a copy already made is still used

@@ -24,19 +24,11 @@ from sail_jax.data.sources import open_source, parse_record
 from sail_jax.data.tokenizer import find_tokenizer_dir
 from sail_jax.evaluation.demo import make_demo_data
 from sail_jax.files import as_path, local_copy, upload_tree
-from tests.gcs_emulator import environment, gcs_emulator
+from tests.gcs_emulator import BUCKET
 from tests.trainer_utils import REPO, TINY_GIN
 
 pytestmark = pytest.mark.gcs
 DRIVER = str(REPO / "tests" / "train_driver.py")
-BUCKET = "sail-test"
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    cache = {"SAIL_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}  # local copies of gs:// inputs
-    with gcs_emulator(BUCKET, tmp_path_factory.mktemp("gcs") / "emulator.log") as env, environment({**env, **cache}):
-        yield {**env, **cache}
 
 
 @pytest.fixture(scope="module")

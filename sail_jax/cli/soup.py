@@ -109,6 +109,7 @@ def _scorer(args: argparse.Namespace, scratch: Path) -> Callable[[Sequence[str]]
 
 def run(args: argparse.Namespace) -> int:
     from converters.soup import check_destination, check_homogeneous, make_soup, open_ingredient
+    from sail_jax.files import as_path, is_url
 
     weights = parse_weights(args.weights)
     checkpoints = list(args.checkpoint)
@@ -126,13 +127,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--greedy needs --eval-data and --kind")
     if len(checkpoints) < 2:
         raise ValueError(f"a soup needs at least 2 checkpoints, got {len(checkpoints)}")
-    if not Path(args.eval_data).is_file():
+    if not as_path(args.eval_data).is_file():
         raise FileNotFoundError(f"{args.eval_data}: no such file")
     check_destination(args.out, args.overwrite, checkpoints)  # refused before any evaluation, not after
     check_homogeneous([open_ingredient(c) for c in checkpoints])
-    out = Path(args.out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.greedy-", dir=out.parent))  # private, removed below
+    if is_url(args.out):  # the trial soups are scored from local disk
+        scratch = Path(tempfile.mkdtemp(prefix="sail-jax-greedy-"))
+    else:
+        out = Path(args.out).absolute()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.greedy-", dir=out.parent))  # private, removed below
     try:
         soup, rows = greedy_select(checkpoints, _scorer(args, scratch))
     finally:

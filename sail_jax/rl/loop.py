@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from converters.load import load_checkpoint
-from converters.orbax_io import checkpoint_tokenizer, is_our_checkpoint, resolve_checkpoint, restore_model_params
+from converters.load import initial_params as load_initial_params
+from converters.orbax_io import checkpoint_tokenizer, resolve_checkpoint
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig
 from sail_jax.data.batch import batch_sharding
 from sail_jax.data.processor import SailProcessor
@@ -108,10 +108,7 @@ def initial_params(init_from: str | None, cfg: ModelConfig, program: Any, seed: 
     if init_from is None:
         with use_mesh(program.mesh):
             return program.init_params(jax.random.PRNGKey(seed))
-    if is_our_checkpoint(init_from):
-        return restore_model_params(init_from, cfg, program.abstract_state.params)
-    _, params = load_checkpoint(init_from, cfg.runtime)
-    return jax.device_put(params["params"], program.shardings.params)
+    return load_initial_params(init_from, cfg, program.abstract_state.params)
 
 
 def rl(

@@ -1,7 +1,8 @@
 """`train(...)`: the training loop. A plain typed function; the CLI wraps it with gin.
 
-One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint, or `resume` from
-the workdir's latest checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
+One run = build the mesh and the sharded train state (fresh, `init_from` a model checkpoint of ours or an upstream
+directory, local or on a URL (`converters.load.initial_params`), or `resume` from the workdir's latest
+checkpoint), then loop: next process-local batch -> global arrays -> jitted step (state
 donated) -> metrics -> AdaLRS -> checkpoint. SIGTERM checkpoints at the next step boundary and raises `Preempted`
 (`sail-jax train` exits with PREEMPTED_EXIT_CODE, so a scheduler requeues the job rather than count it done). The
 learning-rate schedule (`train.steps` and the optimizer's schedule fields) is stored in every checkpoint; a resume
@@ -25,7 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from converters.orbax_io import has_tokenizer, restore_model_params
+from converters.load import initial_params
+from converters.orbax_io import has_tokenizer
 from sail_jax.config import ModelConfig
 from sail_jax.data.batch import DataFactory, batch_shards, check_batch, local_rows, to_global
 from sail_jax.data.packing import skip_totals
@@ -140,13 +142,14 @@ def train(
                        eval_every=eval_every, eval_batches=eval_batches, seed=seed,
                        schedule=schedule_of(steps, optimizer), allow_schedule_change=allow_schedule_change,
                        controller=AdaLRS(adalrs, steps) if adalrs is not None else None)
+            params = None
+            if latest is None and init_from:  # our checkpoint or an upstream directory, local or on a URL
+                params = initial_params(init_from, cfg, program.abstract_state.params)  # outside the mesh scope
             with use_mesh(program.mesh):
                 if latest is not None:
                     state, start = run.restore(program.abstract_state)
                 else:
-                    if init_from:
-                        params = restore_model_params(init_from, cfg, program.abstract_state.params)
-                    else:
+                    if params is None:
                         params = program.init_params(jax.random.PRNGKey(seed))
                     state, start = TrainState(params, program.init_opt_state(params)), 0
                 writer = MetricsWriter(ckpt.workdir, steps, start, enabled=jax.process_index() == 0,
