@@ -96,7 +96,8 @@ class DataConfig:
     per-device tile loads of the first `CALIBRATION_BATCHES` batches of process 0's rows (the same on every host).
     With several data shards (`grain_data`), `tile_balance` "global" places the rows of all shards over the devices
     of all shards in one assignment (`data.global_balance`; a shard sends at most `max_migrants` rows a step to
-    other shards' devices, None: a quarter of its rows, at least 1), "process" balances each shard on its own.
+    other shards' devices, None: a quarter of its rows, at least 1), with or without a tile budget (without one
+    it balances tile or AnyRes patch loads), "process" balances each shard on its own.
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
     (`data.frame_cache`; None: decode every time). AnyRes: `anyres` (the model's vision config, set by `grain_data`
     for an AnyRes model) keeps images at native resolution; rows then hold `max_patches` patches (a static budget,
@@ -282,11 +283,13 @@ BUDGET_FIELDS = ("tile_budget", "tile_budget_quantile")
 GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # with a tile budget balanced globally
 
 
-def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+def data_fingerprint(cfg: DataConfig, global_balance: bool = False) -> dict[str, Any]:
     """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint (the
-    tile-budget and AnyRes ones only when on, so older checkpoints still match)."""
+    tile-budget, global-balance and AnyRes ones only when on, so older checkpoints still match; `global_balance`:
+    rows placed over several shards' devices without a budget, where a per-shard checkpoint must not match)."""
     fields = STREAM_FIELDS + (BUDGET_FIELDS if cfg.tile_budget is not None else ())
-    fields += GLOBAL_BALANCE_FIELDS if cfg.tile_budget is not None and cfg.tile_balance == "global" else ()
+    on = cfg.tile_balance == "global" and (cfg.tile_budget is not None or global_balance)
+    fields += GLOBAL_BALANCE_FIELDS if on else ()
     out = {k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k) for k in fields}
     if cfg.anyres is not None:
         out.update(anyres=dataclasses.asdict(cfg.anyres), max_patches=cfg.max_patches)
@@ -371,25 +374,34 @@ def grain_data(
 
         devices, rem = divmod(jax.local_device_count(), len(mine))
         data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
-    if data_cfg.tile_budget is not None and data_cfg.tile_balance == "global" and shards > 1:
+    if data_cfg.tile_balance == "global" and shards > 1:
         return global_budgeted(data_cfg, mine, shards, process_count)
     return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)
 
 
 def global_budgeted(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
-    """The budgeted batches of data shards `shards` (of `num_shards`, `cfg.batch_size` rows each), their rows placed
-    over the devices of all shards (`data.global_balance`); row packing runs `prefetch_batches` batches ahead in a
-    thread per shard, the placement and its collectives in the caller's thread."""
-    n, budget, fingerprint = batch_devices(cfg), resolve_tile_budget(cfg, num_shards), data_fingerprint(cfg)
-    check_budget(cfg.batch_size, n, budget, cfg.max_tiles)
+    """The batches of data shards `shards` (of `num_shards`, `cfg.batch_size` rows each), their rows placed over the
+    devices of all shards (`data.global_balance`): on the tile budget, or without one (fixed tile slots or AnyRes
+    patch slots) on rows per device x slots per row, which only balances. Row packing runs `prefetch_batches`
+    batches ahead in a thread per shard, the placement and its collectives in the caller's thread."""
+    n, budget = batch_devices(cfg), resolve_tile_budget(cfg, num_shards)
+    fingerprint = data_fingerprint(cfg, global_balance=True)
+    if budget is None:
+        slots = cfg.max_tiles if cfg.anyres is None else cfg.max_patches
+        check_budget(cfg.batch_size, n, slots, slots)
+        budget, slack = cfg.batch_size // n * slots, slots // 8  # a light row stays home within 1/8 of a full row
+    else:
+        check_budget(cfg.batch_size, n, budget, cfg.max_tiles)
+        slack = None
     rows = {}
     for v in shards:
         ds = row_dataset(cfg, v, num_shards)
         if cfg.prefetch_batches:
             ds = grain.experimental.ThreadPrefetchIterDataset(
                 ds, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
-        rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID)
+        rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID,
+                                        keep_slots=cfg.tile_budget is None, anyres=cfg.anyres)
     migrants = max(1, cfg.batch_size // 4) if cfg.max_migrants is None else cfg.max_migrants
     return GlobalBudgetedIterator(lambda v: _FingerprintedIterator(rows[v], fingerprint), rows, shards, num_shards,
                                   cfg.batch_size, n, budget, migrants,
-                                  process_exchange if process_count > 1 else local_exchange)
+                                  process_exchange if process_count > 1 else local_exchange, slack)
