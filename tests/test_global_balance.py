@@ -11,14 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import numpy as np
 from PIL import Image
 
 from sail_jax.data.batch import BUDGET_KEYS
 from sail_jax.data.elastic import ShardedIterator
 from sail_jax.data.global_balance import GlobalBudgetedIterator, assign_global
+from sail_jax.data.packing import VisualBatchIterDataset, pack_rows
 from sail_jax.data.pipeline import grain_data
 from sail_jax.data.tile_budget import BudgetedBatchIterator, BudgetedBatchIterDataset, assign_rows
+from tests.test_anyres_training import CFG as ANYRES_CFG
 from tests.test_tile_budget import CFG, rows, sample, seen_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,8 +167,115 @@ def test_two_processes_build_the_global_batches_of_one_and_train(data_dir, tmp_p
     assert [p.returncode for p in procs] == [0, 0], logs
     for step, want in enumerate(one):
         got = [np.load(tmp_path / "out" / f"p{i}-{step}.npz") for i in range(2)]
-        for k in (*BUDGET_KEYS, "deferred_rows"):
-            joined = np.sum([g[k] for g in got]) if k == "deferred_rows" else np.concatenate([g[k] for g in got])
-            np.testing.assert_array_equal(joined, want[k], err_msg=f"step {step} {k}")
+        for k in BUDGET_KEYS:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=f"step {step} {k}")
+        assert [int(g["deferred_rows"]) for g in got] == [int(want["deferred_rows"])] * 2  # the run's, on each
     m = [json.loads(x) for x in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert m and all(np.isfinite(r["loss"]) for r in m), m
+
+
+def test_global_deferred_count_is_every_shards_waiting_rows():
+    data = skewed(24)
+    its = {v: BudgetedBatchIterator(iter(rows(s)), 4, 2, 6, 0) for v, s in enumerate(data)}
+    it = GlobalBudgetedIterator(lambda v: its[v], its, range(2), 2, shard_rows=4, n_devices=2, budget=6,
+                                max_migrants=1)
+    counts = []
+    for b in it:
+        counts.append(int(b["deferred_rows"]))
+        assert counts[-1] == sum(len(x.waiting) for x in its.values())
+    assert max(counts) > 0 and counts[-1] == 0
+
+
+ANYRES = ANYRES_CFG.vision
+PATCHES = 64  # patch slots per AnyRes row
+DIM = ANYRES.patch_size ** 2 * ANYRES.num_channels
+
+
+def anyres_sample(i: int, grids: list[tuple[int, int]]) -> dict:
+    """30 tokens (encoding the sample) and images of `grids` patches whose values are the sample's number."""
+    patches = sum(h * w for h, w in grids)
+    return {"input_ids": (1000 * (i + 1) + np.arange(30)).astype(np.int32), "loss_mask": np.ones(30, np.int32),
+            "anyres_patches": np.full((patches, DIM), i + 1, np.float32),
+            "anyres_grids": np.asarray(grids, np.int64).reshape(-1, 2), "info": {"dataset": 0, "where": f"f:{i}"}}
+
+
+def anyres_rows(samples: list[dict]) -> grain.IterDataset:
+    return pack_rows(grain.MapDataset.source(samples).to_iter_dataset(grain.ReadOptions(num_threads=0)), 32, 1,
+                     num_bins=2, seed=0, max_patches=PATCHES)
+
+
+def anyres_skewed(n: int) -> tuple[list[dict], list[dict]]:
+    """Shard 0: one image of 32-64 patches per sample; shard 1: text only (one sample per row)."""
+    rng = np.random.default_rng(0)
+    heavy = [anyres_sample(i, [(int(rng.choice([4, 6, 8])), 8)]) for i in range(n)]
+    return heavy, [anyres_sample(100 + i, []) for i in range(n)]
+
+
+def anyres_global(shards: tuple[list[dict], list[dict]]) -> GlobalBudgetedIterator:
+    its = {v: BudgetedBatchIterator(iter(anyres_rows(s)), 4, 2, 2 * PATCHES, 0, keep_slots=True, anyres=ANYRES)
+           for v, s in enumerate(shards)}
+    return GlobalBudgetedIterator(lambda v: its[v], its, range(2), 2, shard_rows=4, n_devices=2, budget=2 * PATCHES,
+                                  max_migrants=2, slack=PATCHES // 8)
+
+
+def anyres_seen(batch: dict) -> list[int]:
+    """Samples in an AnyRes batch, each checked: its patches in its own row (values = its number)."""
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        seg = batch["segment_ids"][r]
+        ids = [int(batch["input_ids"][r][seg == s][0]) // 1000 - 1 for s in np.unique(seg[seg > 0])]
+        real = batch["anyres_patches"][r][batch["anyres_segment_ids"][r] > 0]
+        assert set(np.unique(real[:, 0]).tolist()) <= {i + 1.0 for i in ids}
+        out += ids
+    return out
+
+
+def balance(batches: list[dict], key: str, devices: int) -> float:
+    """Mean over steps of the per-device max/mean load (devices taking contiguous row blocks)."""
+    loads = [(np.asarray(b[key]) > 0).reshape(devices, -1).sum(axis=1) for b in batches]
+    return float(np.mean([x.max() / x.mean() for x in loads]))
+
+
+def test_anyres_rows_patch_balanced_over_both_shards_every_sample_once_and_restore():
+    data = anyres_skewed(16)
+    batches = list(anyres_global(data))
+    assert sorted(i for b in batches for i in anyres_seen(b)) == list(range(16)) + list(range(100, 116))
+    assert all(int(b["deferred_rows"]) == 0 for b in batches)
+    process = list(ShardedIterator(lambda v: iter(VisualBatchIterDataset(anyres_rows(data[v]), 4, 2, 0, ANYRES)),
+                                   range(2), 2))
+    assert set(process[0]) == set(batches[0]) - {"deferred_rows"}
+    for a, b in zip(process, batches, strict=True):
+        assert a["anyres_patches"].shape == b["anyres_patches"].shape == (8, PATCHES, DIM)
+    got, want = balance(batches, "anyres_segment_ids", 4), balance(process, "anyres_segment_ids", 4)
+    assert got < 1.3 and want >= 2.0, (got, want)  # per shard: the text shard's devices hold no patches
+    it = anyres_global(data)
+    next(it), next(it)
+    again = anyres_global(data)
+    again.set_state(json.loads(json.dumps(it.get_state())))
+    for a, b in zip(batches[2:], list(again), strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_factory_balances_tiles_and_anyres_patches_globally_without_a_budget(data_dir, tmp_path):
+    path = skewed_jsonl(tmp_path / "data", 64)
+    for cfg, mask, extra in ((CFG, "tile_mask", {}), (ANYRES_CFG, "anyres_segment_ids", {"max_patches": 128})):
+        def batches(balance: str, state=None, steps: int = 3) -> tuple[list[dict], dict]:
+            options = {**factory_options(path, data_dir, balance), "tile_budget": None, "max_migrants": 4, **extra}
+            it = grain_data(cfg=cfg, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
+                            **options)
+            if state is not None:
+                it.set_state(state)
+            out = [next(it) for _ in range(steps)]
+            return out, json.loads(json.dumps(it.get_state()))
+
+        one, state = batches("global", steps=1)
+        assert state["shards"]["0"]["data_config"]["tile_balance"] == "global"  # a per-shard checkpoint differs
+        rest, _ = batches("global", state, steps=2)
+        for a, b in zip(batches("global")[0][1:], rest, strict=True):  # restored: the same following batches
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        process = batches("process")[0]
+        assert "deferred_rows" not in process[0] and set(one[0]) - set(process[0]) == {"deferred_rows"}
+        got, want = balance(one + rest, mask, 8), balance(process, mask, 8)
+        assert got == 1.0 and want == 2.0, (cfg.vision.anyres, got, want)  # the image shard's rows spread out
