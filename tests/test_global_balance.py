@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+import pytest
 from PIL import Image
 
 from sail_jax.data.batch import BUDGET_KEYS
@@ -154,24 +155,41 @@ def test_two_processes_build_the_global_batches_of_one_and_train(data_dir, tmp_p
         for k in (*BUDGET_KEYS, "deferred_rows"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert tiles(one) == [6 * 7] * 3 and tiles(global_batches(path, data_dir, "process", 3)) == [4 * 7] * 3
+    two_processes(factory_options(path, data_dir, "global"), tmp_path / "out", "tiles", one)
+
+
+def two_processes(options: dict, out: Path, model: str, want: list[dict]) -> None:
+    """Run tests/global_balance_driver.py as 2 processes x 4 CPU devices; their batches must join into `want` (each
+    process's `deferred_rows` the run's count), and their training step must give a finite loss."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
-    options = json.dumps(factory_options(path, data_dir, "global"))
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "global_balance_driver.py"), f"localhost:{port}",
-                               str(i), str(tmp_path / "out"), options], env=env, stdout=subprocess.PIPE,
+                               str(i), str(out), json.dumps(options), model], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    for step, want in enumerate(one):
-        got = [np.load(tmp_path / "out" / f"p{i}-{step}.npz") for i in range(2)]
-        for k in BUDGET_KEYS:
-            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=f"step {step} {k}")
-        assert [int(g["deferred_rows"]) for g in got] == [int(want["deferred_rows"])] * 2  # the run's, on each
-    m = [json.loads(x) for x in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    for step, batch in enumerate(want):
+        got = [np.load(out / f"p{i}-{step}.npz") for i in range(2)]
+        for k in batch:
+            if k != "deferred_rows":
+                np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), batch[k], err_msg=f"{step} {k}")
+        assert [int(g["deferred_rows"]) for g in got] == [int(batch["deferred_rows"])] * 2  # the run's, on each
+    m = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert m and all(np.isfinite(r["loss"]) for r in m), m
+
+
+def test_two_processes_balance_anyres_patches_like_one(data_dir, tmp_path):
+    path = skewed_jsonl(tmp_path / "data", 64)
+    options = {**factory_options(path, data_dir, "global"), "tile_budget": None, "max_patches": 128,
+               "max_migrants": 4}
+    it = grain_data(cfg=ANYRES_CFG, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
+                    **options)
+    one = [next(it) for _ in range(3)]
+    assert balance(one, "anyres_segment_ids", 8) == 1.0
+    two_processes(options, tmp_path / "out", "anyres", one)
 
 
 def test_global_deferred_count_is_every_shards_waiting_rows():
@@ -257,25 +275,28 @@ def test_anyres_rows_patch_balanced_over_both_shards_every_sample_once_and_resto
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_factory_balances_tiles_and_anyres_patches_globally_without_a_budget(data_dir, tmp_path):
-    path = skewed_jsonl(tmp_path / "data", 64)
-    for cfg, mask, extra in ((CFG, "tile_mask", {}), (ANYRES_CFG, "anyres_segment_ids", {"max_patches": 128})):
-        def batches(balance: str, state=None, steps: int = 3) -> tuple[list[dict], dict]:
-            options = {**factory_options(path, data_dir, balance), "tile_budget": None, "max_migrants": 4, **extra}
-            it = grain_data(cfg=cfg, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
-                            **options)
-            if state is not None:
-                it.set_state(state)
-            out = [next(it) for _ in range(steps)]
-            return out, json.loads(json.dumps(it.get_state()))
+def unbudgeted(options: dict, cfg, state: dict | None = None, steps: int = 3) -> tuple[list[dict], dict]:
+    """`steps` batches of the Grain factory (restored from `state` if given) and its state after them."""
+    it = grain_data(cfg=cfg, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0, **options)
+    if state is not None:
+        it.set_state(state)
+    out = [next(it) for _ in range(steps)]
+    return out, json.loads(json.dumps(it.get_state()))
 
-        one, state = batches("global", steps=1)
-        assert state["shards"]["0"]["data_config"]["tile_balance"] == "global"  # a per-shard checkpoint differs
-        rest, _ = batches("global", state, steps=2)
-        for a, b in zip(batches("global")[0][1:], rest, strict=True):  # restored: the same following batches
-            for k in a:
-                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-        process = batches("process")[0]
-        assert "deferred_rows" not in process[0] and set(one[0]) - set(process[0]) == {"deferred_rows"}
-        got, want = balance(one + rest, mask, 8), balance(process, mask, 8)
-        assert got == 1.0 and want == 2.0, (cfg.vision.anyres, got, want)  # the image shard's rows spread out
+
+@pytest.mark.parametrize("model", ["tiles", "anyres"])
+def test_factory_balances_tiles_and_anyres_patches_globally_without_a_budget(data_dir, tmp_path, model):
+    path = skewed_jsonl(tmp_path / "data", 64)
+    cfg, mask, extra = (CFG, "tile_mask", {}) if model == "tiles" else (ANYRES_CFG, "anyres_segment_ids",
+                                                                        {"max_patches": 128})
+    options = lambda mode: {**factory_options(path, data_dir, mode), "tile_budget": None, "max_migrants": 4, **extra}
+    one, state = unbudgeted(options("global"), cfg, steps=1)
+    assert state["shards"]["0"]["data_config"]["tile_balance"] == "global"  # a per-shard checkpoint differs
+    rest, _ = unbudgeted(options("global"), cfg, state, steps=2)
+    for a, b in zip(unbudgeted(options("global"), cfg)[0][1:], rest, strict=True):  # restored: the same batches
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    process = unbudgeted(options("process"), cfg)[0]
+    assert "deferred_rows" not in process[0] and set(one[0]) - set(process[0]) == {"deferred_rows"}
+    got, want = balance(one + rest, mask, 8), balance(process, mask, 8)
+    assert got == 1.0 and want == 2.0, (got, want)  # the image shard's rows spread over both shards' devices
