@@ -11,14 +11,17 @@
     | BudgetedBatchIterDataset                    `tile_budget`: each device's rows hold <= budget tiles, packed
                                                   into its budget slots; rows over it wait (data.tile_budget)
     ThreadPrefetchIterDataset                     a few batches ahead, in a thread
+With several data shards and `tile_balance` "global" (`grain_data`), the batching stage is instead one placement
+of all shards' rows over all their devices (`data.global_balance`), with or without a tile budget.
 
 Each step yields the process-local part of the global batch, as the batch contract (`data.batch`) defines it:
 input_ids, segment_ids, positions, loss_mask [B,T] int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask
 [B,max_tiles] bool (with a tile budget: pixel_values [devices*budget,3,S,S] and tile_index [devices,budget,2]
-instead of the slots and mask, plus the host-side count `deferred_rows`; a SAIL-ViT-AnyRes model: each row's
-native-resolution images packed into `max_patches` patch slots instead, the `anyres_*` keys). The iterator is a Grain
-`DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
-apply to records as read, i.e. before bad samples are skipped.
+instead of the slots and mask; a SAIL-ViT-AnyRes model: each row's native-resolution images packed into
+`max_patches` patch slots instead, the `anyres_*` keys), plus with a budget or global placement the host-side count
+`deferred_rows` (over all shards when global). The iterator is a Grain `DatasetIterator` (get_state/set_state,
+`grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights apply to records as read, i.e. before bad
+samples are skipped.
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tile
 
 # With a tile budget these decide the batches too (left out without one, so older checkpoints still match).
 BUDGET_FIELDS = ("tile_budget", "tile_budget_quantile")
-GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # with a tile budget balanced globally
+GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # rows placed over several shards' devices
 
 
 def data_fingerprint(cfg: DataConfig, global_balance: bool = False) -> dict[str, Any]:
