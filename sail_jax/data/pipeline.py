@@ -378,11 +378,11 @@ def grain_data(
         devices, rem = divmod(jax.local_device_count(), len(mine))
         data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
     if data_cfg.tile_balance == "global" and shards > 1:
-        return global_budgeted(data_cfg, mine, shards, process_count)
+        return global_balanced(data_cfg, mine, shards, process_count)
     return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)
 
 
-def global_budgeted(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
+def global_balanced(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
     """The batches of data shards `shards` (of `num_shards`, `cfg.batch_size` rows each), their rows placed over the
     devices of all shards (`data.global_balance`): on the tile budget, or without one (fixed tile slots or AnyRes
     patch slots) on rows per device x slots per row, which only balances. Row packing runs `prefetch_batches`
