@@ -30,7 +30,10 @@ def demo(tmp_path_factory):
     return out
 
 
-OPTIONS = dict(max_tiles=8, max_num=2, num_workers=0, num_packing_bins=4, num_devices=1, prefetch_batches=0)
+# "process" balancing: the processes here are simulated in one Python process, which the global placement's
+# collectives cannot be (its process-count independence: tests/test_global_balance.py).
+OPTIONS = dict(max_tiles=8, max_num=2, num_workers=0, num_packing_bins=4, num_devices=1, prefetch_batches=0,
+               tile_balance="process")
 
 
 def grain_processes(demo, data_dir, process_count: int, shards: int | None = 2) -> list:

@@ -11,14 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import numpy as np
+import pytest
 from PIL import Image
 
 from sail_jax.data.batch import BUDGET_KEYS
 from sail_jax.data.elastic import ShardedIterator
 from sail_jax.data.global_balance import GlobalBudgetedIterator, assign_global
+from sail_jax.data.packing import VisualBatchIterDataset, pack_rows
 from sail_jax.data.pipeline import grain_data
 from sail_jax.data.tile_budget import BudgetedBatchIterator, BudgetedBatchIterDataset, assign_rows
+from tests.test_anyres_training import CFG as ANYRES_CFG
 from tests.test_tile_budget import CFG, rows, sample, seen_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,21 +155,148 @@ def test_two_processes_build_the_global_batches_of_one_and_train(data_dir, tmp_p
         for k in (*BUDGET_KEYS, "deferred_rows"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert tiles(one) == [6 * 7] * 3 and tiles(global_batches(path, data_dir, "process", 3)) == [4 * 7] * 3
+    two_processes(factory_options(path, data_dir, "global"), tmp_path / "out", "tiles", one)
+
+
+def two_processes(options: dict, out: Path, model: str, want: list[dict]) -> None:
+    """Run tests/global_balance_driver.py as 2 processes x 4 CPU devices; their batches must join into `want` (each
+    process's `deferred_rows` the run's count), and their training step must give a finite loss."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
-    options = json.dumps(factory_options(path, data_dir, "global"))
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "global_balance_driver.py"), f"localhost:{port}",
-                               str(i), str(tmp_path / "out"), options], env=env, stdout=subprocess.PIPE,
+                               str(i), str(out), json.dumps(options), model], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    for step, want in enumerate(one):
-        got = [np.load(tmp_path / "out" / f"p{i}-{step}.npz") for i in range(2)]
-        for k in (*BUDGET_KEYS, "deferred_rows"):
-            joined = np.sum([g[k] for g in got]) if k == "deferred_rows" else np.concatenate([g[k] for g in got])
-            np.testing.assert_array_equal(joined, want[k], err_msg=f"step {step} {k}")
-    m = [json.loads(x) for x in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    for step, batch in enumerate(want):
+        got = [np.load(out / f"p{i}-{step}.npz") for i in range(2)]
+        for k in batch:
+            if k != "deferred_rows":
+                np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), batch[k], err_msg=f"{step} {k}")
+        assert [int(g["deferred_rows"]) for g in got] == [int(batch["deferred_rows"])] * 2  # the run's, on each
+    m = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert m and all(np.isfinite(r["loss"]) for r in m), m
+
+
+def test_two_processes_balance_anyres_patches_like_one(data_dir, tmp_path):
+    path = skewed_jsonl(tmp_path / "data", 64)
+    options = {**factory_options(path, data_dir, "global"), "tile_budget": None, "max_patches": 128,
+               "max_migrants": 4}
+    it = grain_data(cfg=ANYRES_CFG, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0,
+                    **options)
+    one = [next(it) for _ in range(3)]
+    assert balance(one, "anyres_segment_ids", 8) == 1.0
+    two_processes(options, tmp_path / "out", "anyres", one)
+
+
+def test_global_deferred_count_is_every_shards_waiting_rows():
+    data = skewed(24)
+    its = {v: BudgetedBatchIterator(iter(rows(s)), 4, 2, 6, 0) for v, s in enumerate(data)}
+    it = GlobalBudgetedIterator(lambda v: its[v], its, range(2), 2, shard_rows=4, n_devices=2, budget=6,
+                                max_migrants=1)
+    counts = []
+    for b in it:
+        counts.append(int(b["deferred_rows"]))
+        assert counts[-1] == sum(len(x.waiting) for x in its.values())
+    assert max(counts) > 0 and counts[-1] == 0
+
+
+ANYRES = ANYRES_CFG.vision
+PATCHES = 64  # patch slots per AnyRes row
+DIM = ANYRES.patch_size ** 2 * ANYRES.num_channels
+
+
+def anyres_sample(i: int, grids: list[tuple[int, int]]) -> dict:
+    """30 tokens (encoding the sample) and images of `grids` patches whose values are the sample's number."""
+    patches = sum(h * w for h, w in grids)
+    return {"input_ids": (1000 * (i + 1) + np.arange(30)).astype(np.int32), "loss_mask": np.ones(30, np.int32),
+            "anyres_patches": np.full((patches, DIM), i + 1, np.float32),
+            "anyres_grids": np.asarray(grids, np.int64).reshape(-1, 2), "info": {"dataset": 0, "where": f"f:{i}"}}
+
+
+def anyres_rows(samples: list[dict]) -> grain.IterDataset:
+    return pack_rows(grain.MapDataset.source(samples).to_iter_dataset(grain.ReadOptions(num_threads=0)), 32, 1,
+                     num_bins=2, seed=0, max_patches=PATCHES)
+
+
+def anyres_skewed(n: int) -> tuple[list[dict], list[dict]]:
+    """Shard 0: one image of 32-64 patches per sample; shard 1: text only (one sample per row)."""
+    rng = np.random.default_rng(0)
+    heavy = [anyres_sample(i, [(int(rng.choice([4, 6, 8])), 8)]) for i in range(n)]
+    return heavy, [anyres_sample(100 + i, []) for i in range(n)]
+
+
+def anyres_global(shards: tuple[list[dict], list[dict]]) -> GlobalBudgetedIterator:
+    its = {v: BudgetedBatchIterator(iter(anyres_rows(s)), 4, 2, 2 * PATCHES, 0, keep_slots=True, anyres=ANYRES)
+           for v, s in enumerate(shards)}
+    return GlobalBudgetedIterator(lambda v: its[v], its, range(2), 2, shard_rows=4, n_devices=2, budget=2 * PATCHES,
+                                  max_migrants=2, slack=PATCHES // 8)
+
+
+def anyres_seen(batch: dict) -> list[int]:
+    """Samples in an AnyRes batch, each checked: its patches in its own row (values = its number)."""
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        seg = batch["segment_ids"][r]
+        ids = [int(batch["input_ids"][r][seg == s][0]) // 1000 - 1 for s in np.unique(seg[seg > 0])]
+        real = batch["anyres_patches"][r][batch["anyres_segment_ids"][r] > 0]
+        assert set(np.unique(real[:, 0]).tolist()) <= {i + 1.0 for i in ids}
+        out += ids
+    return out
+
+
+def balance(batches: list[dict], key: str, devices: int) -> float:
+    """Mean over steps of the per-device max/mean load (devices taking contiguous row blocks)."""
+    loads = [(np.asarray(b[key]) > 0).reshape(devices, -1).sum(axis=1) for b in batches]
+    return float(np.mean([x.max() / x.mean() for x in loads]))
+
+
+def test_anyres_rows_patch_balanced_over_both_shards_every_sample_once_and_restore():
+    data = anyres_skewed(16)
+    batches = list(anyres_global(data))
+    assert sorted(i for b in batches for i in anyres_seen(b)) == list(range(16)) + list(range(100, 116))
+    assert all(int(b["deferred_rows"]) == 0 for b in batches)
+    process = list(ShardedIterator(lambda v: iter(VisualBatchIterDataset(anyres_rows(data[v]), 4, 2, 0, ANYRES)),
+                                   range(2), 2))
+    assert set(process[0]) == set(batches[0]) - {"deferred_rows"}
+    for a, b in zip(process, batches, strict=True):
+        assert a["anyres_patches"].shape == b["anyres_patches"].shape == (8, PATCHES, DIM)
+    got, want = balance(batches, "anyres_segment_ids", 4), balance(process, "anyres_segment_ids", 4)
+    assert got < 1.3 and want >= 2.0, (got, want)  # per shard: the text shard's devices hold no patches
+    it = anyres_global(data)
+    next(it), next(it)
+    again = anyres_global(data)
+    again.set_state(json.loads(json.dumps(it.get_state())))
+    for a, b in zip(batches[2:], list(again), strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def unbudgeted(options: dict, cfg, state: dict | None = None, steps: int = 3) -> tuple[list[dict], dict]:
+    """`steps` batches of the Grain factory (restored from `state` if given) and its state after them."""
+    it = grain_data(cfg=cfg, global_batch_size=16, seq_len=96, process_index=0, process_count=1, seed=0, **options)
+    if state is not None:
+        it.set_state(state)
+    out = [next(it) for _ in range(steps)]
+    return out, json.loads(json.dumps(it.get_state()))
+
+
+@pytest.mark.parametrize("model", ["tiles", "anyres"])
+def test_factory_balances_tiles_and_anyres_patches_globally_without_a_budget(data_dir, tmp_path, model):
+    path = skewed_jsonl(tmp_path / "data", 64)
+    cfg, mask, extra = (CFG, "tile_mask", {}) if model == "tiles" else (ANYRES_CFG, "anyres_segment_ids",
+                                                                        {"max_patches": 128})
+    options = lambda mode: {**factory_options(path, data_dir, mode), "tile_budget": None, "max_migrants": 4, **extra}
+    one, state = unbudgeted(options("global"), cfg, steps=1)
+    assert state["shards"]["0"]["data_config"]["tile_balance"] == "global"  # a per-shard checkpoint differs
+    rest, _ = unbudgeted(options("global"), cfg, state, steps=2)
+    for a, b in zip(unbudgeted(options("global"), cfg)[0][1:], rest, strict=True):  # restored: the same batches
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    process = unbudgeted(options("process"), cfg)[0]
+    assert "deferred_rows" not in process[0] and set(one[0]) - set(process[0]) == {"deferred_rows"}
+    got, want = balance(one + rest, mask, 8), balance(process, mask, 8)
+    assert got == 1.0 and want == 2.0, (got, want)  # the image shard's rows spread over both shards' devices

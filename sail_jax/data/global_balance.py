@@ -18,7 +18,15 @@ devices:
   checkpointable state is the per-shard iterator's, so the state stays one per shard and re-splits elastically.
 
 The placement depends only on the shards' rows, never on which process reads which shard: a run gives the same
-global batches on every process count that divides the number of data shards.
+global batches on every process count that divides the number of data shards. Each process's batch carries
+`deferred_rows` = the rows waiting in ALL shards after the step (every host knows them from the exchange), so the
+trainer logs the run's count on any process.
+
+Without a tile budget (fixed tile slots, or SAIL-ViT-AnyRes rows of `max_patches` patch slots) the same placement
+balances the rows' tile / patch loads over all devices: the shards' iterators keep their rows' slots
+(`BudgetedBatchIterator(keep_slots=True)`) and the budget is rows per device x slots per row, so every row fits
+any device with a free row slot: a row waits only when its shard's migrant allowance is spent while migrants took
+its own devices' slots (rare; counted as above).
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from sail_jax.data.elastic import ShardedIterator, join_parts
-from sail_jax.data.packing import row_tiles
 from sail_jax.data.tile_budget import BudgetedBatchIterator
 
 Exchange = Callable[[Any], Any]  # this process's [k, ...] arrays (a pytree) -> all shards' [num_shards, ...]
@@ -131,7 +138,7 @@ class GlobalBudgetedIterator(ShardedIterator):
             local = np.full((len(self._rows), 1 + B + max(B, self._max_migrants)), -1, np.int32)
             for i, (v, rows) in enumerate(fresh.items()):
                 local[i, 0] = len(rows)
-                local[i, 1:1 + len(rows)] = [row_tiles(r) for _, r in rows]
+                local[i, 1:1 + len(rows)] = [self._rows[v].load(r) for _, r in rows]
                 cands[v].extend(fresh[v])
             table = np.asarray(self._exchange(local))
             loads = [table[v, 1:1 + table[v, 0]] for v in range(S)]
@@ -159,10 +166,10 @@ class GlobalBudgetedIterator(ShardedIterator):
             exhausted |= got < want
         if not count.sum():
             raise StopIteration
-        return self._batches(cands, placed)
+        return self._batches(cands, placed, int(deferred.sum()))
 
-    def _batches(self, cands: dict[int, list[tuple[int, dict[str, Any]]]],
-                 placed: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
+    def _batches(self, cands: dict[int, list[tuple[int, dict[str, Any]]]], placed: list[tuple[int, int, int]],
+                 deferred: int) -> dict[str, np.ndarray]:
         n, k = self._n, self._per_process
         process = lambda v: v // k
         me = process(next(iter(self._rows)))
@@ -194,4 +201,7 @@ class GlobalBudgetedIterator(ShardedIterator):
             waiting = [x for i, x in enumerate(cands[v]) if (v, i) not in kept]
             it.commit(waiting)
             parts.append(it.batch(on[v], len(waiting), template))
-        return join_parts(parts)
+        out = join_parts(parts)
+        if "deferred_rows" in out:  # every host knows every shard's deferrals: the run's count, not its shards'
+            out["deferred_rows"] = np.int64(deferred)
+        return out

@@ -58,6 +58,25 @@ def token_arrays(rows: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, np
             "loss_mask": stack("loss_mask", "loss_mask")}
 
 
+def vision_key(anyres: VisionConfig | None) -> str:
+    """The packed key whose real slots are a row's vision load: tiles, or AnyRes patches."""
+    return "pixel_values" if anyres is None else "anyres_patches"
+
+
+def slot_arrays(rows: Sequence[Mapping[str, Any]], anyres: VisionConfig | None) -> dict[str, np.ndarray]:
+    """The vision keys of the batch contract for rows that keep their slots: pixel_values + tile_mask, or with
+    `anyres` each row's packed AnyRes images (`batch.anyres_row`), stacked."""
+    if anyres is None:
+        pixels = np.stack([r["pixel_values"] for r in rows]).astype(DTYPES["pixel_values"], copy=False)
+        return {"pixel_values": pixels, "tile_mask": np.stack([r["pixel_values_segment_ids"] for r in rows]) > 0}
+    out = []
+    for r in rows:
+        n = row_tiles(r, "anyres_patches")
+        grids = r["anyres_grids"][r["anyres_grids_segment_ids"] > 0]
+        out.append(anyres_row(r["anyres_patches"][:n], grids, anyres, len(r["anyres_patches"])))
+    return {k: np.stack([o[k] for o in out]) for k in out[0]}
+
+
 class _SkipBadSamplesIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, files: Sequence[str], max_skip_fraction: float,
                  min_samples: int):
@@ -237,24 +256,9 @@ class _VisualBatchIterator(grain.DatasetIterator):
                 break
         if len(rows) < self._batch_size:  # end of a finite stream: empty rows keep the shapes static
             rows += [empty_row(rows[0])] * (self._batch_size - len(rows))
-        vision_key = "pixel_values" if self._anyres is None else "anyres_patches"
-        order = balance_rows([row_tiles(r, vision_key) for r in rows], self._n_devices)
+        order = balance_rows([row_tiles(r, vision_key(self._anyres)) for r in rows], self._n_devices)
         rows = [rows[i] for i in order]
-        batch = token_arrays(rows, self._pad_id)
-        if self._anyres is None:
-            pixels = np.stack([r["pixel_values"] for r in rows]).astype(DTYPES["pixel_values"], copy=False)
-            return {**batch, "pixel_values": pixels,
-                    "tile_mask": np.stack([r["pixel_values_segment_ids"] for r in rows]) > 0}
-        return {**batch, **self._anyres_arrays(rows)}
-
-    def _anyres_arrays(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-        """Each row's packed AnyRes images (`batch.anyres_row`), stacked."""
-        out = []
-        for r in rows:
-            n = row_tiles(r, "anyres_patches")
-            grids = r["anyres_grids"][r["anyres_grids_segment_ids"] > 0]
-            out.append(anyres_row(r["anyres_patches"][:n], grids, self._anyres, len(r["anyres_patches"])))
-        return {k: np.stack([o[k] for o in out]) for k in out[0]}
+        return {**token_arrays(rows, self._pad_id), **slot_arrays(rows, self._anyres)}
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()

@@ -11,14 +11,17 @@
     | BudgetedBatchIterDataset                    `tile_budget`: each device's rows hold <= budget tiles, packed
                                                   into its budget slots; rows over it wait (data.tile_budget)
     ThreadPrefetchIterDataset                     a few batches ahead, in a thread
+With several data shards and `tile_balance` "global" (`grain_data`), the batching stage is instead one placement
+of all shards' rows over all their devices (`data.global_balance`), with or without a tile budget.
 
 Each step yields the process-local part of the global batch, as the batch contract (`data.batch`) defines it:
 input_ids, segment_ids, positions, loss_mask [B,T] int32; pixel_values [B,max_tiles,3,S,S] float32; tile_mask
 [B,max_tiles] bool (with a tile budget: pixel_values [devices*budget,3,S,S] and tile_index [devices,budget,2]
-instead of the slots and mask, plus the host-side count `deferred_rows`; a SAIL-ViT-AnyRes model: each row's
-native-resolution images packed into `max_patches` patch slots instead, the `anyres_*` keys). The iterator is a Grain
-`DatasetIterator` (get_state/set_state, `grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights
-apply to records as read, i.e. before bad samples are skipped.
+instead of the slots and mask; a SAIL-ViT-AnyRes model: each row's native-resolution images packed into
+`max_patches` patch slots instead, the `anyres_*` keys), plus with a budget or global placement the host-side count
+`deferred_rows` (over all shards when global). The iterator is a Grain `DatasetIterator` (get_state/set_state,
+`grain.checkpoint.CheckpointSave/Restore` under Orbax). Mixture weights apply to records as read, i.e. before bad
+samples are skipped.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ class DataConfig:
     per-device tile loads of the first `CALIBRATION_BATCHES` batches of process 0's rows (the same on every host).
     With several data shards (`grain_data`), `tile_balance` "global" places the rows of all shards over the devices
     of all shards in one assignment (`data.global_balance`; a shard sends at most `max_migrants` rows a step to
-    other shards' devices, None: a quarter of its rows, at least 1), "process" balances each shard on its own.
+    other shards' devices, None: a quarter of its rows, at least 1), with or without a tile budget (without one
+    it balances tile or AnyRes patch loads), "process" balances each shard on its own.
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
     (`data.frame_cache`; None: decode every time). AnyRes: `anyres` (the model's vision config, set by `grain_data`
     for an AnyRes model) keeps images at native resolution; rows then hold `max_patches` patches (a static budget,
@@ -279,14 +283,16 @@ STREAM_FIELDS = ("datasets", "tokenizer_dir", "seq_len", "batch_size", "max_tile
 
 # With a tile budget these decide the batches too (left out without one, so older checkpoints still match).
 BUDGET_FIELDS = ("tile_budget", "tile_budget_quantile")
-GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # with a tile budget balanced globally
+GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # rows placed over several shards' devices
 
 
-def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+def data_fingerprint(cfg: DataConfig, global_balance: bool = False) -> dict[str, Any]:
     """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint (the
-    tile-budget and AnyRes ones only when on, so older checkpoints still match)."""
+    tile-budget, global-balance and AnyRes ones only when on, so older checkpoints still match; `global_balance`:
+    rows placed over several shards' devices without a budget, where a per-shard checkpoint must not match)."""
     fields = STREAM_FIELDS + (BUDGET_FIELDS if cfg.tile_budget is not None else ())
-    fields += GLOBAL_BALANCE_FIELDS if cfg.tile_budget is not None and cfg.tile_balance == "global" else ()
+    on = cfg.tile_balance == "global" and (cfg.tile_budget is not None or global_balance)
+    fields += GLOBAL_BALANCE_FIELDS if on else ()
     out = {k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k) for k in fields}
     if cfg.anyres is not None:
         out.update(anyres=dataclasses.asdict(cfg.anyres), max_patches=cfg.max_patches)
@@ -371,25 +377,34 @@ def grain_data(
 
         devices, rem = divmod(jax.local_device_count(), len(mine))
         data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
-    if data_cfg.tile_budget is not None and data_cfg.tile_balance == "global" and shards > 1:
-        return global_budgeted(data_cfg, mine, shards, process_count)
+    if data_cfg.tile_balance == "global" and shards > 1:
+        return global_balanced(data_cfg, mine, shards, process_count)
     return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)
 
 
-def global_budgeted(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
-    """The budgeted batches of data shards `shards` (of `num_shards`, `cfg.batch_size` rows each), their rows placed
-    over the devices of all shards (`data.global_balance`); row packing runs `prefetch_batches` batches ahead in a
-    thread per shard, the placement and its collectives in the caller's thread."""
-    n, budget, fingerprint = batch_devices(cfg), resolve_tile_budget(cfg, num_shards), data_fingerprint(cfg)
-    check_budget(cfg.batch_size, n, budget, cfg.max_tiles)
+def global_balanced(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
+    """The batches of data shards `shards` (of `num_shards`, `cfg.batch_size` rows each), their rows placed over the
+    devices of all shards (`data.global_balance`): on the tile budget, or without one (fixed tile slots or AnyRes
+    patch slots) on rows per device x slots per row, which only balances. Row packing runs `prefetch_batches`
+    batches ahead in a thread per shard, the placement and its collectives in the caller's thread."""
+    n, budget = batch_devices(cfg), resolve_tile_budget(cfg, num_shards)
+    fingerprint = data_fingerprint(cfg, global_balance=True)
+    if budget is None:
+        slots = cfg.max_tiles if cfg.anyres is None else cfg.max_patches
+        check_budget(cfg.batch_size, n, slots, slots)
+        budget, slack = cfg.batch_size // n * slots, slots // 8  # a light row stays home within 1/8 of a full row
+    else:
+        check_budget(cfg.batch_size, n, budget, cfg.max_tiles)
+        slack = None
     rows = {}
     for v in shards:
         ds = row_dataset(cfg, v, num_shards)
         if cfg.prefetch_batches:
             ds = grain.experimental.ThreadPrefetchIterDataset(
                 ds, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
-        rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID)
+        rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID,
+                                        keep_slots=cfg.tile_budget is None, anyres=cfg.anyres)
     migrants = max(1, cfg.batch_size // 4) if cfg.max_migrants is None else cfg.max_migrants
     return GlobalBudgetedIterator(lambda v: _FingerprintedIterator(rows[v], fingerprint), rows, shards, num_shards,
                                   cfg.batch_size, n, budget, migrants,
-                                  process_exchange if process_count > 1 else local_exchange)
+                                  process_exchange if process_count > 1 else local_exchange, slack)

@@ -2,7 +2,7 @@
 rows x max_tiles slots, so empty slots cost nothing.
 
 The units are generic "loads" (tile counts; an AnyRes model has no tile budget: its rows are patch-balanced by
-`packing`):
+`packing`, or over all data shards by `global_balance` through `BudgetedBatchIterator(keep_slots=True)`):
 
 * `assign_rows` places rows on devices (a fixed number of rows each, the rows the batch sharding gives a device)
   so that no device's load passes the budget: rows carried over from earlier batches first, in their order, then
@@ -26,8 +26,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from sail_jax.config import VisionConfig
 from sail_jax.data.batch import DTYPES
-from sail_jax.data.packing import empty_row, row_tiles, token_arrays
+from sail_jax.data.packing import empty_row, row_tiles, slot_arrays, token_arrays, vision_key
 
 
 def assign_rows(loads: Sequence[int], n_devices: int, rows_per_device: int, budget: int, ordered: int = 0,
@@ -93,11 +94,20 @@ def pack_tiles(pixel_values: np.ndarray, tile_mask: np.ndarray, n_devices: int, 
 class BudgetedBatchIterator(grain.DatasetIterator):
     """Deferred rows survive checkpoints without storing pixels: the state is the parent's state before the
     oldest waiting row (`parent`), how many rows were read since (`read`) and which of them still wait
-    (`waiting`); restoring re-reads those rows and keeps the waiting ones."""
+    (`waiting`); restoring re-reads those rows and keeps the waiting ones.
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, n_devices: int, budget: int, pad_id: int):
+    `keep_slots`: the batch keeps each row's slots as `packing.VisualBatchIterDataset` lays them out (tile slots +
+    tile_mask, or with `anyres` the packed AnyRes rows, loads counted in patches) instead of packing tiles into the
+    budget; the global placement uses this with budget = rows per device x slots per row, so every row fits any
+    device with a free row slot and the placement balances."""
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, n_devices: int, budget: int, pad_id: int,
+                 keep_slots: bool = False, anyres: VisionConfig | None = None):
         super().__init__(parent)
+        if anyres is not None and not keep_slots:
+            raise ValueError("AnyRes rows keep their patch slots: there is no tile budget to pack them into")
         self._batch_size, self._n_devices, self._budget, self._pad_id = batch_size, n_devices, budget, pad_id
+        self._keep_slots, self._anyres = keep_slots, anyres
         self._read = 0  # rows read from the parent so far (an ordinal per row)
         self._marks: list[tuple[int, Any]] = [(0, parent.get_state())]  # (ordinal, parent state before it)
         self._waiting: list[tuple[int, dict[str, Any]]] = []  # deferred (ordinal, row), oldest first
@@ -108,6 +118,10 @@ class BudgetedBatchIterator(grain.DatasetIterator):
     def template(self) -> dict[str, Any] | None:
         """An empty row (zeros shaped like the rows read), None before the first row."""
         return self._template
+
+    def load(self, row: Mapping[str, Any]) -> int:
+        """A row's vision load: real tiles, or AnyRes patches."""
+        return row_tiles(row, vision_key(self._anyres))
 
     @property
     def waiting(self) -> list[tuple[int, dict[str, Any]]]:
@@ -136,7 +150,7 @@ class BudgetedBatchIterator(grain.DatasetIterator):
         waiting: list[tuple[int, dict[str, Any]]] = []
 
         def place(rows: list[tuple[int, dict[str, Any]]], ordered: int) -> None:
-            device = assign_rows([row_tiles(r) for _, r in rows], n, per_device, self._budget, ordered, load, count)
+            device = assign_rows([self.load(r) for _, r in rows], n, per_device, self._budget, ordered, load, count)
             for d, row in zip(device, rows):
                 (waiting if d < 0 else placed[d]).append(row)
 
@@ -164,11 +178,15 @@ class BudgetedBatchIterator(grain.DatasetIterator):
     def batch(self, placed: list[list[tuple[Any, dict[str, Any]]]], deferred: int,
               template: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """The budgeted batch of each device's rows ((key, row) pairs, in order), padded with empty rows
-        (`template` when this iterator has read none)."""
+        (`template` when this iterator has read none), with the host-side count of waiting rows; with `keep_slots`
+        the rows keep their slots."""
         template = self._template if self._template is not None else template
         per_device = self._batch_size // self._n_devices
         rows = [r for device_rows in placed for r in [x[1] for x in device_rows]
                 + [template] * (per_device - len(device_rows))]
+        if self._keep_slots:
+            return {**token_arrays(rows, self._pad_id), **slot_arrays(rows, self._anyres),
+                    "deferred_rows": np.int64(deferred)}
         pixels, index = pack_tiles(np.stack([r["pixel_values"] for r in rows]),
                                    np.stack([r["pixel_values_segment_ids"] for r in rows]) > 0,
                                    self._n_devices, self._budget)

@@ -240,7 +240,7 @@ class _Run:
                                    seq_len=self.seq_len, trainable=self.trainable)
                 out.update(step_time_s=dt, tokens_per_s=out["tokens"] / dt, lr_scale=scale,
                            mfu=flops / dt / (peak[0] * jax.device_count()), nonfinite_steps=self.skipped_total)
-                if "deferred_rows" in local:  # rows over the tile budget, waiting for a later batch (this process)
+                if "deferred_rows" in local:  # rows waiting for a later batch: all shards' when balanced globally
                     out["deferred_rows"] = float(local["deferred_rows"])
                 if (step + 1) % writer.log_every == 0 or step + 1 == self.steps:
                     out.update(self._data_skips())
