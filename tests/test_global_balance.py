@@ -4,6 +4,7 @@ once, exact restore, no migration = per-shard), and 2 processes giving the globa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -300,3 +301,20 @@ def test_factory_balances_tiles_and_anyres_patches_globally_without_a_budget(dat
     assert "deferred_rows" not in process[0] and set(one[0]) - set(process[0]) == {"deferred_rows"}
     got, want = balance(one + rest, mask, 8), balance(process, mask, 8)
     assert got == 1.0 and want == 2.0, (got, want)  # the image shard's rows spread over both shards' devices
+
+
+def test_auto_tile_balance_is_global_only_while_the_migrant_exchange_is_small():
+    """"auto" weighs one step's migrant buffer (shards x max_migrants full rows, received by every process): the
+    tiny rows here exchange globally; 448-px 8B rows over 64 shards would move gigabytes a step and stay per shard;
+    an explicit choice is kept."""
+    from sail_jax.config import get_preset
+    from sail_jax.data.pipeline import DataConfig, resolve_tile_balance
+
+    small = DataConfig(datasets=({"path": "x.jsonl"},), tokenizer_dir="t", seq_len=64, batch_size=8, max_tiles=2)
+    assert resolve_tile_balance(small, CFG, 2) == "global"
+    big = DataConfig(datasets=({"path": "x.jsonl"},), tokenizer_dir="t", seq_len=4096, batch_size=16, max_tiles=16)
+    assert resolve_tile_balance(big, get_preset("sailvl2-8b"), 64) == "process"  # 64 x 4 rows of ~39 MB
+    one = dataclasses.replace(big, max_migrants=1)
+    assert resolve_tile_balance(one, get_preset("sailvl2-8b"), 4) == "global"  # 4 x 1 row: ~154 MB
+    assert resolve_tile_balance(dataclasses.replace(big, tile_balance="global"), get_preset("sailvl2-8b"), 64) \
+        == "global"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import grain
 import numpy as np
 
 from sail_jax.config import PAD_TOKEN_ID, ModelConfig, VisionConfig
-from sail_jax.data.batch import local_rows
+from sail_jax.data.batch import ALL_DTYPES, batch_shapes, local_rows
 from sail_jax.data.elastic import ShardedIterator, owned_shards
 from sail_jax.data.global_balance import GlobalBudgetedIterator, local_exchange, process_exchange
 from sail_jax.data.packing import SkipBadSamplesIterDataset, VisualBatchIterDataset, pack_rows, row_tiles
@@ -100,7 +101,9 @@ class DataConfig:
     With several data shards (`grain_data`), `tile_balance` "global" places the rows of all shards over the devices
     of all shards in one assignment (`data.global_balance`; a shard sends at most `max_migrants` rows a step to
     other shards' devices, None: a quarter of its rows, at least 1), with or without a tile budget (without one
-    it balances tile or AnyRes patch loads), "process" balances each shard on its own.
+    it balances tile or AnyRes patch loads), "process" balances each shard on its own; "auto" (the default) is
+    "global" when the migrant rows of one step (every shard's buffer, which every process receives) take at most
+    `GLOBAL_EXCHANGE_MAX_BYTES`, else "process" (`resolve_tile_balance`).
     Video: `frame_cache_dir` keeps decoded, resized frames on disk so later epochs do not decode again
     (`data.frame_cache`; None: decode every time). AnyRes: `anyres` (the model's vision config, set by `grain_data`
     for an AnyRes model) keeps images at native resolution; rows then hold `max_patches` patches (a static budget,
@@ -134,7 +137,7 @@ class DataConfig:
     frame_cache_dir: str | None = None
     tile_budget: int | str | None = None
     tile_budget_quantile: float = 0.9
-    tile_balance: str = "global"
+    tile_balance: str = "auto"
     max_migrants: int | None = None
     anyres: VisionConfig | None = None
     max_patches: int = 16384
@@ -160,8 +163,8 @@ class DataConfig:
             raise ValueError(f"tile_budget={budget!r}: expected None, 'auto' or an int >= max_tiles={self.max_tiles}")
         if not 0 < self.tile_budget_quantile <= 1:
             raise ValueError(f"tile_budget_quantile={self.tile_budget_quantile} must be in (0, 1]")
-        if self.tile_balance not in ("global", "process"):
-            raise ValueError(f"tile_balance={self.tile_balance!r}: expected 'global' or 'process'")
+        if self.tile_balance not in TILE_BALANCES:
+            raise ValueError(f"tile_balance={self.tile_balance!r}: expected one of {TILE_BALANCES}")
         if self.max_migrants is not None and self.max_migrants < 0:
             raise ValueError(f"max_migrants must be >= 0, got {self.max_migrants}")
         if self.anyres is not None and budget is not None:
@@ -234,6 +237,11 @@ def batch_devices(cfg: DataConfig) -> int:
     local = jax.local_device_count()
     return local if cfg.batch_size % local == 0 else 1
 
+
+TILE_BALANCES = ("auto", "global", "process")
+# "auto" tile balance: global placement only while one step's migrant rows, which reach every process, stay this
+# small (a pod's full-size rows are tens of MB each: with many shards the exchange would outweigh what it balances).
+GLOBAL_EXCHANGE_MAX_BYTES = 256 << 20
 
 CALIBRATION_BATCHES = 16  # batches of rows that an "auto" tile budget is chosen from
 
@@ -377,9 +385,32 @@ def grain_data(
 
         devices, rem = divmod(jax.local_device_count(), len(mine))
         data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
+    if shards > 1:
+        data_cfg = dataclasses.replace(data_cfg, tile_balance=resolve_tile_balance(data_cfg, cfg, shards))
     if data_cfg.tile_balance == "global" and shards > 1:
         return global_balanced(data_cfg, mine, shards, process_count)
     return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)
+
+
+def migrants_per_shard(cfg: DataConfig) -> int:
+    """`cfg.max_migrants`, by default a quarter of a shard's rows (at least 1)."""
+    return max(1, cfg.batch_size // 4) if cfg.max_migrants is None else cfg.max_migrants
+
+
+def resolve_tile_balance(cfg: DataConfig, model: ModelConfig, num_shards: int) -> str:
+    """"global" or "process" for `cfg.tile_balance` over `num_shards` shards: "auto" is "global" when one step's
+    migrant buffer (num_shards x max_migrants full rows) fits GLOBAL_EXCHANGE_MAX_BYTES. The choice never depends
+    on the process count, so a resumed run on another count places rows as before."""
+    if cfg.tile_balance != "auto":
+        return cfg.tile_balance
+    slots = cfg.max_tiles if cfg.anyres is None else cfg.max_patches
+    row = sum(math.prod(s) * np.dtype(ALL_DTYPES[k]).itemsize
+              for k, s in batch_shapes(model, 1, cfg.seq_len, slots).items())
+    exchange = num_shards * migrants_per_shard(cfg) * row
+    mode = "global" if exchange <= GLOBAL_EXCHANGE_MAX_BYTES else "process"
+    log.info("tile_balance auto -> %s (a step's migrant rows: %.0f MB over %d shards)", mode, exchange / 2**20,
+             num_shards)
+    return mode
 
 
 def global_balanced(cfg: DataConfig, shards: range, num_shards: int, process_count: int) -> GlobalBudgetedIterator:
@@ -404,7 +435,7 @@ def global_balanced(cfg: DataConfig, shards: range, num_shards: int, process_cou
                 ds, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
         rows[v] = BudgetedBatchIterator(iter(ds), cfg.batch_size, n, budget, PAD_TOKEN_ID,
                                         keep_slots=cfg.tile_budget is None, anyres=cfg.anyres)
-    migrants = max(1, cfg.batch_size // 4) if cfg.max_migrants is None else cfg.max_migrants
+    migrants = migrants_per_shard(cfg)
     return GlobalBudgetedIterator(lambda v: _FingerprintedIterator(rows[v], fingerprint), rows, shards, num_shards,
                                   cfg.batch_size, n, budget, migrants,
                                   process_exchange if process_count > 1 else local_exchange, slack)
