@@ -130,6 +130,16 @@ def evict(keep: Path, max_bytes: int) -> list[Path]:
     return removed
 
 
+def local_file(path: str | os.PathLike, what: str = "file") -> str | os.PathLike:
+    """What to hand a library that reads local files only: `path` itself, or for a URL its local copy (`local_copy`)
+    once the object is known to exist (else FileNotFoundError "{what} not found: URL", naming the URL)."""
+    if not is_url(path):
+        return path
+    if not as_path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return local_copy(path)
+
+
 def local_copy(url: str | os.PathLike, names: tuple[str, ...] | None = None) -> Path:
     """A local copy of the file or directory `url` (of a directory: the files named in `names` that exist, else all
     of them), for libraries that read local files only. Made once per content: the copy lives under `cache_root()`

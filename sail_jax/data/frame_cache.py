@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sail_jax.data.video import VideoFrames, load_video, resize_frames
-from sail_jax.files import apply_umask, as_path, is_url, local_copy
+from sail_jax.files import apply_umask, local_file
 
 
 def cache_key(path: Path, num_frames: int, fps: float | None, image_size: int) -> str:
@@ -59,11 +59,8 @@ def load_tile_frames(path: str | os.PathLike, num_frames: int, fps: float | None
                      cache_dir: str | os.PathLike | None = None) -> VideoFrames:
     """The sampled frames of a video resized to [N,S,S,3] uint8 tiles (`video.load_video` + `resize_frames`),
     from the cache when it holds them. Bad files raise as `load_video` does. PyAV reads local files: a video on a
-    URL is read from its local copy (`files.local_copy`, fetched once per host)."""
-    if is_url(path):
-        if not as_path(path).is_file():
-            raise FileNotFoundError(f"video file not found: {path}")
-        path = local_copy(path)
+    URL is read from its local copy (`files.local_file`, fetched once per host)."""
+    path = local_file(path, "video file")
     path = Path(path)
     if cache_dir is None:
         video = load_video(path, num_frames, fps)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from sail_jax.files import as_path, is_url, local_copy
+from sail_jax.files import as_path, is_url, local_file
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -50,9 +50,7 @@ class RawRecord:
 def local_data_file(path: str | os.PathLike) -> Path:
     """The local file to read for the data file `path`: itself, or for a URL its local copy (`local_copy`)."""
     if is_url(path):
-        if not as_path(path).is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        return local_copy(path)
+        return local_file(path, "data file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file not found: {Path(path)}")
     return Path(path)

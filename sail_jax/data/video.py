@@ -33,7 +33,7 @@ from PIL import Image
 
 from sail_jax.data.chat import IMAGE_PLACEHOLDER, content_text
 from sail_jax.data.images import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, preprocess_image
-from sail_jax.files import as_path, is_url, local_copy
+from sail_jax.files import local_file
 
 DEFAULT_NUM_FRAMES = 16
 VIDEO_PLACEHOLDER = "<video>"
@@ -250,12 +250,8 @@ def load_video(
 ) -> VideoFrames:
     """Sample and decode a video's frames: `num_frames` uniformly, or with `fps` one frame every video_fps / fps
     frames (VLMEvalKit's two modes). PyAV reads local files: a video on a URL is read from its local copy
-    (`files.local_copy`, fetched once per host)."""
-    if is_url(path):
-        if not as_path(path).is_file():
-            raise FileNotFoundError(f"video file not found: {path}")
-        path = local_copy(path)
-    index = index_video(path)
+    (`files.local_file`, fetched once per host)."""
+    index = index_video(local_file(path, "video file"))
     if fps is None:
         indices = uniform_frame_indices(index.num_frames, num_frames)
     else:
