@@ -23,10 +23,13 @@ from sail_jax.training import gin_setup as train_gin
 REQUIRED_MACROS = ("MODEL", "WORKDIR", "PROMPTS")
 RL_PARTS: dict[str, type] = {"PolicyLossConfig": PolicyLossConfig, "RewardConfig": RewardConfig,
                              "RewardWeights": RewardWeights}
-_rl_with_gin = gin.configurable("rl")(rl)
-gin.external_configurable(PolicyLossConfig, "PolicyLossConfig")
-gin.external_configurable(RewardConfig, "RewardConfig")
-gin.external_configurable(RewardWeights, "RewardWeights")
+# Registered unlocked: this module may first be imported after a `train` run in the same process finalized (locked)
+# the gin config.
+with gin.unlock_config():
+    _rl_with_gin = gin.configurable("rl")(rl)
+    gin.external_configurable(PolicyLossConfig, "PolicyLossConfig")
+    gin.external_configurable(RewardConfig, "RewardConfig")
+    gin.external_configurable(RewardWeights, "RewardWeights")
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
