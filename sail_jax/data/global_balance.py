@@ -189,8 +189,9 @@ class GlobalBudgetedIterator(ShardedIterator):
                     for key in buffer:
                         buffer[key][v - me * k, slot] = cands[v][i][1][key]
             gathered = self._exchange(buffer)
+            mine = {(v, i) for v, i, g in placed if g // n in self._rows}  # rows this process's shards take
             received = {(v, i): {key: np.asarray(gathered[key][v, slot]) for key in buffer}
-                        for (v, i), slot in migrants.items() if process(v) != me}
+                        for (v, i), slot in migrants.items() if process(v) != me and (v, i) in mine}
         on = {v: [[] for _ in range(n)] for v in self._rows}
         for v, i, g in sorted(placed):
             if g // n in on:

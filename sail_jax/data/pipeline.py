@@ -297,10 +297,9 @@ GLOBAL_BALANCE_FIELDS = ("tile_balance", "max_migrants")  # rows placed over sev
 def data_fingerprint(cfg: DataConfig, global_balance: bool = False) -> dict[str, Any]:
     """The stream-defining fields of `cfg` as JSON values, stored with the iterator state in every checkpoint (the
     tile-budget, global-balance and AnyRes ones only when on, so older checkpoints still match; `global_balance`:
-    rows placed over several shards' devices without a budget, where a per-shard checkpoint must not match)."""
+    rows placed over several shards' devices, where a per-shard checkpoint must not match)."""
     fields = STREAM_FIELDS + (BUDGET_FIELDS if cfg.tile_budget is not None else ())
-    on = cfg.tile_balance == "global" and (cfg.tile_budget is not None or global_balance)
-    fields += GLOBAL_BALANCE_FIELDS if on else ()
+    fields += GLOBAL_BALANCE_FIELDS if global_balance else ()
     out = {k: dataclasses.asdict(cfg)[k] if k == "datasets" else getattr(cfg, k) for k in fields}
     if cfg.anyres is not None:
         out.update(anyres=dataclasses.asdict(cfg.anyres), max_patches=cfg.max_patches)
@@ -385,11 +384,14 @@ def grain_data(
 
         devices, rem = divmod(jax.local_device_count(), len(mine))
         data_cfg = dataclasses.replace(data_cfg, num_devices=devices if not rem and shard_rows % devices == 0 else 1)
-    if shards > 1:
-        data_cfg = dataclasses.replace(data_cfg, tile_balance=resolve_tile_balance(data_cfg, cfg, shards))
-    if data_cfg.tile_balance == "global" and shards > 1:
-        return global_balanced(data_cfg, mine, shards, process_count)
+    if shards > 1 and resolve_tile_balance(data_cfg, cfg, shards) == "global":
+        return global_balanced(dataclasses.replace(data_cfg, tile_balance="global"), mine, shards, process_count)
     return ShardedIterator(lambda v: iter(build_dataset(data_cfg, v, shards)), mine, shards)
+
+
+def row_slots(cfg: DataConfig) -> int:
+    """The vision slots of a packed row: tiles, or AnyRes patches."""
+    return cfg.max_tiles if cfg.anyres is None else cfg.max_patches
 
 
 def migrants_per_shard(cfg: DataConfig) -> int:
@@ -403,9 +405,8 @@ def resolve_tile_balance(cfg: DataConfig, model: ModelConfig, num_shards: int) -
     on the process count, so a resumed run on another count places rows as before."""
     if cfg.tile_balance != "auto":
         return cfg.tile_balance
-    slots = cfg.max_tiles if cfg.anyres is None else cfg.max_patches
     row = sum(math.prod(s) * np.dtype(ALL_DTYPES[k]).itemsize
-              for k, s in batch_shapes(model, 1, cfg.seq_len, slots).items())
+              for k, s in batch_shapes(model, 1, cfg.seq_len, row_slots(cfg)).items())
     exchange = num_shards * migrants_per_shard(cfg) * row
     mode = "global" if exchange <= GLOBAL_EXCHANGE_MAX_BYTES else "process"
     log.info("tile_balance auto -> %s (a step's migrant rows: %.0f MB over %d shards)", mode, exchange / 2**20,
@@ -421,7 +422,7 @@ def global_balanced(cfg: DataConfig, shards: range, num_shards: int, process_cou
     n, budget = batch_devices(cfg), resolve_tile_budget(cfg, num_shards)
     fingerprint = data_fingerprint(cfg, global_balance=True)
     if budget is None:
-        slots = cfg.max_tiles if cfg.anyres is None else cfg.max_patches
+        slots = row_slots(cfg)
         check_budget(cfg.batch_size, n, slots, slots)
         budget, slack = cfg.batch_size // n * slots, slots // 8  # a light row stays home within 1/8 of a full row
     else:
